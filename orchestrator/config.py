@@ -1,0 +1,328 @@
+"""One typed configuration tree for a raydiff run.
+
+Loaded from ``jobs/*.yaml`` and overridden with ``key.sub=value`` arguments. Every model forbids
+unknown keys, so a typo is rejected before Ray starts, with the allowed keys in the message
+(the style of torchtitan's config dataclasses and Ray's release-test experiment configs).
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+from model.objectives import PredictionType, Weighting
+from model.registry import MODEL_NAMES, ModelName
+from model.samplers import SamplerName, Spacing
+from model.schedules import ScheduleKind
+
+
+class ConfigError(ValueError):
+    """A configuration problem found before any work starts; the message names key, value and fix."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class S3Config(_Strict):
+    """Connection settings for S3-compatible object storage (AWS, MinIO, Ceph, R2 ...).
+
+    Credentials left unset come from the standard AWS chain (environment, profile, instance role).
+    They are ``SecretStr`` so that they never appear in printed or saved configs.
+    """
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    access_key_id: SecretStr | None = None
+    secret_access_key: SecretStr | None = None
+    session_token: SecretStr | None = None
+    profile: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    max_attempts: int = Field(8, ge=1, le=50)
+    connect_timeout_s: float = Field(10.0, gt=0)
+    read_timeout_s: float = Field(60.0, gt=0)
+
+
+class DataConfig(_Strict):
+    # "builtin" writes the procedurally generated demo dataset under the run directory.
+    source: str = "builtin"
+    format: Literal["auto", "imagefolder", "webdataset", "parquet"] = "auto"
+    # For image folders without class sub-directories: a CSV/JSON file mapping paths to labels.
+    labels_file: str | None = None
+    image_column: str = "image"
+    label_column: str | None = "label"
+    resolution: int = Field(32, ge=8, le=1024)
+    channels: Literal[1, 3] = 3
+    center_crop: bool = True
+    random_flip: bool = True
+    # Use class labels when the dataset has them; false trains an unconditional model.
+    conditional: bool = True
+    builtin_images_per_class: int = Field(300, ge=1)
+    seed: int = 0
+    local_shuffle_buffer: int = Field(512, ge=0)
+    prefetch_batches: int = Field(2, ge=0)
+    # Keep decoded images in Ray's object store across epochs when they fit this budget.
+    cache_max_bytes: int = Field(2 << 30, ge=0)
+    decode_batch_size: int = Field(64, ge=1)
+    s3: S3Config = S3Config()
+
+
+class ModelConfig(_Strict):
+    name: ModelName = "unet-tiny"
+
+
+class DiffusionConfig(_Strict):
+    schedule: ScheduleKind = "linear"
+    num_timesteps: int = Field(1000, ge=2, le=100_000)
+    zero_terminal_snr: bool = False
+    prediction: PredictionType = "eps"
+    weighting: Weighting = "min_snr"
+    min_snr_gamma: float = Field(5.0, gt=0)
+    p2_gamma: float = Field(1.0, ge=0)
+    p2_k: float = Field(1.0, gt=0)
+    # Classifier-free guidance training: probability of replacing a label with the null class.
+    label_dropout: float = Field(0.1, ge=0, lt=1)
+    loss_bins: int = Field(10, ge=1, le=1000)
+
+    @model_validator(mode="after")
+    def _zero_snr_needs_v(self) -> "DiffusionConfig":
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ValueError(
+                "diffusion.zero_terminal_snr=true with diffusion.prediction=eps: at SNR=0 the "
+                "noise is the whole input and an eps model cannot recover x0 (Lin et al. 2023, "
+                "sec. 3.2). Fix: set diffusion.prediction=v"
+            )
+        return self
+
+
+class OptimConfig(_Strict):
+    steps: int = Field(1500, ge=1)
+    # Global batch: split evenly over scaling.num_workers.
+    batch_size: int = Field(64, ge=1)
+    lr: float = Field(1e-3, gt=0, le=1)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(50, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.999, ge=0, lt=1)
+    eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0)
+    ema_decay: float = Field(0.999, ge=0, lt=1)
+    ema_warmup: bool = True
+
+
+class PrecisionConfig(_Strict):
+    # auto: fp16 with dynamic loss scaling on GPU; bf16 on CPUs with bf16 units, else fp32.
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    zero_stage: Literal[0, 1, 2, 3] = 2
+    # fp16 loss scaling (DeepSpeed keys): 0 = dynamic.
+    loss_scale: float = Field(0.0, ge=0)
+    initial_scale_power: int = Field(16, ge=0, le=32)
+    loss_scale_window: int = Field(1000, ge=1)
+    hysteresis: int = Field(2, ge=1)
+    min_loss_scale: float = Field(1.0, gt=0)
+    # torch.compile the denoiser inside the engine (GPU only; first steps pay the compile time).
+    compile: bool = False
+
+
+class ScalingConfig(_Strict):
+    num_workers: int = Field(2, ge=1, le=4096)
+    device: Literal["auto", "cpu", "gpu"] = "auto"
+    cpus_per_worker: float = Field(1.0, gt=0)
+    # None: local Ray on this machine. "auto" or "ray://..." joins a running cluster.
+    ray_address: str | None = None
+    accelerator_type: str | None = None
+
+
+class CheckpointConfig(_Strict):
+    every_steps: int = Field(250, ge=1)
+    keep: int = Field(2, ge=1)
+
+
+class SamplingConfig(_Strict):
+    every_steps: int = Field(500, ge=1)
+    sampler: SamplerName = "ddim"
+    num_steps: int = Field(50, ge=1)
+    eta: float = Field(0.0, ge=0)
+    spacing: Spacing = "trailing"
+    guidance_scale: float = Field(2.0, ge=0)
+    # Columns of the grid; one row per class (or one row for unconditional models).
+    per_class: int = Field(8, ge=1, le=64)
+    max_rows: int = Field(10, ge=1, le=1000)
+    seed: int = 0
+
+
+class LoggingConfig(_Strict):
+    every_steps: int = Field(10, ge=1)
+    progress: bool = True
+
+
+class RunConfig(_Strict):
+    name: str = "demo"
+    # Local directory or s3://bucket/prefix; the run lives in {storage}/{name}.
+    storage: str = "runs"
+    max_failures: int = Field(2, ge=0)
+    # After training, score generated samples with a classifier trained on the real data.
+    evaluate: bool = True
+    eval_per_class: int = Field(20, ge=1)
+
+    @field_validator("name")
+    @classmethod
+    def _name_is_path_safe(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}", v):
+            raise ValueError(
+                f"run.name={v!r} must be 1-128 characters of letters, digits, '.', '_' or '-' "
+                "(it becomes a directory and an object-store prefix)"
+            )
+        return v
+
+
+class TrainConfig(_Strict):
+    run: RunConfig = RunConfig()
+    data: DataConfig = DataConfig()
+    model: ModelConfig = ModelConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    optim: OptimConfig = OptimConfig()
+    precision: PrecisionConfig = PrecisionConfig()
+    scaling: ScalingConfig = ScalingConfig()
+    checkpoint: CheckpointConfig = CheckpointConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    logging: LoggingConfig = LoggingConfig()
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> "TrainConfig":
+        w = self.scaling.num_workers
+        if self.optim.batch_size % w:
+            lo = (self.optim.batch_size // w) * w or w
+            raise ValueError(
+                f"optim.batch_size={self.optim.batch_size} is not divisible by "
+                f"scaling.num_workers={w}. Fix: set optim.batch_size={lo} or {lo + w}"
+            )
+        if self.precision.dtype == "fp16" and self.scaling.device == "cpu":
+            raise ValueError(
+                "precision.dtype=fp16 with scaling.device=cpu: DeepSpeed supports fp16 only on "
+                "GPUs. Fix: set precision.dtype=bf16 (or fp32, or auto)"
+            )
+        if self.scaling.device == "cpu" and self.precision.compile:
+            raise ValueError("precision.compile=true is for GPU training. Fix: set precision.compile=false")
+        return self
+
+    @property
+    def micro_batch_size(self) -> int:
+        return self.optim.batch_size // self.scaling.num_workers
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides and error messages
+
+
+def _set_path(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    node = tree
+    parts = dotted.split(".")
+    for p in parts[:-1]:
+        child = node.get(p)
+        if child is None:
+            child = node[p] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {dotted}=...: {p!r} is a value, not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(arg: str) -> tuple[str, Any]:
+    """``key.sub=value`` -> (key.sub, parsed value). Values are parsed as YAML scalars."""
+    if "=" not in arg:
+        raise ConfigError(f"override {arg!r} is not of the form key.sub=value (e.g. optim.lr=3e-4)")
+    key, raw = arg.split("=", 1)
+    key = key.strip()
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*", key):
+        raise ConfigError(f"override {arg!r}: {key!r} is not a dotted key like optim.lr")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    # Scientific notation without a dot ("3e-4") is a string in YAML 1.1; users mean a number.
+    if isinstance(value, str):
+        try:
+            value = float(value) if re.fullmatch(r"[-+]?\d+(\.\d*)?[eE][-+]?\d+", value) else value
+        except ValueError:
+            pass
+    return key, value
+
+
+def _allowed_keys(model: type[BaseModel], loc: tuple[Any, ...]) -> list[str]:
+    cls: Any = model
+    for part in loc[:-1]:
+        field = cls.model_fields.get(part) if isinstance(part, str) else None
+        if field is None or not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return []
+        cls = field.annotation
+    return sorted(cls.model_fields)
+
+
+def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> str:
+    lines = []
+    for e in err.errors():
+        loc = tuple(e["loc"])
+        key = ".".join(str(p) for p in loc) or "(root)"
+        if e["type"] == "extra_forbidden":
+            allowed = _allowed_keys(model, loc)
+            lines.append(f"  {key}: unknown key. Allowed keys here: {', '.join(allowed)}")
+            continue
+        msg = e["msg"].removeprefix("Value error, ")
+        if "input" in e and e["type"] != "value_error" and not isinstance(e["input"], dict):
+            lines.append(f"  {key}={e['input']!r}: {msg}")
+        else:
+            lines.append(f"  {key}: {msg}" if key != "(root)" else f"  {msg}")
+    return "invalid configuration:\n" + "\n".join(lines)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read a YAML job file (optional), apply ``key.sub=value`` overrides and validate."""
+    tree: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {str(p)!r} does not exist (see jobs/ for examples)")
+        try:
+            loaded = yaml.safe_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
+        tree = loaded
+    for arg in overrides:
+        key, value = parse_override(arg)
+        _set_path(tree, key, value)
+    return validate_config(tree)
+
+
+def validate_config(tree: dict[str, Any]) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(tree)
+    except ValidationError as e:
+        raise ConfigError(_format_validation_error(e, TrainConfig)) from None
+
+
+def config_to_dict(cfg: TrainConfig, *, reveal_secrets: bool = False) -> dict[str, Any]:
+    """Plain dict of the resolved config. Secrets are masked unless ``reveal_secrets``
+    (only for handing the config to Ray workers in memory, never for writing it out)."""
+    data = cfg.model_dump(mode="python")
+
+    def fix(node: Any) -> Any:
+        if isinstance(node, dict):
+            return {k: fix(v) for k, v in node.items()}
+        if isinstance(node, SecretStr):
+            return node.get_secret_value() if reveal_secrets else "**********"
+        return node
+
+    return fix(data)
+
+
+def config_to_yaml(cfg: TrainConfig) -> str:
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
