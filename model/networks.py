@@ -1,0 +1,79 @@
+"""Uniform wrapper around diffusers backbones: ``Denoiser.forward(x, t, labels) -> Tensor``.
+
+Class conditioning reserves one extra embedding row, index ``num_classes``, as the
+learned "null" class used by label dropout during training and by classifier-free
+guidance at sampling (Ho & Salimans 2022, Sec. 3.2; DiT's ``LabelEmbedding`` does the same).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+BackboneKind = Literal["unet", "dit"]
+
+
+class Denoiser(nn.Module):
+    """Wraps ``UNet2DModel`` or ``DiTTransformer2DModel`` behind ``forward(x, t, labels=None)``.
+
+    * ``t``: LongTensor [B] (or a 0-d tensor / int, broadcast to the batch).
+    * ``labels``: LongTensor [B] with values in [0, num_classes]; ``num_classes`` is the
+      null class. For a class-conditional model ``labels=None`` means "unconditional" and
+      feeds the null class. An unconditional model (num_classes None) rejects labels.
+    * returns a tensor of the same shape as ``x`` (eps / v / x0, as the objective defines).
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        kind: BackboneKind,
+        *,
+        in_channels: int,
+        image_size: int,
+        num_classes: int | None,
+    ) -> None:
+        super().__init__()
+        if kind not in ("unet", "dit"):
+            raise ValueError(f"kind must be 'unet' or 'dit', got {kind!r}")
+        self.backbone = backbone
+        self.kind: BackboneKind = kind
+        self.in_channels = int(in_channels)
+        self.image_size = int(image_size)
+        self.num_classes = num_classes
+        self.null_label = num_classes
+
+    def _labels(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+        if self.num_classes is None:
+            if labels is not None:
+                raise ValueError("this model is unconditional (num_classes=None) but labels were given")
+            if self.kind == "dit":
+                # diffusers' DiT (norm_type "ada_norm_zero") always embeds a class label;
+                # an unconditional DiT is built with a single class and always sees label 0.
+                return torch.zeros(batch, dtype=torch.long, device=device)
+            return None
+        if labels is None:
+            return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
+        labels = torch.as_tensor(labels, device=device)
+        if labels.dtype.is_floating_point or labels.shape != (batch,):
+            raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}")
+        if int(labels.min()) < 0 or int(labels.max()) > self.num_classes:
+            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
+        return labels.long()
+
+    def forward(self, x: Tensor, t: Tensor | int, labels: Tensor | None = None) -> Tensor:
+        if x.ndim != 4 or x.shape[1] != self.in_channels:
+            raise ValueError(f"expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
+        class_labels = self._labels(labels, b, x.device)
+        if self.kind == "unet":
+            out = self.backbone(x, t, class_labels=class_labels).sample
+        else:
+            out = self.backbone(x, timestep=t, class_labels=class_labels).sample
+        return out

@@ -1,0 +1,126 @@
+"""Named model configurations (the CLI's ``--model`` choices)."""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers.models.embeddings import LabelEmbedding
+from torch import nn
+
+from .networks import Denoiser
+
+ModelName = Literal["unet-tiny", "unet-small", "unet-cifar", "dit-s2", "dit-b2", "dit-l2", "dit-xl2"]
+MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+
+# U-Net configs. unet-cifar is the DDPM CIFAR-10 network (Ho et al. 2020, App. B: 4
+# resolutions 32..4, channel multipliers (1,2,2,2) x 128, 2 res blocks per resolution,
+# self-attention at 16x16, dropout 0.1; 35.7M parameters) in diffusers' layout, with the
+# remaining settings of google/ddpm-cifar10-32 (the port of the original checkpoint).
+_UNETS: dict[str, dict] = {
+    "unet-tiny": dict(
+        # ~0.45M params, ~0.2 s per forward+backward of a 32x3x32x32 batch on 2 CPU
+        # cores: for tests and the CPU demo. Attention only at 16x16 (3 heads of 16).
+        block_out_channels=(32, 48),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=16,
+    ),
+    "unet-small": dict(
+        block_out_channels=(64, 128, 128),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=16,
+        attention_head_dim=32,
+        dropout=0.1,
+    ),
+    "unet-cifar": dict(
+        block_out_channels=(128, 256, 256, 256),
+        layers_per_block=2,
+        down_block_types=("DownBlock2D", "AttnDownBlock2D", "DownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "UpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=32,
+        attention_head_dim=None,
+        dropout=0.1,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        downsample_padding=0,
+        norm_eps=1e-6,
+    ),
+}
+
+# DiT configs (Peebles & Xie 2023, Table 1): (depth, hidden size, heads); patch size 2.
+_DITS: dict[str, tuple[int, int, int]] = {
+    "dit-s2": (12, 384, 6),
+    "dit-b2": (12, 768, 12),
+    "dit-l2": (24, 1024, 16),
+    "dit-xl2": (28, 1152, 16),
+}
+DIT_PATCH_SIZE = 2
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameter elements (all parameters, trainable or not)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def build_model(
+    name: ModelName, *, in_channels: int = 3, image_size: int = 32, num_classes: int | None = None
+) -> Denoiser:
+    """Build a :class:`Denoiser` by registry name for ``in_channels`` x ``image_size``².
+
+    ``num_classes`` enables class conditioning with an extra null class (index
+    ``num_classes``) for classifier-free guidance; None builds an unconditional model.
+    """
+    if name not in MODEL_NAMES:
+        raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
+        raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
+        raise ValueError(f"image_size must be a positive int, got {image_size!r}")
+    if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
+        raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+
+    if name in _UNETS:
+        cfg = dict(_UNETS[name])
+        factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+        if image_size % factor:
+            raise ValueError(f"{name} downsamples by {factor}; image_size {image_size} is not divisible by it")
+        backbone = UNet2DModel(
+            sample_size=image_size,
+            in_channels=in_channels,
+            out_channels=in_channels,
+            # One extra embedding row = the null class (see module docstring).
+            num_class_embeds=None if num_classes is None else num_classes + 1,
+            **cfg,
+        )
+        return Denoiser(backbone, "unet", in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+
+    depth, hidden, heads = _DITS[name]
+    if image_size % DIT_PATCH_SIZE:
+        raise ValueError(f"{name} uses patch size {DIT_PATCH_SIZE}; image_size {image_size} is not divisible by it")
+    backbone = DiTTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=in_channels,
+        out_channels=in_channels,  # no learned sigma: fixed-variance samplers only
+        num_layers=depth,
+        sample_size=image_size,
+        patch_size=DIT_PATCH_SIZE,
+        # diffusers' LabelEmbedding (dropout_prob 0.1 by default) allocates
+        # num_embeds_ada_norm + 1 rows, the last being its CFG "null" row. We use that row
+        # as our null class (index num_classes), exactly as in the original DiT code,
+        # instead of adding a second one. Unconditional: one class, label always 0.
+        num_embeds_ada_norm=1 if num_classes is None else num_classes,
+    )
+    for m in backbone.modules():
+        if isinstance(m, LabelEmbedding):
+            if m.embedding_table.num_embeddings != m.num_classes + 1:
+                raise RuntimeError("unexpected diffusers LabelEmbedding layout (no null row)")
+            # Disable diffusers' internal, unseeded label dropout: DiffusionObjective.drop_labels
+            # does it with the caller's generator, and dropping twice would change the rate.
+            m.dropout_prob = 0.0
+    return Denoiser(backbone, "dit", in_channels=in_channels, image_size=image_size, num_classes=num_classes)

@@ -1,0 +1,285 @@
+"""Ancestral DDPM and DDIM samplers.
+
+Both follow diffusers' ``DDPMScheduler`` / ``DDIMScheduler`` step-for-step (same timestep
+lists, same previous-timestep rule, same x0 clipping, same order of random draws for a
+CPU generator), so a model trained here can be sampled with either library and the
+results agree to float32 rounding. Coefficients are computed in float64 from the
+schedule and applied to the float32 sample.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Literal, get_args
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from . import _random
+from .guidance import guided_model_output
+from .objectives import PredictionType, check_prediction, prediction_to_x0_eps
+from .schedules import NoiseSchedule
+
+Spacing = Literal["leading", "trailing", "linspace"]
+SamplerName = Literal["ddpm", "ddim"]
+SPACINGS: tuple[str, ...] = get_args(Spacing)
+SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
+
+
+def timesteps_for(spacing: Spacing, num_steps: int, num_train_timesteps: int) -> Tensor:
+    """Descending LongTensor of the ``num_steps`` timesteps visited at inference.
+
+    Identical to diffusers' ``set_timesteps`` with ``steps_offset=0`` (the default);
+    the names follow Lin et al. 2023, Table 2:
+      leading : arange(n) * (T // n), reversed            -> always ends at 0 and never
+                visits T-1 unless n == T;
+      trailing: round(arange(T, 0, -T/n)) - 1             -> always starts at T-1 (needed to
+                reach SNR = 0 with zero-terminal schedules, Lin et al. Sec. 3.3);
+      linspace: round(linspace(0, T-1, n)), reversed.
+    """
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or not (1 <= num_steps <= num_train_timesteps):
+        raise ValueError(f"num_steps must be an int in [1, {num_train_timesteps}], got {num_steps!r}")
+    T, n = num_train_timesteps, num_steps
+    # numpy on purpose: np.arange with a float step and np.round (half-to-even) are what
+    # diffusers uses, and reproducing them bit-for-bit matters for "trailing".
+    if spacing == "leading":
+        ts = (np.arange(0, n) * (T // n)).round()[::-1].astype(np.int64)
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / n)).astype(np.int64) - 1
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, n).round()[::-1].astype(np.int64)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of {SPACINGS}")
+    return torch.from_numpy(ts.copy())
+
+
+def _coef(schedule: NoiseSchedule, t: int) -> float:
+    return float(schedule.alphas_cumprod[t])
+
+
+def _clip(x0: Tensor, clip_sample: bool) -> Tensor:
+    # Clipping x̂0 to the data range [-1, 1] (Ho et al. 2020's released sampler, also
+    # diffusers' default clip_sample=True) keeps early, very noisy x0 estimates in range.
+    return x0.clamp(-1.0, 1.0) if clip_sample else x0
+
+
+def ddpm_step(
+    model_output: Tensor,
+    t: int,
+    prev_t: int,
+    x_t: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prediction: PredictionType,
+    clip_sample: bool = True,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One ancestral step x_t -> x_{prev_t} (Ho et al. 2020, eqs. 6-7) on a possibly
+    respaced chain: the step's β is 1 - ᾱ_t/ᾱ_prev (the respacing of Nichol & Dhariwal
+    2021, Sec. 4), variance is the posterior β̃ = (1-ᾱ_prev)/(1-ᾱ_t)·β ("fixed_small").
+
+    Returns (x_prev, x0_hat). ``noise`` (same shape as x_t) is scaled by sqrt(β̃) and added
+    when t > 0, exactly as diffusers does (including the clamp of β̃ at 1e-20).
+    """
+    ab_t = _coef(schedule, t)
+    ab_prev = _coef(schedule, prev_t) if prev_t >= 0 else 1.0
+    beta_prod_t = 1.0 - ab_t
+    beta_prod_prev = 1.0 - ab_prev
+    cur_alpha = ab_t / ab_prev
+    cur_beta = 1.0 - cur_alpha
+
+    x0, _ = prediction_to_x0_eps(prediction, model_output, x_t, math.sqrt(ab_t), math.sqrt(beta_prod_t))
+    x0 = _clip(x0, clip_sample)
+
+    # Posterior mean μ̃(x_t, x̂0), Ho et al. 2020 eq. 7.
+    c_x0 = math.sqrt(ab_prev) * cur_beta / beta_prod_t
+    c_xt = math.sqrt(cur_alpha) * beta_prod_prev / beta_prod_t
+    x_prev = c_x0 * x0 + c_xt * x_t
+    if t > 0:
+        if noise is None:
+            raise ValueError("ddpm_step needs `noise` for t > 0")
+        var = max(beta_prod_prev / beta_prod_t * cur_beta, 1e-20)
+        x_prev = x_prev + math.sqrt(var) * noise
+    return x_prev, x0
+
+
+def ddim_step(
+    model_output: Tensor,
+    t: int,
+    prev_t: int,
+    x_t: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    prediction: PredictionType,
+    eta: float = 0.0,
+    clip_sample: bool = True,
+    noise: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """One DDIM step (Song et al. 2021, eq. 12) with σ_t(η) from eq. 16:
+        x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z,
+        σ = η sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev).
+    For prev_t < 0, ᾱ_prev = 1 (diffusers' default ``set_alpha_to_one=True``), so the
+    last step returns x̂0. ε̂ is the *unclipped* model estimate (diffusers'
+    ``use_clipped_model_output=False``). Returns (x_prev, x0_hat)."""
+    ab_t = _coef(schedule, t)
+    ab_prev = _coef(schedule, prev_t) if prev_t >= 0 else 1.0
+    x0, eps = prediction_to_x0_eps(prediction, model_output, x_t, math.sqrt(ab_t), math.sqrt(1.0 - ab_t))
+    x0 = _clip(x0, clip_sample)
+    var = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
+    std = eta * math.sqrt(var)
+    x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1.0 - ab_prev - std**2, 0.0)) * eps
+    if eta > 0:
+        if noise is None:
+            raise ValueError("ddim_step needs `noise` when eta > 0")
+        x_prev = x_prev + std * noise
+    return x_prev, x0
+
+
+def _prepare(
+    model,
+    schedule: NoiseSchedule,
+    shape,
+    prediction: str,
+    num_steps: int | None,
+    labels: Tensor | None,
+    guidance_scale: float,
+    null_label: int | None,
+    eta: float,
+    spacing: str,
+    generator: torch.Generator | None,
+    device,
+    noise: Tensor | None,
+):
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    check_prediction(prediction)
+    shape = tuple(int(s) for s in shape)
+    if len(shape) < 2 or any(s < 1 for s in shape):
+        raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    T = schedule.num_timesteps
+    ts = timesteps_for(spacing, T if num_steps is None else num_steps, T)
+    if prediction == "eps" and _coef(schedule, int(ts[0])) == 0.0:
+        raise ValueError(
+            "eps-prediction cannot start from a timestep with SNR = 0 (zero-terminal-SNR schedule): "
+            "x0 = (x_t - σ ε)/sqrt(ᾱ) is undefined there; use prediction='v' (Lin et al. 2023, Sec. 3.2)"
+        )
+    device = torch.device(device)
+    cond = labels is not None
+    if cond:
+        labels = torch.as_tensor(labels, device=device).long()
+        if labels.shape != (shape[0],):
+            raise ValueError(f"labels must have shape ({shape[0]},), got {tuple(labels.shape)}")
+        if null_label is None:
+            null_label = getattr(model, "null_label", None)
+        if guidance_scale != 1.0 and null_label is None:
+            raise ValueError("guidance_scale != 1 needs null_label (or a model with a .null_label attribute)")
+    elif guidance_scale != 1.0:
+        raise ValueError("guidance_scale != 1 requires class labels (classifier-free guidance)")
+
+    def predict(x: Tensor, t: int) -> Tensor:
+        tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
+        if not cond:
+            out = model(x, tt, None)
+        elif guidance_scale == 1.0:
+            # w = 1 is exactly the conditional model; skip the unconditional half.
+            out = model(x, tt, labels)
+        else:
+            out = guided_model_output(model, x, tt, labels, guidance_scale, null_label)
+        if out.shape != x.shape:
+            raise ValueError(f"model output shape {tuple(out.shape)} != sample shape {tuple(x.shape)}")
+        return out.float()
+
+    if noise is None:
+        x = _random.randn(shape, generator=generator, device=device)
+    else:
+        if tuple(noise.shape) != shape:
+            raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {shape}")
+        x = noise.to(device=device, dtype=torch.float32)
+    return ts.tolist(), x, predict
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model,
+    schedule: NoiseSchedule,
+    shape,
+    *,
+    prediction: PredictionType,
+    num_steps: int | None = None,
+    labels: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
+    eta: float = 1.0,
+    spacing: Spacing = "leading",
+    generator: torch.Generator | None = None,
+    device="cpu",
+    clip_sample: bool = True,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) over ``num_steps`` respaced
+    steps (default: all T). The previous timestep is the next entry of the timestep
+    list (-1 after the last), as in diffusers' DDPMScheduler after ``set_timesteps``.
+    ``eta`` exists only for signature compatibility with :func:`ddim_sample`; ancestral
+    DDPM is DDIM with η = 1 in spirit, so values other than 1 are rejected.
+    The model is called as ``model(x_t, t, labels)``; put it in eval mode first."""
+    if eta != 1.0:
+        raise ValueError(f"ddpm_sample is ancestral (eta = 1); got eta={eta}. Use ddim_sample for other eta")
+    ts, x, predict = _prepare(
+        model, schedule, shape, prediction, num_steps, labels, guidance_scale, null_label, eta, spacing,
+        generator, device, noise,
+    )
+    for i, t in enumerate(ts):
+        prev_t = ts[i + 1] if i + 1 < len(ts) else -1
+        out = predict(x, t)
+        z = _random.randn(x.shape, generator=generator, device=x.device) if t > 0 else None
+        x, _ = ddpm_step(out, t, prev_t, x, schedule, prediction=prediction, clip_sample=clip_sample, noise=z)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(
+    model,
+    schedule: NoiseSchedule,
+    shape,
+    *,
+    prediction: PredictionType,
+    num_steps: int | None = None,
+    labels: Tensor | None = None,
+    guidance_scale: float = 1.0,
+    null_label: int | None = None,
+    eta: float = 0.0,
+    spacing: Spacing = "leading",
+    generator: torch.Generator | None = None,
+    device="cpu",
+    clip_sample: bool = True,
+    noise: Tensor | None = None,
+) -> Tensor:
+    """DDIM sampling (Song et al. 2021, eq. 12); η = 0 is deterministic given the initial
+    noise. The previous timestep is t - T // num_steps for every spacing, which is what
+    diffusers' DDIMScheduler.step does (for "linspace"/"trailing" with T % n != 0 this
+    is not exactly the next listed timestep; we keep diffusers' rule for compatibility)."""
+    ts, x, predict = _prepare(
+        model, schedule, shape, prediction, num_steps, labels, guidance_scale, null_label, eta, spacing,
+        generator, device, noise,
+    )
+    stride = schedule.num_timesteps // len(ts)
+    for t in ts:
+        out = predict(x, t)
+        z = _random.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
+        x, _ = ddim_step(
+            out, t, t - stride, x, schedule, prediction=prediction, eta=eta, clip_sample=clip_sample, noise=z
+        )
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
+
+
+def sample(name: SamplerName, model, schedule: NoiseSchedule, shape, **kwargs) -> Tensor:
+    """Dispatch to a sampler by name (CLI convenience)."""
+    if name not in SAMPLERS:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {tuple(SAMPLERS)}")
+    return SAMPLERS[name](model, schedule, shape, **kwargs)
