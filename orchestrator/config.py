@@ -326,3 +326,13 @@ def config_to_dict(cfg: TrainConfig, *, reveal_secrets: bool = False) -> dict[st
 
 def config_to_yaml(cfg: TrainConfig) -> str:
     return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def load_config_text(text: str) -> TrainConfig:
+    """Validate a config saved with a run or checkpoint (secrets there are masked)."""
+    tree = yaml.safe_load(text) or {}
+    s3 = tree.get("data", {}).get("s3", {})
+    for key in ("access_key_id", "secret_access_key", "session_token"):
+        if s3.get(key) == "**********":
+            s3[key] = None  # masked on save: fall back to the environment's credential chain
+    return validate_config(tree)

@@ -1,0 +1,1 @@
+"""raydiff orchestration: Ray Data / Train / Tune / Jobs glue, controller and CLI."""

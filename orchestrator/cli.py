@@ -1,0 +1,127 @@
+"""``raydiff`` command line: train, sample, data and bench commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from orchestrator.config import ConfigError, load_config
+
+log = logging.getLogger("raydiff")
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a diffusion model (no arguments: the built-in dataset on local Ray)",
+        description="Train with Ray Train + DeepSpeed. Overrides are key.sub=value, e.g. optim.lr=3e-4 "
+        "model.name=unet-small precision.zero_stage=3. Reusing run.name resumes that run.",
+    )
+    p.add_argument("--config", "-c", help="job file (see jobs/*.yaml)")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value")
+    p.set_defaults(func=cmd_train)
+
+
+def cmd_train(args) -> int:
+    cfg = load_config(args.config, args.overrides)
+    from orchestrator.driver import dry_run_text, run_training
+
+    if args.dry_run:
+        print(dry_run_text(cfg), end="")
+        return 0
+    outcome = run_training(cfg)
+    print(f"run directory: {outcome.run_uri}")
+    print(f"final step: {outcome.final_step}; checkpoint: {outcome.checkpoint_path}")
+    if outcome.eval is not None:
+        e = outcome.eval
+        print(
+            f"class recognition: {e['sample_accuracy']:.1%} of {e['samples_per_class'] * e['num_classes']} "
+            f"generated samples recognised as their class (chance {e['chance']:.1%}; the judge classifier "
+            f"scores {e['classifier_val_accuracy']:.1%} on held-out real images)"
+        )
+    return 0
+
+
+def _add_sample(sub) -> None:
+    p = sub.add_parser("sample", help="sample a grid from a run's latest (or given) checkpoint")
+    p.add_argument("--run", required=True, help="run directory URI: runs/demo or s3://bucket/runs/demo")
+    p.add_argument("--out", default="samples.png", help="output PNG (local path)")
+    p.add_argument("--checkpoint", help="checkpoint directory name (default: the latest)")
+    p.add_argument("overrides", nargs="*", metavar="sampling.key=value",
+                   help="sampling.* and data.s3.* overrides, e.g. sampling.guidance_scale=4")
+    p.set_defaults(func=cmd_sample)
+
+
+def cmd_sample(args) -> int:
+    from orchestrator.checkpoints import latest_checkpoint, list_checkpoints, load_ema_model
+    from orchestrator.config import parse_override
+    from orchestrator.rundir import RunDir
+    from orchestrator.sampling import sample_grid
+    from orchestrator.storage import filesystem_for
+
+    overrides = [parse_override(o) for o in args.overrides]
+    bad = [k for k, _ in overrides if not k.startswith(("sampling.", "data.s3."))]
+    if bad:
+        raise ConfigError(f"raydiff sample accepts only sampling.* and data.s3.* overrides, got: {', '.join(bad)}")
+    s3_cfg = load_config(None, [o for o in args.overrides if o.startswith("data.s3.")]).data.s3
+    fs, path = filesystem_for(args.run, s3_cfg)
+    rundir = RunDir(fs, path, args.run)
+    refs = list_checkpoints(rundir)
+    if args.checkpoint:
+        refs = [r for r in refs if r.name == args.checkpoint]
+    if not refs:
+        raise ConfigError(f"no checkpoint found in {args.run}" + (f" named {args.checkpoint}" if args.checkpoint else ""))
+    ref = refs[-1] if args.checkpoint else latest_checkpoint(rundir)
+    model, cfg = load_ema_model(rundir, ref)
+    tree = cfg.model_dump()
+    for k, v in overrides:
+        node = tree
+        *parents, leaf = k.split(".")
+        for part in parents:
+            node = node[part]
+        node[leaf] = v
+    from orchestrator.config import validate_config
+
+    cfg = validate_config(tree)
+    Path(args.out).write_bytes(sample_grid(model, cfg))
+    print(f"wrote {args.out} from {args.run}/{ref.name} (step {ref.step})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_train(sub)
+    _add_sample(sub)
+    from orchestrator.data.cli import register as register_data
+
+    register_data(sub)
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    from orchestrator.data.bench import register_bench
+
+    register_bench(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"raydiff: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("raydiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,154 @@
+"""The driver side of a training run: validate, plan, prepare data, start Ray Train, evaluate."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
+from orchestrator.plan import Plan, local_logical_cpus, make_plan
+from orchestrator.rundir import RunDir
+
+log = logging.getLogger("raydiff")
+
+
+def builtin_data_dir(cfg: TrainConfig) -> Path:
+    """Where the built-in dataset is written: a per-user cache shared by all runs."""
+    d = cfg.data
+    base = Path(os.environ.get("RAYDIFF_CACHE_DIR", Path.home() / ".cache" / "raydiff"))
+    return base / f"builtin-r{d.resolution}-n{d.builtin_images_per_class}-s{d.seed}"
+
+
+def resolve_data_config(cfg: TrainConfig) -> TrainConfig:
+    """Turn ``data.source=builtin`` into a real image folder (written on first use)."""
+    if cfg.data.source != "builtin":
+        return cfg
+    if cfg.scaling.ray_address is not None:
+        raise ConfigError(
+            "data.source=builtin is written to this machine's disk, which cluster workers cannot "
+            "read. Fix: `raydiff data make-demo DIR` then `raydiff data upload DIR s3://bucket/demo` "
+            "and set data.source=s3://bucket/demo"
+        )
+    from orchestrator.data.demo import write_demo_dataset
+
+    root = write_demo_dataset(
+        builtin_data_dir(cfg), cfg.data.builtin_images_per_class, cfg.data.resolution, cfg.data.seed
+    )
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(root), "format": "imagefolder"})})
+
+
+def plan_for(cfg: TrainConfig) -> Plan:
+    uri = cfg.run.storage.rstrip("/") + "/" + cfg.run.name
+    return make_plan(cfg, uri)
+
+
+def dry_run_text(cfg: TrainConfig) -> str:
+    plan = plan_for(cfg)
+    return "# resolved configuration\n" + config_to_yaml(cfg) + "\n# plan\n" + plan.describe() + "\n"
+
+
+@dataclass
+class TrainOutcome:
+    run_uri: str
+    final_step: int
+    checkpoint_path: str | None
+    eval: dict[str, Any] | None
+
+
+def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
+    """Connect to (or start) Ray; returns True when this call started it (so we shut it down)."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if cfg.scaling.ray_address is not None:
+        ray.init(address=cfg.scaling.ray_address, log_to_driver=True)
+        return True
+    ray.init(num_cpus=local_logical_cpus(plan), include_dashboard=False, log_to_driver=True,
+             configure_logging=True, logging_level=logging.WARNING)
+    return True
+
+
+def run_training(cfg: TrainConfig) -> TrainOutcome:
+    """Train as configured; resumes when ``{storage}/{name}`` already has checkpoints."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.data import build_train_dataset, inspect_dataset
+    from orchestrator.storage import check_writable, ray_storage
+    from orchestrator.train_loop import WorkerArgs, train_worker
+
+    cfg = resolve_data_config(cfg)
+    # Fail on unreachable storage or data before anything expensive starts.
+    check_writable(cfg.run.storage, cfg.data.s3)
+    info = inspect_dataset(cfg.data)
+    num_classes = info.num_classes if cfg.data.conditional else None
+    started = False
+    try:
+        plan = plan_for(cfg)
+        started = _init_ray(cfg, plan)
+        if cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None:
+            plan = plan_for(cfg)  # now that we are connected, GPUs can be counted
+        rundir = RunDir.for_config(cfg)
+        rundir.write_text("config.yaml", config_to_yaml(cfg))
+        rundir.write_text("plan.json", json.dumps(plan.as_dict(), indent=2))
+        log.warning("raydiff plan:\n%s", plan.describe())
+
+        counter = f"raydiff-bad-samples-{cfg.run.name}"
+        ds = build_train_dataset(cfg.data, info, counter_name=counter)
+        decoded_bytes = info.num_samples * cfg.data.channels * cfg.data.resolution**2 * 4
+        if decoded_bytes <= cfg.data.cache_max_bytes:
+            # Small enough to keep decoded in the object store: later epochs skip read + decode.
+            ds = ds.materialize()
+
+        storage_path, storage_fs = ray_storage(cfg.run.storage, cfg.data.s3)
+        args = WorkerArgs(
+            config=config_to_dict(cfg, reveal_secrets=True),
+            plan=plan.as_dict(),
+            num_classes=num_classes,
+            bad_counter=counter,
+        )
+        resources = {"CPU": plan.cpus_per_worker}
+        if plan.gpus_per_worker:
+            resources["GPU"] = plan.gpus_per_worker
+        trainer = TorchTrainer(
+            train_worker,
+            train_loop_config=args.__dict__,
+            scaling_config=ScalingConfig(
+                num_workers=plan.num_workers,
+                use_gpu=plan.device == "gpu",
+                resources_per_worker=resources,
+                accelerator_type=cfg.scaling.accelerator_type,
+            ),
+            run_config=RunConfig(
+                name=cfg.run.name,
+                storage_path=storage_path,
+                storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=cfg.run.max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+            ),
+            datasets={"train": ds},
+        )
+        result = trainer.fit()
+        ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
+        final_step = int((result.metrics or {}).get("step", 0))
+        eval_result = None
+        if cfg.run.evaluate and num_classes is not None and ckpt_path is not None:
+            from orchestrator.evaluate import evaluate_run
+
+            eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir)
+        from orchestrator.data import bad_sample_counts
+
+        bad = bad_sample_counts(counter)
+        if bad:
+            log.warning("skipped bad samples: %s", bad)
+            rundir.write_text("bad_samples.json", json.dumps(bad, indent=2))
+        return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result)
+    finally:
+        if started:
+            ray.shutdown()

@@ -1,0 +1,136 @@
+"""Resolve what a config means on the hardware at hand: device, precision (and why), resources.
+
+The same `Plan` is printed by ``raydiff train --dry-run`` and used by the trainer, so what the
+dry run says is what runs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from typing import Literal
+
+from orchestrator.config import ConfigError, TrainConfig
+
+Precision = Literal["fp32", "bf16", "fp16"]
+
+
+@dataclass(frozen=True)
+class Plan:
+    device: Literal["cpu", "gpu"]
+    device_reason: str
+    precision: Precision
+    precision_reason: str
+    num_workers: int
+    cpus_per_worker: float
+    gpus_per_worker: int
+    micro_batch_size: int
+    global_batch_size: int
+    zero_stage: int
+    steps: int
+    checkpoint_every: int
+    checkpoint_keep: int
+    sample_every: int
+    run_uri: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+    def describe(self) -> str:
+        return "\n".join(
+            [
+                f"run directory   : {self.run_uri}",
+                f"workers         : {self.num_workers} x ({self.cpus_per_worker:g} CPU, {self.gpus_per_worker} GPU)",
+                f"device          : {self.device} ({self.device_reason})",
+                f"precision       : {self.precision} ({self.precision_reason})",
+                f"DeepSpeed ZeRO  : stage {self.zero_stage}",
+                f"batch           : {self.global_batch_size} global = {self.num_workers} x {self.micro_batch_size}",
+                f"steps           : {self.steps}",
+                f"checkpoints     : every {self.checkpoint_every} steps, keep last {self.checkpoint_keep}",
+                f"sample grids    : every {self.sample_every} steps and at the end",
+            ]
+        )
+
+
+def cpu_has_bf16() -> bool:
+    """True when the CPU has native bf16 arithmetic (AVX512-BF16 or AMX), where bf16 autocast is
+    faster than fp32; without it bf16 is emulated and slower."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def _cluster_has_gpus(ray_address: str | None) -> bool | None:
+    """GPU presence without starting anything: locally from torch; on a cluster only once connected."""
+    if ray_address is None:
+        import torch
+
+        return torch.cuda.is_available()
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.cluster_resources().get("GPU", 0) > 0
+    except Exception:  # noqa: BLE001 - a plan must not fail because Ray is absent
+        return None
+    return None
+
+
+def make_plan(cfg: TrainConfig, run_uri: str) -> Plan:
+    s = cfg.scaling
+    if s.device == "auto":
+        has_gpu = _cluster_has_gpus(s.ray_address)
+        if has_gpu is None:
+            device, device_reason = "gpu", "auto: assumed for a remote cluster; set scaling.device=cpu for CPU clusters"
+        elif has_gpu:
+            device, device_reason = "gpu", "auto: GPUs found"
+        else:
+            device, device_reason = "cpu", "auto: no GPU found"
+    else:
+        device, device_reason = s.device, "set by scaling.device"
+
+    p = cfg.precision.dtype
+    if p == "auto":
+        if device == "gpu":
+            precision, why = "fp16", "auto on GPU: fp16 with dynamic loss scaling (DeepSpeed fp16 engine)"
+        elif cpu_has_bf16():
+            precision, why = "bf16", "auto on CPU: DeepSpeed refuses fp16 on CPU; this CPU has native bf16 (AVX512-BF16/AMX)"
+        else:
+            precision, why = "fp32", "auto on CPU: DeepSpeed refuses fp16 on CPU and this CPU has no native bf16"
+    else:
+        precision, why = p, "set by precision.dtype"
+        if p == "fp16" and device == "cpu":
+            raise ConfigError(
+                "precision.dtype=fp16 but training runs on CPU (no GPU found): DeepSpeed supports "
+                "fp16 only on GPUs. Fix: precision.dtype=bf16, fp32 or auto"
+            )
+    return Plan(
+        device=device,
+        device_reason=device_reason,
+        precision=precision,
+        precision_reason=why,
+        num_workers=s.num_workers,
+        cpus_per_worker=s.cpus_per_worker,
+        gpus_per_worker=1 if device == "gpu" else 0,
+        micro_batch_size=cfg.micro_batch_size,
+        global_batch_size=cfg.optim.batch_size,
+        zero_stage=cfg.precision.zero_stage,
+        steps=cfg.optim.steps,
+        checkpoint_every=cfg.checkpoint.every_steps,
+        checkpoint_keep=cfg.checkpoint.keep,
+        sample_every=cfg.sampling.every_steps,
+        run_uri=run_uri,
+    )
+
+
+def local_logical_cpus(plan: Plan) -> int:
+    """Logical CPUs for a local Ray: training workers plus room for Ray Data's decode tasks.
+
+    On a 2-core laptop, workers holding whole CPUs would leave none for Ray Data and the run would
+    stall, so we over-commit logical CPUs (threads are capped per worker in the trainer).
+    """
+    need = int(plan.num_workers * plan.cpus_per_worker + 0.999) + 2
+    return max(os.cpu_count() or 1, need)

@@ -1,0 +1,92 @@
+"""Sample grids from EMA weights: used during training, by ``raydiff sample`` and by evaluation."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+import torch
+from PIL import Image
+
+from model.samplers import sample
+from model.schedules import NoiseSchedule, make_schedule
+from orchestrator.config import SamplingConfig, TrainConfig
+
+
+def schedule_from_config(cfg: TrainConfig) -> NoiseSchedule:
+    d = cfg.diffusion
+    return make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
+
+
+def grid_labels(num_classes: int | None, scfg: SamplingConfig) -> torch.Tensor | None:
+    """One row per class (first ``max_rows`` classes), ``per_class`` columns."""
+    if num_classes is None:
+        return None
+    rows = min(num_classes, scfg.max_rows)
+    return torch.arange(rows).repeat_interleave(scfg.per_class)
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    cfg: TrainConfig,
+    labels: torch.Tensor | None,
+    num: int,
+    *,
+    seed: int,
+    device: torch.device | str = "cpu",
+    scfg: SamplingConfig | None = None,
+) -> torch.Tensor:
+    """``num`` images in [-1, 1] from ``model`` (put EMA weights in first)."""
+    scfg = scfg or cfg.sampling
+    was_training = model.training
+    model.eval()
+    try:
+        kwargs = dict(
+            prediction=cfg.diffusion.prediction,
+            num_steps=min(scfg.num_steps, cfg.diffusion.num_timesteps),
+            labels=None if labels is None else labels.to(device),
+            guidance_scale=scfg.guidance_scale,
+            null_label=getattr(model, "null_label", None),
+            spacing=scfg.spacing,
+            generator=torch.Generator(device="cpu").manual_seed(seed),
+            device=device,
+        )
+        if scfg.sampler == "ddim":
+            kwargs["eta"] = scfg.eta
+        shape = (num, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
+        return sample(scfg.sampler, model, schedule_from_config(cfg), shape, **kwargs).clamp(-1, 1).cpu()
+    finally:
+        model.train(was_training)
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[-1, 1] NCHW float -> NHWC uint8."""
+    arr = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return arr.permute(0, 2, 3, 1).numpy()
+
+
+def grid_png(images: torch.Tensor, columns: int, upscale: int = 2) -> bytes:
+    arr = to_uint8(images)
+    n, h, w, c = arr.shape
+    rows = math.ceil(n / columns)
+    pad = 2
+    canvas = np.full((rows * (h + pad) + pad, columns * (w + pad) + pad, c), 255, np.uint8)
+    for i in range(n):
+        r, col = divmod(i, columns)
+        y, x = pad + r * (h + pad), pad + col * (w + pad)
+        canvas[y : y + h, x : x + w] = arr[i]
+    img = Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.Resampling.NEAREST)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample_grid(model: torch.nn.Module, cfg: TrainConfig, *, device="cpu") -> bytes:
+    labels = grid_labels(getattr(model, "num_classes", None), cfg.sampling)
+    num = cfg.sampling.per_class if labels is None else len(labels)
+    images = generate(model, cfg, labels, num, seed=cfg.sampling.seed, device=device)
+    return grid_png(images, cfg.sampling.per_class)
