@@ -1,0 +1,111 @@
+"""Shared fixtures: one local Ray per test session, one local S3 (moto) per test session.
+
+Both are session-scoped because starting them costs seconds on the 2-core test machine.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from s3_server import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, FaultProxy, MotoS3  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """A local Ray with 4 logical CPUs (over-committed on purpose: 2 cores, but Ray Data and
+    training workers both need CPU slots). Token auth is disabled: loopback-only tests."""
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # Workers would otherwise try EC2 metadata for S3 region/credentials and stall.
+    os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
+    # Workers inherit the environment at start: give them the same dummy keys the s3_server
+    # fixture uses, whichever fixture starts first.
+    os.environ.setdefault("AWS_ACCESS_KEY_ID", DUMMY_ACCESS_KEY)
+    os.environ.setdefault("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET_KEY)
+    os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
+    import ray
+
+    started_here = not ray.is_initialized()
+    if started_here:
+        ray.init(
+            num_cpus=4,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+            # Workers import the project from the repo root.
+            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}},
+        )
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
+    yield ray
+    if started_here:
+        ray.shutdown()
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    region: str
+    access_key: str
+    secret_key: str
+    moto: MotoS3
+    create_bucket: Callable[[str], str]
+
+    def client(self, endpoint_url: str | None = None):
+        return self.moto.client(endpoint_url)
+
+    def s3_config(self, **overrides):
+        """An ``S3Config`` pointing at this server (credentials from the environment)."""
+        from orchestrator.config import S3Config
+
+        kw = {"endpoint_url": self.endpoint_url, "region": self.region}
+        kw.update(overrides)
+        return S3Config(**kw)
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """moto S3 on 127.0.0.1 with dummy AWS credentials in the environment.
+
+    ``s3_server.endpoint_url``, ``s3_server.create_bucket(name)``, ``s3_server.client()``,
+    ``s3_server.s3_config()``. Buckets persist for the session: use unique names per test.
+    """
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION", "AWS_EC2_METADATA_DISABLED")}
+    os.environ["AWS_ACCESS_KEY_ID"] = DUMMY_ACCESS_KEY
+    os.environ["AWS_SECRET_ACCESS_KEY"] = DUMMY_SECRET_KEY
+    os.environ["AWS_DEFAULT_REGION"] = REGION
+    os.environ["AWS_EC2_METADATA_DISABLED"] = "true"
+    server = MotoS3().start()
+    yield S3Server(
+        endpoint_url=server.endpoint_url,
+        region=REGION,
+        access_key=DUMMY_ACCESS_KEY,
+        secret_key=DUMMY_SECRET_KEY,
+        moto=server,
+        create_bucket=server.create_bucket,
+    )
+    server.stop()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture()
+def s3_faults(s3_server):
+    """A fault-injecting proxy in front of the session's moto server (fresh per test)."""
+    proxy = FaultProxy(s3_server.moto.port).start()
+    yield proxy
+    proxy.stop()
