@@ -390,7 +390,8 @@ def check_readable(uri: str, s3cfg: "S3Config | None" = None, *, require_objects
         return
     client = s3_client(s3cfg)
     try:
-        client.head_bucket(Bucket=loc.bucket)
+        # ListObjects rather than HeadBucket: a HEAD error has no body, so S3 cannot tell us
+        # whether a 403 means bad keys or a missing permission.
         prefix = f"{loc.key}" if loc.key else ""
         resp = client.list_objects_v2(Bucket=loc.bucket, Prefix=prefix, MaxKeys=1)
     except Exception as e:  # noqa: BLE001 - translated into a message with the fix
@@ -418,7 +419,6 @@ def check_writable(uri: str, s3cfg: "S3Config | None" = None) -> None:
     client = s3_client(s3cfg)
     key = f"{loc.key}/.raydiff-write-probe".lstrip("/")
     try:
-        client.head_bucket(Bucket=loc.bucket)
         client.put_object(Bucket=loc.bucket, Key=key, Body=b"ok")
         client.delete_object(Bucket=loc.bucket, Key=key)
     except Exception as e:  # noqa: BLE001

@@ -122,7 +122,9 @@ def decode_image(data: bytes | None, resolution: int, channels: int, center_crop
         return None, BOMB
     except Exception as e:  # noqa: BLE001
         msg = str(e).lower()
-        return None, TRUNCATED if ("truncat" in msg or "broken data stream" in msg) else CORRUPT
+        # PIL says "image file is truncated" for files that end early; anything else (CRC or
+        # stream errors, bad markers) is corruption inside the file.
+        return None, TRUNCATED if "truncat" in msg else CORRUPT
     if arr.ndim == 2:
         arr = arr[:, :, None]
     converted = None if src_mode == target else CONVERTED_PREFIX + src_mode.replace(";", "_")

@@ -1,0 +1,150 @@
+"""Bad samples are dropped and counted per kind; unusual pixel modes are converted and counted."""
+
+from __future__ import annotations
+
+import io
+import uuid
+
+import numpy as np
+import pytest
+from PIL import Image
+from test_data_helpers import collect, huge_png_header, jpeg_bytes, png_bytes, rand_image
+
+from orchestrator.config import DataConfig
+from orchestrator.data import bad_sample_counts, build_train_dataset, inspect_dataset
+from orchestrator.data.decode import MIN_IMAGE_SIDE, decode_image
+
+BASE = rand_image(1, 32)
+
+
+def _save(img: Image.Image, fmt: str) -> bytes:
+    b = io.BytesIO()
+    img.save(b, format=fmt)
+    return b.getvalue()
+
+
+def _corrupt_png() -> bytes:
+    b = bytearray(png_bytes(BASE))
+    b[60:200] = b"\x00" * 140  # inside the compressed pixel data: CRC and zlib stream break
+    return bytes(b)
+
+
+BAD = {
+    "empty_file": b"",
+    "not_an_image": b"this is a text file that claims to be a .png",
+    "truncated_png": png_bytes(BASE)[: len(png_bytes(BASE)) // 2],
+    "truncated_jpeg": jpeg_bytes(BASE)[: len(jpeg_bytes(BASE)) // 2],
+    "corrupt": _corrupt_png(),
+    "too_small": png_bytes(rand_image(3, MIN_IMAGE_SIDE - 1)),
+    "decompression_bomb": huge_png_header(40_000, 40_000),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD))
+def test_bad_file_kinds(name):
+    arr, kind = decode_image(BAD[name], 16, 3, True)
+    assert arr is None
+    assert kind == name.split("_png")[0].split("_jpeg")[0]
+
+
+def test_bomb_check_does_not_allocate():
+    import tracemalloc
+
+    tracemalloc.start()
+    decode_image(huge_png_header(60_000, 60_000), 16, 3, True)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert peak < 50 << 20  # the declared image would be 3.6 GB
+
+
+GRAY = np.asarray(BASE.convert("L"))
+
+
+def _modes() -> dict[str, tuple[bytes, np.ndarray]]:
+    """mode -> (file bytes, expected RGB array at 32x32)."""
+    rgba = BASE.convert("RGBA")
+    a = np.asarray(rgba).copy()
+    a[:16, :, 3] = 0  # top half fully transparent -> white
+    rgba = Image.fromarray(a, "RGBA")
+    exp_rgba = np.asarray(BASE).copy()
+    exp_rgba[:16] = 255
+    la = Image.merge("LA", (BASE.convert("L"), Image.fromarray(a[:, :, 3])))
+    exp_la = np.repeat(GRAY[:, :, None], 3, axis=2).copy()
+    exp_la[:16] = 255
+    pal = BASE.convert("P")
+    return {
+        "L": (png_bytes(BASE.convert("L")), np.repeat(GRAY[:, :, None], 3, axis=2)),
+        "LA": (png_bytes(la), exp_la),
+        "P": (png_bytes(pal), np.asarray(pal.convert("RGB"))),
+        "RGBA": (png_bytes(rgba), exp_rgba),
+        "I;16": (png_bytes(Image.fromarray(GRAY.astype(np.uint16) * 257)), np.repeat(GRAY[:, :, None], 3, axis=2)),
+        # CMYK -> RGB is PIL's naive conversion; JPEG is lossy, so compare loosely below.
+        "CMYK": (_save(Image.new("CMYK", (32, 32), (0, 255, 255, 0)), "JPEG"), np.broadcast_to(np.array([255, 0, 0], np.uint8), (32, 32, 3))),
+    }
+
+
+@pytest.mark.parametrize("mode", ["L", "LA", "P", "RGBA", "I;16", "CMYK"])
+def test_unusual_modes_are_converted(mode):
+    data, expected = _modes()[mode]
+    assert Image.open(io.BytesIO(data)).mode == mode
+    arr, kind = decode_image(data, 32, 3, True)
+    assert kind == "converted_from_" + mode.replace(";", "_")
+    assert arr.shape == (32, 32, 3)
+    tol = 8 if mode == "CMYK" else 0
+    assert np.abs(arr.astype(int) - expected.astype(int)).max() <= tol
+
+
+def test_grayscale_target_from_rgb_and_16bit():
+    arr, kind = decode_image(png_bytes(Image.fromarray(GRAY.astype(np.uint16) * 257)), 32, 1, True)
+    assert arr.shape == (32, 32, 1) and kind == "converted_from_I_16"
+    assert np.array_equal(arr[:, :, 0], GRAY)  # scaled from 16 to 8 bit, not clipped at 255
+
+
+def test_pipeline_drops_and_counts(ray_local, tmp_path):
+    root = tmp_path / "ds"
+    (root / "a").mkdir(parents=True)
+    (root / "b").mkdir()
+    good = {f"a/good{i}.png": png_bytes(rand_image(10 + i, 16)) for i in range(3)}
+    good["b/good.jpg"] = jpeg_bytes(rand_image(20, 16))
+    for rel, data in good.items():
+        (root / rel).write_bytes(data)
+    ext = {"truncated_jpeg": "jpg", "not_an_image": "png"}
+    for name, data in BAD.items():
+        (root / f"b/{name}.{ext.get(name, 'png')}").write_bytes(data)
+    modes = _modes()
+    for mode, (data, _) in modes.items():
+        (root / f"a/mode_{mode.replace(';', '_')}.{'jpg' if mode == 'CMYK' else 'png'}").write_bytes(data)
+    cfg = DataConfig(source=str(root), resolution=16, decode_batch_size=5)
+    info = inspect_dataset(cfg)
+    assert info.num_samples == len(good) + len(BAD) + len(modes)
+    name = f"bad-{uuid.uuid4().hex}"
+    images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
+    assert len(images) == len(good) + len(modes)
+    assert np.isfinite(images).all() and images.shape[1:] == (3, 16, 16)
+    counts = bad_sample_counts(name)
+    assert counts == {
+        "empty_file": 1,
+        "not_an_image": 1,
+        "truncated": 2,
+        "corrupt": 1,
+        "too_small": 1,
+        "decompression_bomb": 1,
+        **{"converted_from_" + m.replace(";", "_"): 1 for m in modes},
+    }
+    assert bad_sample_counts(f"never-created-{uuid.uuid4().hex}") == {}
+
+
+def test_missing_and_out_of_range_labels(ray_local, tmp_path):
+    root = tmp_path / "flat"
+    root.mkdir()
+    for i in range(5):
+        (root / f"{i}.png").write_bytes(png_bytes(rand_image(30 + i, 16)))
+    # 0, 1: fine; 2: out of range (negative); 3: not listed (missing); 4: fine
+    (root / "labels.csv").write_text("0.png,0\n1.png,1\n2.png,-3\n4.png,1\n")
+    cfg = DataConfig(source=str(root), labels_file="labels.csv", resolution=16)
+    info = inspect_dataset(cfg)
+    assert info.class_names == ("0", "1")
+    name = f"lab-{uuid.uuid4().hex}"
+    images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
+    assert sorted(labels.tolist()) == [0, 1, 1]
+    assert bad_sample_counts(name) == {"missing_label": 1, "label_out_of_range": 1}
