@@ -204,7 +204,8 @@ class Trainer:
         if self.rank == 0 and cfg.logging.progress:
             from ray.experimental.tqdm_ray import tqdm
 
-            bar = tqdm(total=cfg.optim.steps, desc=f"train {cfg.run.name}", initial=self.state.step)
+            bar = tqdm(total=cfg.optim.steps, desc=f"train {cfg.run.name}")
+            bar.update(self.state.step)  # tqdm_ray has no `initial`
         window = _Window(cfg.diffusion.loss_bins, self.device)
         t_last = time.perf_counter()
         while self.state.step < cfg.optim.steps:
@@ -233,7 +234,10 @@ class Trainer:
                     rec = window.flush(self, now - t_last)
                     t_last = now
                     if bar is not None:
-                        bar.set_postfix(loss=f"{rec['loss']:.4f}", img_s=f"{rec['images_per_s']:.0f}")
+                        # tqdm_ray has no postfix: loss and images/s go in the description.
+                        bar.set_description(
+                            f"train {cfg.run.name} loss {rec['loss']:.4f} {rec['images_per_s']:.0f} img/s"
+                        )
                 if self.rank == 0 and (step % cfg.sampling.every_steps == 0 or step == cfg.optim.steps):
                     self.write_grid()
                 if step % cfg.checkpoint.every_steps == 0 or step == cfg.optim.steps:
