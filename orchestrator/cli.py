@@ -118,6 +118,16 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"raydiff: {e}", file=sys.stderr)
         return 2
+    except (OSError, ValueError) as e:
+        # Storage and data problems found before training (StorageError, DataError) carry
+        # their own fix; anything else is a bug and keeps its traceback.
+        from orchestrator.data import DataError
+        from orchestrator.storage import StorageError
+
+        if isinstance(e, (StorageError, DataError)):
+            print(f"raydiff: {e}", file=sys.stderr)
+            return 2
+        raise
     except KeyboardInterrupt:
         print("raydiff: interrupted", file=sys.stderr)
         return 130

@@ -68,8 +68,22 @@ def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
     if cfg.scaling.ray_address is not None:
         ray.init(address=cfg.scaling.ray_address, log_to_driver=True)
         return True
-    ray.init(num_cpus=local_logical_cpus(plan), include_dashboard=False, log_to_driver=True,
-             configure_logging=True, logging_level=logging.WARNING)
+    # Without the dashboard (CPU and memory a laptop run does not need) Ray Train's placement-group
+    # cleaner cannot reach the state API and warns every few seconds; worker logs below ERROR
+    # are therefore dropped unless --verbose. raydiff's own progress comes from rank 0 directly.
+    verbose = logging.getLogger("raydiff").isEnabledFor(logging.INFO)
+    ray.init(
+        num_cpus=local_logical_cpus(plan),
+        include_dashboard=False,
+        log_to_driver=True,
+        configure_logging=True,
+        logging_level=logging.INFO if verbose else logging.WARNING,
+        logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
+    )
+    if not verbose:
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     return True
 
 

@@ -156,8 +156,8 @@ class Trainer:
             self.ema.load_state_dict(torch.load(Path(d) / EMA_FILE, map_location="cpu", weights_only=False))
             self.state = TrainState(**json.loads((Path(d) / STATE_FILE).read_text()))
         if self.rank == 0:
-            log.warning("resumed from %s at step %d (epoch %d, batch %d)", ckpt.path, self.state.step,
-                        self.state.epoch, self.state.batch_in_epoch)
+            print(f"raydiff: resumed from {ckpt.path} at step {self.state.step} "
+                  f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})", flush=True)
         return True
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:
