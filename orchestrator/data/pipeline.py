@@ -662,9 +662,8 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
         ds = ray.data.read_parquet(
             [f"{root}/{f}" for f in info.files],
             filesystem=fs,
-            columns=cols,
             shuffle=FileShuffleConfig(seed=cfg.seed),
-        )
+        ).select_columns(cols)
         return ds.map_batches(
             _decode_table_batch,
             batch_size=cfg.decode_batch_size,
@@ -672,3 +671,61 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
             fn_kwargs={"image_col": cfg.image_column, "label_col": label_col, "p": p},
         )
     raise DataError(f"unknown dataset format {info.format!r}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Sequential access for the CLI (verify, stats, bench): every sample's raw bytes, in order
+
+
+def iter_samples(cfg: "DataConfig", info: DatasetInfo, *, threads: int = 8) -> Iterator[tuple[str, bytes | str, Any]]:
+    """``(name, bytes or read-failure kind, raw label)`` for every listed sample, in listing order.
+
+    The raw label is a class index, ``NO_LABEL``, a class name or ``None`` depending on the
+    format; ``label_problem`` turns it into a bad-sample kind.
+    """
+    fs, root = storage.filesystem_for(cfg.source, cfg.s3)
+    if info.format == "imagefolder":
+        labels = info.labels if info.labels is not None else (NO_LABEL,) * len(info.files)
+        step = 64
+        with ThreadPoolExecutor(threads if storage.parse_uri(cfg.source).is_s3 else 1) as ex:
+            for i in range(0, len(info.files), step):
+                chunk = info.files[i : i + step]
+                blobs = list(ex.map(lambda rel: _read_one(fs, f"{root}/{rel}"), chunk))
+                yield from zip(chunk, blobs, labels[i : i + step])
+    elif info.format == "webdataset":
+        for shard in info.files:
+            data = _read_one(fs, f"{root}/{shard}")
+            if isinstance(data, str):
+                yield shard, data, None
+                continue
+            try:
+                for key, s in iter_tar_samples(data):
+                    img = _image_of(s)
+                    if img is not None:
+                        yield f"{shard}:{key}", img, _raw_label_of(s)
+            except tarfile.TarError:
+                yield shard, D.CORRUPT, None
+    elif info.format == "parquet":
+        import pyarrow.parquet as pq
+
+        label_col = cfg.label_column if (cfg.label_column and info.class_names is not None) else None
+        cols = [cfg.image_column] + ([label_col] if label_col else [])
+        for rel in info.files:
+            pf = pq.ParquetFile(fs.open_input_file(f"{root}/{rel}"))
+            row = 0
+            for batch in pf.iter_batches(batch_size=256, columns=cols):
+                d = batch.to_pydict()
+                labs = d[label_col] if label_col else [None] * batch.num_rows
+                for v, lab in zip(d[cfg.image_column], labs):
+                    b = _cell_bytes(v)
+                    yield f"{rel}:{row}", b if b is not None else D.EMPTY, lab
+                    row += 1
+    else:
+        raise DataError(f"unknown dataset format {info.format!r}")
+
+
+def label_problem(raw: Any, info: DatasetInfo) -> tuple[int, str | None]:
+    """(class index, None) or (0, bad kind) for a raw label of a labeled dataset."""
+    p = _Params(0, 3, True, info.class_names is not None, info.num_classes or 0,
+                {n: i for i, n in enumerate(info.class_names)} if info.class_names else None, None)
+    return _check_label(raw, p)
