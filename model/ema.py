@@ -82,11 +82,16 @@ class EMA:
         n = self.num_updates if step is None else int(step)
         d = self.get_decay(n)
         params, buffers = self._named(module)
+        shadows, currents = [], []
         for name, p in params.items():
             s = self.shadow_params[name]
             if s.device != p.device:
                 s = self.shadow_params[name] = s.to(p.device)
-            s.lerp_(p.detach().to(torch.float32), 1.0 - d)
+            shadows.append(s)
+            currents.append(p.detach().to(torch.float32))
+        if shadows:
+            # One fused multi-tensor kernel instead of one launch per parameter.
+            torch._foreach_lerp_(shadows, currents, 1.0 - d)
         for name, b in buffers.items():
             self.shadow_buffers[name] = b.detach().to(torch.float32).clone()
         self.num_updates = n + 1

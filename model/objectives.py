@@ -153,9 +153,12 @@ class DiffusionObjective:
         if noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
         t = t.to(x0.device)
-        a = _expand(self.schedule.alpha(t), x0)
-        s = _expand(self.schedule.sigma(t), x0)
-        return (a * x0.double() + s * noise.double()).to(x0.dtype)
+        # Coefficients come from the float64 table; the arithmetic runs in at least fp32
+        # (not fp64, which is slow on most accelerators) and is cast back to x0's dtype.
+        work = torch.promote_types(x0.dtype, torch.float32)
+        a = _expand(self.schedule.alpha(t), x0).to(work)
+        s = _expand(self.schedule.sigma(t), x0).to(work)
+        return (a * x0.to(work) + s * noise.to(work)).to(x0.dtype)
 
     def target(self, x0: Tensor, noise: Tensor, t: Tensor) -> Tensor:
         """Regression target: ε, x0, or v = α ε - σ x0 (Salimans & Ho 2022, Sec. 4)."""
@@ -164,9 +167,10 @@ class DiffusionObjective:
         if self.prediction == "x0":
             return x0
         t = t.to(x0.device)
-        a = _expand(self.schedule.alpha(t), x0)
-        s = _expand(self.schedule.sigma(t), x0)
-        return (a * noise.double() - s * x0.double()).to(x0.dtype)
+        work = torch.promote_types(x0.dtype, torch.float32)
+        a = _expand(self.schedule.alpha(t), x0).to(work)
+        s = _expand(self.schedule.sigma(t), x0).to(work)
+        return (a * noise.to(work) - s * x0.to(work)).to(x0.dtype)
 
     def loss_weight(self, t: Tensor) -> Tensor:
         """Per-sample weight [B] (float32) on the native MSE; see the class docstring."""

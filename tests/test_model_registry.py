@@ -24,6 +24,16 @@ RUN = {
 NUM_CLASSES = 10
 
 
+@pytest.fixture(autouse=True)
+def _single_thread():
+    # Intra-op threads spin-wait on each other; on a shared, oversubscribed 2-core
+    # machine that costs far more than it gains for these small batches.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _check_grads(model):
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads)
