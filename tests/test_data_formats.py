@@ -57,9 +57,12 @@ def test_three_formats_roundtrip(ray_local, s3_server, tmp_path):
     pdir = tmp_path / "pq"
     pdir.mkdir()
     items = list(written.values())
-    for part, chunk in enumerate((items[:5], items[5:])):
-        t = pa.table({"img": [png_bytes(img) for _, img in chunk], "cls": [c for c, _ in chunk]})
-        pq.write_table(t, pdir / f"part-{part}.parquet")
+    # part 0: plain binary column, 2 rows per row group; part 1: Hugging Face's {bytes, path} struct.
+    t0 = pa.table({"img": [png_bytes(img) for _, img in items[:5]], "cls": [c for c, _ in items[:5]]})
+    pq.write_table(t0, pdir / "part-0.parquet", row_group_size=2)
+    t1 = pa.table({"img": [{"bytes": png_bytes(img), "path": None} for _, img in items[5:]], "cls": [c for c, _ in items[5:]]})
+    pq.write_table(t1, pdir / "part-1.parquet")
+    assert pq.ParquetFile(pdir / "part-0.parquet").metadata.num_row_groups == 3
     pcfg = DataConfig(source=str(pdir), resolution=16, image_column="img", label_column="cls")
     info = inspect_dataset(pcfg)
     assert (info.format, info.num_samples, info.class_names) == ("parquet", 9, tuple(names))

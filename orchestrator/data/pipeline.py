@@ -576,10 +576,21 @@ def _cell_bytes(v: Any) -> bytes | None:
     return bytes(v)
 
 
-def _decode_table_batch(batch: dict[str, np.ndarray], image_col: str, label_col: str | None, p: _Params) -> dict[str, np.ndarray]:
-    blobs = [_cell_bytes(v) for v in batch[image_col]]
-    raw = batch[label_col].tolist() if label_col and label_col in batch else [None] * len(blobs)
+def _decode_row_group_batch(batch: dict[str, np.ndarray], fs: Any, root: str, image_col: str, label_col: str | None, p: _Params) -> dict[str, np.ndarray]:
+    import pyarrow.parquet as pq
+
     counts: dict[str, int] = {}
+    blobs: list[Any] = []
+    raw: list[Any] = []
+    for rel, rg in zip(batch["path"], batch["row_group"]):
+        try:
+            pf = pq.ParquetFile(fs.open_input_file(f"{root}/{rel}"))
+            t = pf.read_row_group(int(rg), columns=[image_col] + ([label_col] if label_col else []))
+        except Exception:  # noqa: BLE001 - a broken row group drops its rows, not the run
+            counts[D.READ_ERROR] = counts.get(D.READ_ERROR, 0) + 1
+            continue
+        blobs += [_cell_bytes(v) for v in t.column(image_col).to_pylist()]
+        raw += t.column(label_col).to_pylist() if label_col else [None] * t.num_rows
     out = _decode_samples(blobs, raw, p, counts)
     _report(counts, p.counter_name)
     return out
@@ -659,20 +670,25 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
             fn_kwargs={"fs": fs, "root": root, "seed": cfg.seed, "p": p},
         )
     if info.format == "parquet":
-        from ray.data import FileShuffleConfig
+        import pyarrow.parquet as pq
 
         label_col = cfg.label_column if (cfg.label_column and info.class_names is not None) else None
-        cols = [cfg.image_column] + ([label_col] if label_col else [])
-        ds = ray.data.read_parquet(
-            [f"{root}/{f}" for f in info.files],
-            filesystem=fs,
-            shuffle=FileShuffleConfig(seed=cfg.seed),
-        ).select_columns(cols)
+        # One task per row group, read by our own code (not ray.data.read_parquet): bounded task
+        # size, the same filesystem object as everywhere else, and a seeded shuffle of row groups.
+        units = []
+        for rel in info.files:
+            try:
+                meta = pq.ParquetFile(fs.open_input_file(f"{root}/{rel}")).metadata
+            except Exception as e:  # noqa: BLE001
+                raise DataError(f"{storage.redact_uri(cfg.source)}/{rel} is not a readable Parquet file ({type(e).__name__}). Fix: remove or rewrite it") from None
+            units += [(rel, rg) for rg in range(meta.num_row_groups)]
+        units = [units[i] for i in rng.permutation(len(units))]
+        ds = ray.data.from_arrow([pa.table({"path": [u[0]], "row_group": [u[1]]}) for u in units])
         return ds.map_batches(
-            _decode_table_batch,
-            batch_size=cfg.decode_batch_size,
+            _decode_row_group_batch,
+            batch_size=1,
             batch_format="numpy",
-            fn_kwargs={"image_col": cfg.image_column, "label_col": label_col, "p": p},
+            fn_kwargs={"fs": fs, "root": root, "image_col": cfg.image_column, "label_col": label_col, "p": p},
         )
     raise DataError(f"unknown dataset format {info.format!r}")
 
