@@ -176,8 +176,9 @@ def _prepare(
             null_label = getattr(model, "null_label", None)
         if guidance_scale != 1.0 and null_label is None:
             raise ValueError("guidance_scale != 1 needs null_label (or a model with a .null_label attribute)")
-    elif guidance_scale != 1.0:
-        raise ValueError("guidance_scale != 1 requires class labels (classifier-free guidance)")
+    # labels None = unconditional sampling: there is nothing to guide towards, so
+    # guidance_scale is ignored, exactly as guided_model_output(labels=None) does. This
+    # lets one sampling config (e.g. guidance 2.0) serve conditional and unconditional runs.
 
     def predict(x: Tensor, t: int) -> Tensor:
         tt = torch.full((shape[0],), t, dtype=torch.long, device=device)

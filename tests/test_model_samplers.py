@@ -207,6 +207,12 @@ def test_seeded_sampling_is_reproducible():
         assert not torch.equal(a, c)
 
 
+def test_guidance_scale_ignored_without_labels():
+    sched = make_schedule("linear", 100)
+    kw = dict(prediction="eps", num_steps=10, noise=torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)))
+    assert torch.equal(ddim_sample(toy_model, sched, SHAPE, guidance_scale=4.0, **kw), ddim_sample(toy_model, sched, SHAPE, **kw))
+
+
 def test_bad_arguments_raise():
     sched = make_schedule("linear", 100)
     with pytest.raises(ValueError, match="num_steps"):
@@ -217,8 +223,8 @@ def test_bad_arguments_raise():
         sample("euler", toy_model, sched, SHAPE, prediction="eps")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prediction"):
         ddim_sample(toy_model, sched, SHAPE, prediction="score")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="guidance"):
-        ddim_sample(toy_model, sched, SHAPE, prediction="eps", guidance_scale=3.0)
+    with pytest.raises(ValueError, match="null_label"):
+        ddim_sample(toy_model, sched, SHAPE, prediction="eps", labels=torch.zeros(3, dtype=torch.long), guidance_scale=3.0)
     with pytest.raises(ValueError, match="eta"):
         ddpm_sample(toy_model, sched, SHAPE, prediction="eps", eta=0.0)
     zts = make_schedule("linear", 100, zero_terminal_snr=True)
