@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,6 +126,56 @@ class _Creds:
         return f"_Creds(access_key={'set' if self.access_key else None}, secret_key=***)"
 
 
+class _SecretScrubber(logging.Filter):
+    """Replaces known secrets in log records of libraries we call.
+
+    botocore logs the canonical request (with the session token) and request headers at DEBUG
+    level; a user who turns on DEBUG logging must still not see credentials in the output.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if not self.secrets:
+            return True
+        try:
+            text = record.getMessage()
+        except Exception:  # noqa: BLE001 - never break logging
+            return True
+        scrubbed = text
+        for secret in self.secrets:
+            if secret in scrubbed:
+                scrubbed = scrubbed.replace(secret, "***")
+        if scrubbed is not text and scrubbed != text:
+            record.msg, record.args = scrubbed, None
+        return True
+
+
+_scrubber = _SecretScrubber()
+for _name in (
+    "botocore",
+    "botocore.auth",
+    "botocore.endpoint",
+    "botocore.httpsession",
+    "botocore.parsers",
+    "botocore.hooks",
+    "botocore.credentials",
+    "botocore.retryhandler",
+    "botocore.retries.standard",
+    "urllib3.connectionpool",
+):
+    logging.getLogger(_name).addFilter(_scrubber)
+
+
+def _register_secrets(*values: str | None) -> None:
+    for v in values:
+        # Short values (e.g. "testing") would shred ordinary log text and protect nothing real.
+        if v and len(v) >= 8:
+            _scrubber.secrets.add(v)
+
+
 def _default_s3cfg() -> "S3Config":
     from orchestrator.config import S3Config
 
@@ -140,11 +191,13 @@ def resolve_credentials(s3cfg: "S3Config | None") -> _Creds:
                 "s3 credentials are half set: give both s3.access_key_id and s3.secret_access_key, "
                 "or neither (then the AWS chain is used: env vars, profile, instance role)"
             )
-        return _Creds(
+        creds = _Creds(
             s3cfg.access_key_id.get_secret_value(),
             s3cfg.secret_access_key.get_secret_value(),
             s3cfg.session_token.get_secret_value() if s3cfg.session_token else None,
         )
+        _register_secrets(creds.secret_key, creds.token)
+        return creds
     if s3cfg.profile:
         import boto3
         import botocore.exceptions
@@ -159,6 +212,7 @@ def resolve_credentials(s3cfg: "S3Config | None") -> _Creds:
         if c is None:
             raise StorageError(f"AWS profile {s3cfg.profile!r} (s3.profile) has no credentials")
         f = c.get_frozen_credentials()
+        _register_secrets(f.secret_key, f.token)
         return _Creds(f.access_key, f.secret_key, f.token)
     # The AWS chain. Static keys (env vars, credentials file) are resolved here, on the driver,
     # so that filesystems pickled to Ray workers carry them: workers may not share the driver's
@@ -172,6 +226,7 @@ def resolve_credentials(s3cfg: "S3Config | None") -> _Creds:
         c = None
     if c is not None and getattr(c, "method", "") in _STATIC_CREDENTIAL_METHODS:
         f = c.get_frozen_credentials()
+        _register_secrets(f.secret_key, f.token)
         return _Creds(f.access_key, f.secret_key, f.token)
     return _Creds(None, None, None)
 
@@ -186,17 +241,25 @@ def _endpoint_parts(endpoint_url: str | None) -> tuple[str | None, str | None]:
     return p.netloc, p.scheme
 
 
-def s3_filesystem(s3cfg: "S3Config | None") -> pafs.S3FileSystem:
-    """pyarrow's S3 filesystem with the config's endpoint, region, retries and timeouts."""
+def s3_filesystem(s3cfg: "S3Config | None", *, max_attempts: int | None = None) -> pafs.S3FileSystem:
+    """pyarrow's S3 filesystem with the config's endpoint, region, retries and timeouts.
+
+    ``max_attempts=1`` turns pyarrow's own (invisible) retries off, for callers that retry and
+    count themselves (``retry_call``).
+    """
     s3cfg = s3cfg or _default_s3cfg()
+    # The SDK's standard mode: exponential backoff with jitter on throttling/5xx/timeouts.
+    retry = pafs.AwsStandardS3RetryStrategy(max_attempts=max_attempts or s3cfg.max_attempts)
+    return pafs.S3FileSystem(retry_strategy=retry, **_s3_kwargs(s3cfg))
+
+
+def _s3_kwargs(s3cfg: "S3Config") -> dict[str, Any]:
     creds = resolve_credentials(s3cfg)
     endpoint, scheme = _endpoint_parts(s3cfg.endpoint_url)
     kw: dict[str, Any] = {
         "region": s3cfg.region or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
         "connect_timeout": s3cfg.connect_timeout_s,
         "request_timeout": s3cfg.read_timeout_s,
-        # The SDK's standard mode: exponential backoff with jitter on throttling/5xx/timeouts.
-        "retry_strategy": pafs.AwsStandardS3RetryStrategy(max_attempts=s3cfg.max_attempts),
         "force_virtual_addressing": s3cfg.addressing_style == "virtual",
     }
     if endpoint:
@@ -204,14 +267,49 @@ def s3_filesystem(s3cfg: "S3Config | None") -> pafs.S3FileSystem:
         kw["scheme"] = scheme
     if creds.access_key:
         kw.update(access_key=creds.access_key, secret_key=creds.secret_key, session_token=creds.token)
-    return pafs.S3FileSystem(**kw)
+    return kw
 
 
-def filesystem_for(uri: str, s3cfg: "S3Config | None" = None) -> tuple[pafs.FileSystem, str]:
+class FsHandle:
+    """A picklable recipe for an S3 filesystem, rebuilt on first use in each process.
+
+    pyarrow's ``S3FileSystem`` pickles without its ``retry_strategy`` (seen with pyarrow 26:
+    ``__reduce__`` omits it), so a filesystem shipped to Ray workers silently falls back to 3
+    attempts. Ray Data tasks receive this handle instead. It holds credentials in memory only
+    and never shows them in its repr.
+    """
+
+    def __init__(self, kwargs: dict[str, Any], max_attempts: int) -> None:
+        self._kwargs = kwargs
+        self._max_attempts = max_attempts
+        self._fs: pafs.FileSystem | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"_kwargs": self._kwargs, "_max_attempts": self._max_attempts, "_fs": None}
+
+    def get(self) -> pafs.FileSystem:
+        if self._fs is None:
+            self._fs = pafs.S3FileSystem(retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=self._max_attempts), **self._kwargs)
+        return self._fs
+
+    def __repr__(self) -> str:
+        return f"FsHandle(s3, endpoint={self._kwargs.get('endpoint_override')!r}, max_attempts={self._max_attempts})"
+
+
+def s3_filesystem_handle(s3cfg: "S3Config | None", *, max_attempts: int | None = None) -> FsHandle:
+    fs_kwargs = _s3_kwargs(s3cfg or _default_s3cfg())
+    return FsHandle(fs_kwargs, max_attempts or (s3cfg or _default_s3cfg()).max_attempts)
+
+
+def resolve_fs(fs: "pafs.FileSystem | FsHandle") -> pafs.FileSystem:
+    return fs.get() if isinstance(fs, FsHandle) else fs
+
+
+def filesystem_for(uri: str, s3cfg: "S3Config | None" = None, *, max_attempts: int | None = None) -> tuple[pafs.FileSystem, str]:
     """(filesystem, path inside it) for a local path or ``s3://bucket/prefix``."""
     loc = parse_uri(uri)
     if loc.is_s3:
-        return s3_filesystem(s3cfg), f"{loc.bucket}/{loc.key}".rstrip("/")
+        return s3_filesystem(s3cfg, max_attempts=max_attempts), f"{loc.bucket}/{loc.key}".rstrip("/")
     return pafs.LocalFileSystem(), loc.key
 
 
@@ -219,7 +317,9 @@ def ray_storage(uri: str, s3cfg: "S3Config | None" = None) -> tuple[str, pafs.Fi
     """``(storage_path, storage_filesystem)`` for Ray Train's ``RunConfig``.
 
     With an explicit filesystem Ray wants the path without scheme (``bucket/prefix``); local
-    runs get an absolute path and no filesystem.
+    runs get an absolute path and no filesystem. Note: Ray ships the filesystem to workers by
+    pickling, and pyarrow's pickle drops ``retry_strategy``, so workers retry with pyarrow's
+    default (3 attempts, standard backoff) rather than ``s3.max_attempts``.
     """
     loc = parse_uri(uri)
     if loc.is_s3:
@@ -552,3 +652,32 @@ def list_files(uri: str, s3cfg: "S3Config | None" = None) -> list[tuple[str, int
         except Exception:  # noqa: BLE001 - not an object either: an empty listing
             pass
     return sorted(out)
+
+
+_TRANSIENT_MARKERS = ("HTTP status 5", "SLOW_DOWN", "SlowDown", "THROTTL", "Throttl", "NETWORK_CONNECTION", "timed out", "Timeout", "TIMEOUT", "SERVICE_UNAVAILABLE", "INTERNAL_FAILURE", "Connection reset")
+
+
+def is_transient(e: BaseException) -> bool:
+    """Whether a pyarrow/OS error looks like throttling, a 5xx or a network hiccup."""
+    if isinstance(e, FileNotFoundError):
+        return False
+    text = str(e)
+    return isinstance(e, (TimeoutError, ConnectionError)) or any(m in text for m in _TRANSIENT_MARKERS)
+
+
+def retry_call(fn, *, max_attempts: int, on_retry=None, base_delay_s: float = 0.1, max_delay_s: float = 5.0):
+    """Call ``fn()``; on a transient error retry with full-jitter exponential backoff (the AWS
+    SDK's standard policy), calling ``on_retry(exception)`` before each retry so callers can
+    count them."""
+    import random
+
+    for attempt in range(1, max_attempts + 1):
+        try:
+            return fn()
+        except OSError as e:
+            if attempt >= max_attempts or not is_transient(e):
+                raise
+            if on_retry is not None:
+                on_retry(e)
+            time.sleep(random.uniform(0, min(max_delay_s, base_delay_s * 2**attempt)))
+    raise AssertionError("unreachable")

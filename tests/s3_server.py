@@ -124,8 +124,10 @@ class FaultProxy:
                     for k, v in resp.getheaders()
                     if k.lower() not in ("transfer-encoding", "connection", "content-length")
                 }
+                length_header = resp.getheader("Content-Length") if self.command == "HEAD" else None
                 conn.close()
-                self._reply(resp.status, out, data)
+                # A HEAD reply has no body but must carry the object's real Content-Length.
+                self._reply(resp.status, out, data, length_header)
 
             def _fault(self) -> tuple[int, str, str] | None:
                 with plan.lock:
@@ -147,11 +149,11 @@ class FaultProxy:
                         return plan.status, plan.code, "Please reduce your request rate."
                 return None
 
-            def _reply(self, status: int, headers: dict[str, str], data: bytes) -> None:
+            def _reply(self, status: int, headers: dict[str, str], data: bytes, length: str | None = None) -> None:
                 self.send_response(status)
                 for k, v in headers.items():
                     self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                self.send_header("Content-Length", length if length is not None else str(len(data)))
                 self.end_headers()
                 if self.command != "HEAD":
                     self.wfile.write(data)

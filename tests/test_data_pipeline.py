@@ -123,3 +123,31 @@ def test_no_images(tmp_path):
     (tmp_path / "readme.txt").write_text("hi")
     with pytest.raises(DataError, match="found no images"):
         inspect_dataset(DataConfig(source=str(tmp_path)))
+
+
+def test_s3_transient_read_errors_are_retried_and_counted(ray_local, s3_server, s3_faults, tmp_path):
+    written = write_imagefolder(tmp_path / "ds", {"a": 3, "b": 3})
+    bucket = s3_server.create_bucket(f"flaky-{uuid.uuid4().hex[:8]}")
+    upload_dir(s3_server.client(), bucket, "d", tmp_path / "ds")
+    cfg = DataConfig(source=f"s3://{bucket}/d", resolution=16, decode_batch_size=2, s3=s3_server.s3_config(endpoint_url=s3_faults.endpoint_url, max_attempts=6))
+    info = inspect_dataset(cfg)
+    # The next 3 requests for objects in the bucket fail with 503 SlowDown (throttling).
+    s3_faults.plan.fail_path_prefix = f"/{bucket}/d/"
+    s3_faults.plan.fail_next = 3
+    name = f"flaky-{uuid.uuid4().hex}"
+    images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
+    assert s3_faults.plan.faults_sent == 3
+    _match_rows(images, labels, written, ["a", "b"])  # nothing lost
+    assert bad_sample_counts(name) == {"retried_read": 3}
+
+
+def test_iter_torch_batches_types(ray_local, tmp_path):
+    import torch
+
+    write_imagefolder(tmp_path / "ds", {"a": 3, "b": 2})
+    cfg = DataConfig(source=str(tmp_path / "ds"), resolution=16)
+    ds = build_train_dataset(cfg, inspect_dataset(cfg))
+    batches = list(ds.iter_torch_batches(batch_size=4))
+    assert [b["image"].shape[0] for b in batches] == [4, 1]
+    assert batches[0]["image"].dtype == torch.float32 and batches[0]["label"].dtype == torch.int64
+    assert tuple(batches[0]["image"].shape[1:]) == (3, 16, 16)

@@ -157,10 +157,21 @@ def test_secrets_never_in_messages_or_logs(s3_server, s3_faults, caplog, capsys)
     with pytest.raises(DataError) as ei:
         inspect_dataset(DataConfig(source=f"s3://{_bucket(s3_server)}/p", s3=cfg))
     messages.append(str(ei.value))
-    messages += [repr(storage.resolve_credentials(cfg)), repr(cfg), repr(DataConfig(s3=cfg))]
+    messages += [repr(storage.resolve_credentials(cfg)), repr(cfg), repr(DataConfig(s3=cfg)), repr(storage.s3_filesystem_handle(cfg))]
     out = capsys.readouterr()
     logs = "\n".join(r.getMessage() for r in caplog.records)
     for text in messages + [out.out, out.err, logs]:
         assert planted_secret not in text
     for text in messages + [out.out, out.err]:
         assert planted_key not in text
+
+
+def test_fs_handle_survives_pickling(s3_server):
+    import pickle
+
+    bucket = _bucket(s3_server)
+    s3_server.client().put_object(Bucket=bucket, Key="x", Body=b"data")
+    h = pickle.loads(pickle.dumps(storage.s3_filesystem_handle(s3_server.s3_config(), max_attempts=1)))
+    assert "max_attempts=1" in repr(h)
+    with h.get().open_input_stream(f"{bucket}/x") as f:
+        assert f.read() == b"data"

@@ -1,6 +1,6 @@
 """Dataset listing, decoding and the Ray Data training pipeline (see ``pipeline.py``)."""
 
-from orchestrator.data.decode import CONVERTED_PREFIX, MIN_IMAGE_SIDE
+from orchestrator.data.decode import CONVERTED_PREFIX, MIN_IMAGE_SIDE, RETRIED_READ, dropped
 from orchestrator.data.pipeline import (
     IMAGE_EXTS,
     MANIFEST_NAME,
@@ -16,6 +16,8 @@ __all__ = [
     "IMAGE_EXTS",
     "MANIFEST_NAME",
     "MIN_IMAGE_SIDE",
+    "RETRIED_READ",
+    "dropped",
     "DataError",
     "DatasetInfo",
     "bad_sample_counts",

@@ -31,6 +31,13 @@ LABEL_OUT_OF_RANGE = "label_out_of_range"
 UNKNOWN_LABEL = "unknown_label"
 INVALID_LABEL = "invalid_label"
 CONVERTED_PREFIX = "converted_from_"
+# Not a dropped sample either: a read that failed transiently and was retried.
+RETRIED_READ = "retried_read"
+
+
+def dropped(counts: dict[str, int]) -> int:
+    """Number of dropped samples in a ``bad_sample_counts`` dict."""
+    return sum(v for k, v in counts.items() if not k.startswith(CONVERTED_PREFIX) and k != RETRIED_READ)
 
 # Never decode partially: a truncated file is a bad sample, not a grey-padded one.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

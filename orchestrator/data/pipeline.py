@@ -25,6 +25,7 @@ import logging
 import math
 import posixpath
 import tarfile
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
@@ -420,8 +421,9 @@ def _counter(name: str, create: bool):
 def bad_sample_counts(counter_name: str) -> dict[str, int]:
     """Counts per kind recorded by pipelines built with ``counter_name`` ({} if none).
 
-    Kinds starting with ``converted_from_`` are kept samples whose pixel mode was converted; all
-    other kinds are dropped samples.
+    Kinds starting with ``converted_from_`` are kept samples whose pixel mode was converted, and
+    ``retried_read`` counts object-store reads retried after a transient error (throttling, 5xx,
+    timeouts); all other kinds are dropped samples (``dropped(counts)`` sums them).
     """
     import ray
 
@@ -460,6 +462,8 @@ class _Params:
     num_classes: int
     class_index: dict[str, int] | None
     counter_name: str | None
+    # > 0: retry transient read errors here, counted (object stores); 0: no retries (local disk).
+    read_attempts: int = 0
 
 
 def _check_label(raw: Any, p: _Params) -> tuple[int, str | None]:
@@ -505,18 +509,36 @@ def _decode_samples(blobs: list[bytes | None], raw_labels: list[Any], p: _Params
     return {"image": D.to_model_range(out[:n]), "label": labels[:n]}
 
 
-def _read_one(fs: Any, path: str) -> bytes | str:
-    try:
+_COUNT_LOCK = threading.Lock()
+
+
+def _read_one(fs: Any, path: str, retry: tuple[int, dict[str, int]] | None = None) -> bytes | str:
+    """The object's bytes, or the kind of failure. With ``retry=(max_attempts, counts)``
+    transient errors are retried here (the filesystem's own retries are off) and counted in
+    ``counts[RETRIED_READ]``, so that a flaky store shows up in the run's statistics."""
+
+    def read() -> bytes:
         with fs.open_input_stream(path) as f:
             return f.read()
+
+    try:
+        if retry is None:
+            return read()
+        attempts, counts = retry
+
+        def count(_e: BaseException) -> None:
+            with _COUNT_LOCK:  # reads run in a thread pool
+                counts[D.RETRIED_READ] = counts.get(D.RETRIED_READ, 0) + 1
+
+        return storage.retry_call(read, max_attempts=attempts, on_retry=count)
     except FileNotFoundError:
         return D.MISSING_FILE
     except OSError:
-        # pyarrow has already retried transient errors (standard retry strategy).
         return D.READ_ERROR
 
 
 def _decode_paths_batch(batch: dict[str, np.ndarray], fs: Any, root: str, parallel_reads: int, p: _Params) -> dict[str, np.ndarray]:
+    fs = storage.resolve_fs(fs)
     paths = [f"{root}/{rel}" for rel in batch["path"]]
     raw = batch["label"].tolist()
     counts: dict[str, int] = {}
@@ -529,23 +551,25 @@ def _decode_paths_batch(batch: dict[str, np.ndarray], fs: Any, root: str, parall
                 counts[kind] = counts.get(kind, 0) + 1
         paths = [paths[i] for i in keep]
         raw = [raw[i] for i in keep]
+    retry = (p.read_attempts, counts) if p.read_attempts else None
     if parallel_reads > 1:
         # Object-store GETs are latency-bound: overlap them.
         with ThreadPoolExecutor(parallel_reads) as ex:
-            blobs = list(ex.map(lambda q: _read_one(fs, q), paths))
+            blobs = list(ex.map(lambda q: _read_one(fs, q, retry), paths))
     else:
-        blobs = [_read_one(fs, q) for q in paths]
+        blobs = [_read_one(fs, q, retry) for q in paths]
     out = _decode_samples(blobs, raw, p, counts)
     _report(counts, p.counter_name)
     return out
 
 
 def _decode_shards_batch(batch: dict[str, np.ndarray], fs: Any, root: str, seed: int, p: _Params) -> dict[str, np.ndarray]:
+    fs = storage.resolve_fs(fs)
     blobs: list[Any] = []
     raw: list[Any] = []
     counts: dict[str, int] = {}
     for rel in batch["path"]:
-        data = _read_one(fs, f"{root}/{rel}")
+        data = _read_one(fs, f"{root}/{rel}", (p.read_attempts, counts) if p.read_attempts else None)
         if isinstance(data, str):
             counts[data] = counts.get(data, 0) + 1
             continue
@@ -579,13 +603,20 @@ def _cell_bytes(v: Any) -> bytes | None:
 def _decode_row_group_batch(batch: dict[str, np.ndarray], fs: Any, root: str, image_col: str, label_col: str | None, p: _Params) -> dict[str, np.ndarray]:
     import pyarrow.parquet as pq
 
+    fs = storage.resolve_fs(fs)
     counts: dict[str, int] = {}
     blobs: list[Any] = []
     raw: list[Any] = []
     for rel, rg in zip(batch["path"], batch["row_group"]):
-        try:
+        def read(rel: str = rel, rg: int = int(rg)) -> Any:
             pf = pq.ParquetFile(fs.open_input_file(f"{root}/{rel}"))
-            t = pf.read_row_group(int(rg), columns=[image_col] + ([label_col] if label_col else []))
+            return pf.read_row_group(rg, columns=[image_col] + ([label_col] if label_col else []))
+
+        def count(_e: BaseException) -> None:
+            counts[D.RETRIED_READ] = counts.get(D.RETRIED_READ, 0) + 1
+
+        try:
+            t = storage.retry_call(read, max_attempts=max(p.read_attempts, 1), on_retry=count)
         except Exception:  # noqa: BLE001 - a broken row group drops its rows, not the run
             counts[D.READ_ERROR] = counts.get(D.READ_ERROR, 0) + 1
             continue
@@ -618,8 +649,13 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
         raise DataError(f"DatasetInfo is for {storage.redact_uri(info.source)!r} but data.source={storage.redact_uri(cfg.source)!r}: call inspect_dataset(cfg) again")
     if counter_name is not None:
         _counter(counter_name, create=True)  # owned by the caller (driver), not by a data task
+    is_s3 = storage.parse_uri(cfg.source).is_s3
     try:
-        fs, root = storage.filesystem_for(cfg.source, cfg.s3)
+        # On S3 the pipeline retries reads itself (counted), so pyarrow's own retries are off.
+        fs, root = storage.filesystem_for(cfg.source, cfg.s3, max_attempts=1 if is_s3 else None)
+        # Ray workers get a handle that rebuilds the filesystem with these settings (pyarrow's
+        # own pickling drops the retry strategy).
+        task_fs = storage.s3_filesystem_handle(cfg.s3, max_attempts=1) if is_s3 else fs
     except storage.StorageError as e:
         raise _fail(cfg, e) from None
     use_labels = bool(cfg.conditional and info.class_names)
@@ -631,8 +667,8 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
         num_classes=info.num_classes or 0,
         class_index={n: i for i, n in enumerate(info.class_names)} if info.class_names else None,
         counter_name=counter_name,
+        read_attempts=cfg.s3.max_attempts if is_s3 else 0,
     )
-    is_s3 = storage.parse_uri(cfg.source).is_s3
     rng = np.random.default_rng(cfg.seed)
     if not info.files:
         raise DataError(f"{storage.redact_uri(cfg.source)}: DatasetInfo lists no files; call inspect_dataset(cfg) first")
@@ -657,7 +693,7 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
             _decode_paths_batch,
             batch_size=None,
             batch_format="numpy",
-            fn_kwargs={"fs": fs, "root": root, "parallel_reads": 16 if is_s3 else 1, "p": p},
+            fn_kwargs={"fs": task_fs, "root": root, "parallel_reads": 16 if is_s3 else 1, "p": p},
             zero_copy_batch=True,
         )
     if info.format == "webdataset":
@@ -667,7 +703,7 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
             _decode_shards_batch,
             batch_size=1,
             batch_format="numpy",
-            fn_kwargs={"fs": fs, "root": root, "seed": cfg.seed, "p": p},
+            fn_kwargs={"fs": task_fs, "root": root, "seed": cfg.seed, "p": p},
         )
     if info.format == "parquet":
         import pyarrow.parquet as pq
@@ -688,7 +724,7 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
             _decode_row_group_batch,
             batch_size=1,
             batch_format="numpy",
-            fn_kwargs={"fs": fs, "root": root, "image_col": cfg.image_column, "label_col": label_col, "p": p},
+            fn_kwargs={"fs": task_fs, "root": root, "image_col": cfg.image_column, "label_col": label_col, "p": p},
         )
     raise DataError(f"unknown dataset format {info.format!r}")
 
