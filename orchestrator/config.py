@@ -100,7 +100,7 @@ class DiffusionConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    steps: int = Field(1500, ge=1)
+    steps: int = Field(800, ge=1)
     # Global batch: split evenly over scaling.num_workers.
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)
@@ -139,17 +139,20 @@ class ScalingConfig(_Strict):
 
 
 class CheckpointConfig(_Strict):
-    every_steps: int = Field(250, ge=1)
+    every_steps: int = Field(200, ge=1)
     keep: int = Field(2, ge=1)
 
 
 class SamplingConfig(_Strict):
-    every_steps: int = Field(500, ge=1)
+    every_steps: int = Field(400, ge=1)
     sampler: SamplerName = "ddim"
-    num_steps: int = Field(50, ge=1)
+    num_steps: int = Field(25, ge=1)
     eta: float = Field(0.0, ge=0)
     spacing: Spacing = "trailing"
     guidance_scale: float = Field(2.0, ge=0)
+    # Clipping x0 to [-1, 1] while keeping the unclipped eps (diffusers' DDIM) pushes guided DDIM
+    # samples off the data manifold; off by default, on for DDPM-paper-style sampling.
+    clip_sample: bool = False
     # Columns of the grid; one row per class (or one row for unconditional models).
     per_class: int = Field(8, ge=1, le=64)
     max_rows: int = Field(10, ge=1, le=1000)
@@ -168,7 +171,7 @@ class RunConfig(_Strict):
     max_failures: int = Field(2, ge=0)
     # After training, score generated samples with a classifier trained on the real data.
     evaluate: bool = True
-    eval_per_class: int = Field(20, ge=1)
+    eval_per_class: int = Field(10, ge=1)
 
     @field_validator("name")
     @classmethod

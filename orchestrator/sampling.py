@@ -52,6 +52,7 @@ def generate(
             spacing=scfg.spacing,
             generator=torch.Generator(device="cpu").manual_seed(seed),
             device=device,
+            clip_sample=scfg.clip_sample,
         )
         if scfg.sampler == "ddim":
             kwargs["eta"] = scfg.eta

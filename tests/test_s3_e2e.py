@@ -1,0 +1,116 @@
+"""Issue 4 end to end: data in local S3, train with checkpoints in S3, SIGKILL, resume, sample.
+
+Training runs as a real ``raydiff train`` process (with its own local Ray) that is killed with
+SIGKILL once its first checkpoint is in S3; a second process with the same run name resumes
+from S3. A planted secret key is used as the S3 secret and must appear in no output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from orchestrator.data.cli import upload
+from orchestrator.data.demo import write_demo_dataset
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+SECRET = "PLANTED-Secret-7f3a9c-do-not-leak"
+
+
+def _env(tmp_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=str(ROOT),
+        RAYDIFF_CACHE_DIR=str(tmp_path / "cache"),
+        RAY_USAGE_STATS_ENABLED="0",
+        AWS_EC2_METADATA_DISABLED="true",
+    )
+    # The planted secret arrives through the config, not the environment.
+    env.pop("AWS_SECRET_ACCESS_KEY", None)
+    env.pop("AWS_ACCESS_KEY_ID", None)
+    return env
+
+
+def _objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
+    out = {}
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+        for o in page.get("Contents", []):
+            out[o["Key"]] = client.get_object(Bucket=bucket, Key=o["Key"])["Body"].read()
+    return out
+
+
+def test_s3_train_kill_resume_sample(s3_server, tmp_path):
+    bucket = s3_server.create_bucket("raydiff-e2e")
+    client = s3_server.client()
+    demo = write_demo_dataset(tmp_path / "demo", images_per_class=6)
+    manifest = upload(str(demo), f"s3://{bucket}/shapes", shard_size=("samples", 16),
+                      s3cfg=s3_server.s3_config(), progress=False, out=open(os.devnull, "w"))
+    assert manifest["num_samples"] == 60
+
+    s3 = [f"data.s3.endpoint_url={s3_server.endpoint_url}", f"data.s3.region={s3_server.region}",
+          "data.s3.access_key_id=AKIAEXAMPLEKEY", f"data.s3.secret_access_key={SECRET}"]
+    common = [
+        "train", f"data.source=s3://{bucket}/shapes", f"run.storage=s3://{bucket}/runs", "run.name=s3e2e",
+        "optim.batch_size=8", "checkpoint.every_steps=4", "sampling.every_steps=1000", "sampling.num_steps=3",
+        "logging.every_steps=2", "logging.progress=false", "run.evaluate=false", "run.max_failures=0", *s3,
+    ]
+    env = _env(tmp_path)
+    logs = []
+
+    # 1) Start a long run and SIGKILL the whole process group once a checkpoint is in S3.
+    first = subprocess.Popen([sys.executable, "-m", "orchestrator", *common, "optim.steps=400"], cwd=tmp_path,
+                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             start_new_session=True)
+    deadline = time.time() + 420
+    try:
+        while time.time() < deadline and first.poll() is None:
+            keys = _objects(client, bucket, "runs/s3e2e/").keys()
+            if any(k.endswith("train_state.json") for k in keys):
+                break
+            time.sleep(2)
+        assert first.poll() is None, f"training exited early:\n{first.communicate()[0][-3000:]}"
+        assert time.time() < deadline, "no checkpoint reached S3 in time"
+    finally:
+        if first.poll() is None:
+            os.killpg(first.pid, signal.SIGKILL)
+        logs.append(first.communicate(timeout=60)[0])
+    states = [json.loads(v) for k, v in _objects(client, bucket, "runs/s3e2e/").items() if k.endswith("train_state.json")]
+    killed_at = max(s["step"] for s in states)
+    assert killed_at >= 4
+
+    # 2) Same run name: resumes from the S3 checkpoint and finishes.
+    second = subprocess.run([sys.executable, "-m", "orchestrator", *common, f"optim.steps={killed_at + 4}"],
+                            cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    logs.append(second.stdout + second.stderr)
+    assert second.returncode == 0, logs[-1][-4000:]
+    assert f"resumed from" in logs[-1] and f"at step {killed_at}" in logs[-1]
+    objs = _objects(client, bucket, "runs/s3e2e/")
+    metrics = [json.loads(line) for line in objs["runs/s3e2e/metrics.jsonl"].decode().splitlines()]
+    steps = [m["step"] for m in metrics]
+    assert steps[-1] == killed_at + 4
+    # Steps after the resume continue from the checkpoint, not from 1.
+    resumed = steps[steps.index(killed_at) + 1 :] if killed_at in steps else steps
+    assert min(resumed) > killed_at - 4
+
+    # 3) Sample from the S3 checkpoint.
+    out_png = tmp_path / "grid.png"
+    third = subprocess.run([sys.executable, "-m", "orchestrator", "sample", "--run", f"s3://{bucket}/runs/s3e2e",
+                            "--out", str(out_png), "sampling.num_steps=3", *s3], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=300)
+    logs.append(third.stdout + third.stderr)
+    assert third.returncode == 0, logs[-1][-3000:]
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"step {killed_at + 4}" in third.stdout
+
+    # 4) The planted secret is nowhere: process output, run objects (configs, checkpoints, metrics).
+    assert all(SECRET not in log for log in logs)
+    leaked = [k for k, v in objs.items() if SECRET.encode() in v]
+    assert not leaked, leaked
