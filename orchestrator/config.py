@@ -150,9 +150,10 @@ class SamplingConfig(_Strict):
     eta: float = Field(0.0, ge=0)
     spacing: Spacing = "trailing"
     guidance_scale: float = Field(2.0, ge=0)
-    # Clipping x0 to [-1, 1] while keeping the unclipped eps (diffusers' DDIM) pushes guided DDIM
-    # samples off the data manifold; off by default, on for DDPM-paper-style sampling.
-    clip_sample: bool = False
+    # Clip the predicted x0 to the data range [-1, 1] at every step (DDPM/DDIM reference
+    # implementations do): eps-prediction x0 estimates at high noise are far outside it and
+    # unclipped DDIM then saturates.
+    clip_sample: bool = True
     # Columns of the grid; one row per class (or one row for unconditional models).
     per_class: int = Field(8, ge=1, le=64)
     max_rows: int = Field(10, ge=1, le=1000)

@@ -203,3 +203,23 @@ def test_parquet_missing_image_column(tmp_path):
     pq.write_table(pa.table({"pixels": [b"x"]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match="no column 'image'.*data.image_column"):
         inspect_dataset(DataConfig(source=str(tmp_path)))
+
+
+def test_manifest_classes_and_out_of_range_cls(ray_local, tmp_path):
+    from orchestrator.data.cli import build_shard
+
+    root = tmp_path / "m"
+    root.mkdir()
+    samples = [(f"{i:03d}", "png", png_bytes(rand_image(300 + i, 16)), lab) for i, lab in enumerate([0, 1, 5, None])]
+    (root / "shard-000000.tar").write_bytes(build_shard(samples))
+    (root / "manifest.json").write_text(json.dumps({"format": "webdataset", "classes": ["x", "y"], "shards": [{"name": "shard-000000.tar", "num_samples": 4}]}))
+    cfg = DataConfig(source=str(root), resolution=16)
+    info = inspect_dataset(cfg)
+    assert (info.format, info.num_samples, info.class_names) == ("webdataset", 4, ("x", "y"))
+    name = f"m-{uuid.uuid4().hex}"
+    _images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
+    assert sorted(labels.tolist()) == [0, 1]
+    assert bad_sample_counts(name) == {"label_out_of_range": 1, "missing_label": 1}
+    (root / "manifest.json").write_text("{broken")
+    with pytest.raises(DataError, match="not a raydiff manifest"):
+        inspect_dataset(cfg)

@@ -175,3 +175,22 @@ def test_fs_handle_survives_pickling(s3_server):
     assert "max_attempts=1" in repr(h)
     with h.get().open_input_stream(f"{bucket}/x") as f:
         assert f.read() == b"data"
+
+
+def test_cli_output_has_no_planted_secret(s3_server, s3_faults, monkeypatch, capsys, caplog):
+    from orchestrator.data import cli as data_cli
+
+    planted = "PLANTED-ENV-SECRET-77aa99"
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTEDENVKEY")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", planted)
+    s3_faults.plan.valid_access_keys = {s3_server.access_key}
+    caplog.set_level(logging.DEBUG)
+    bucket = _bucket(s3_server)
+    args = ["--endpoint-url", s3_faults.endpoint_url, "--region", "us-east-1"]
+    assert data_cli.main(["data", "ls", f"s3://{bucket}/x", *args]) == 2
+    assert data_cli.main(["data", "verify", f"s3://{bucket}/x", *args]) == 2
+    out = capsys.readouterr()
+    assert "credentials were rejected" in out.err
+    logs = "\n".join(r.getMessage() for r in caplog.records)
+    for text in (out.out, out.err, logs):
+        assert planted not in text
