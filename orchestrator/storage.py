@@ -385,7 +385,8 @@ def s3_client(s3cfg: "S3Config | None" = None):
     session = boto3.Session(profile_name=s3cfg.profile) if (s3cfg.profile and not creds.access_key) else boto3.Session()
     config = BotoConfig(
         region_name=s3cfg.region or session.region_name or "us-east-1",
-        retries={"mode": "standard", "max_attempts": s3cfg.max_attempts},
+        # total_max_attempts counts the first try (botocore's "max_attempts" counts retries only).
+        retries={"mode": "standard", "total_max_attempts": s3cfg.max_attempts},
         connect_timeout=s3cfg.connect_timeout_s,
         read_timeout=s3cfg.read_timeout_s,
         s3={"addressing_style": s3cfg.addressing_style},
@@ -458,7 +459,13 @@ def _explain_client_error(e: Exception, uri: str, s3cfg: "S3Config | None", acti
                 f"cannot {action} {where}: the bucket is in another region ({code}). Fix: set s3.region "
                 "to the bucket's region"
             )
-        return StorageError(f"cannot {action} {where}: S3 error {code or status}. Check s3.* settings")
+        if code in TRANSIENT_CODES or (status or 0) >= 500:
+            return StorageError(
+                f"cannot {action} {where}: S3 error {code or status} persisted through s3.max_attempts="
+                f"{s3cfg.max_attempts} attempts (throttling or server trouble at {endpoint}). Fix: retry later, "
+                "reduce the request rate, or raise s3.max_attempts"
+            )
+        return StorageError(f"cannot {action} {where}: S3 error {code or status}. Check the s3.* settings")
     return StorageError(f"cannot {action} {where}: {type(e).__name__}: {_scrub(str(e), s3cfg)}")
 
 

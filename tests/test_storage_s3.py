@@ -133,8 +133,10 @@ def test_transient_errors_are_retried_and_counted(s3_server, s3_faults):
     assert storage.retry_counts.snapshot() == {"SlowDown": 2, "InternalError": 1}
     # Out of attempts: a clear error, not a hang.
     s3_faults.plan.status, s3_faults.plan.code, s3_faults.plan.fail_next = 503, "SlowDown", 100
+    sent = s3_faults.plan.faults_sent
     with pytest.raises(StorageError, match="S3 error SlowDown"):
         storage.read_bytes(f"s3://{bucket}/k/obj", cfg.model_copy(update={"max_attempts": 2}))
+    assert s3_faults.plan.faults_sent - sent == 2  # s3.max_attempts counts the first try
 
 
 def test_secrets_never_in_messages_or_logs(s3_server, s3_faults, caplog, capsys):
