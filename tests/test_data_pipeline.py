@@ -151,3 +151,18 @@ def test_iter_torch_batches_types(ray_local, tmp_path):
     assert [b["image"].shape[0] for b in batches] == [4, 1]
     assert batches[0]["image"].dtype == torch.float32 and batches[0]["label"].dtype == torch.int64
     assert tuple(batches[0]["image"].shape[1:]) == (3, 16, 16)
+
+
+def test_single_file_source_and_hidden_files(tmp_path):
+    from test_data_helpers import png_bytes, rand_image
+
+    root = tmp_path / "ds"
+    (root / "_underscore_class").mkdir(parents=True)
+    (root / "_underscore_class" / "a.png").write_bytes(png_bytes(rand_image(1)))
+    (root / ".cache").mkdir()
+    (root / ".cache" / "b.png").write_bytes(png_bytes(rand_image(2)))
+    (root / "_SUCCESS").write_bytes(b"")
+    info = inspect_dataset(DataConfig(source=str(root)))
+    assert info.class_names == ("_underscore_class",) and info.num_samples == 1
+    with pytest.raises(DataError, match="single file.*Fix: set data.source="):
+        inspect_dataset(DataConfig(source=str(root / "_underscore_class" / "a.png")))

@@ -23,6 +23,7 @@ import io
 import json
 import logging
 import math
+import os
 import posixpath
 import tarfile
 import threading
@@ -74,8 +75,13 @@ class DatasetInfo:
 # Listing
 
 
+# Marker files that Spark/Hadoop/pyarrow writers leave next to data files.
+_MARKER_FILES = frozenset({"_SUCCESS", "_metadata", "_common_metadata"})
+
+
 def _is_hidden(rel: str) -> bool:
-    return any(part.startswith((".", "_")) for part in rel.split("/"))
+    parts = rel.split("/")
+    return any(p.startswith(".") or p == "_temporary" for p in parts) or parts[-1] in _MARKER_FILES
 
 
 def _ext(rel: str) -> str:
@@ -98,6 +104,17 @@ def _list(cfg: "DataConfig") -> list[tuple[str, int]]:
         files = storage.list_files(cfg.source, cfg.s3)
     except storage.StorageError as e:
         raise DataError(str(e)) from None
+    loc = storage.parse_uri(cfg.source)
+    single = (not loc.is_s3 and os.path.isfile(loc.key)) or (
+        loc.is_s3 and len(files) == 1 and files[0][0] == loc.key.rsplit("/", 1)[-1] and "/" not in files[0][0]
+        and not storage.exists(storage.join(cfg.source, files[0][0]), cfg.s3)
+    )
+    if single:
+        parent = cfg.source.rstrip("/").rsplit("/", 1)[0]
+        raise DataError(
+            f"data.source={storage.redact_uri(cfg.source)!r} is a single file; a dataset is a directory or "
+            f"prefix. Fix: set data.source={storage.redact_uri(parent)!r} (the folder that holds it)"
+        )
     files = [(rel, size) for rel, size in files if not _is_hidden(rel)]
     if not files:
         raise DataError(
