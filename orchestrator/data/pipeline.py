@@ -586,7 +586,17 @@ def _decode_paths_chunks(batch: dict[str, np.ndarray], chunk: int, **kw: Any) ->
         yield _decode_paths_batch({k: v[i : i + chunk] for k, v in batch.items()}, **kw)
 
 
-def _decode_shards_batch(batch: dict[str, np.ndarray], fs: Any, root: str, seed: int, p: _Params) -> dict[str, np.ndarray]:
+def _chunked(blobs: list[Any], raw: list[Any], counts: dict[str, int], chunk: int, p: _Params) -> Iterator[dict[str, np.ndarray]]:
+    """Decode in chunks and yield each: a shard or row group can hold thousands of images, and
+    one decoded block for all of them would be hundreds of MB."""
+    for i in range(0, max(len(blobs), 1), chunk):  # one (possibly empty) output even for no samples
+        out = _decode_samples(blobs[i : i + chunk], raw[i : i + chunk], p, counts)
+        _report(counts, p.counter_name)
+        counts.clear()
+        yield out
+
+
+def _decode_shards_batch(batch: dict[str, np.ndarray], fs: Any, root: str, seed: int, chunk: int, p: _Params) -> Iterator[dict[str, np.ndarray]]:
     fs = storage.resolve_fs(fs)
     blobs: list[Any] = []
     raw: list[Any] = []
@@ -610,9 +620,7 @@ def _decode_shards_batch(batch: dict[str, np.ndarray], fs: Any, root: str, seed:
                 continue  # a key without an image (stray metadata file), not a sample
             blobs.append(img)
             raw.append(_raw_label_of(s))
-    out = _decode_samples(blobs, raw, p, counts)
-    _report(counts, p.counter_name)
-    return out
+    yield from _chunked(blobs, raw, counts, chunk, p)
 
 
 def _cell_bytes(v: Any) -> bytes | None:
@@ -623,7 +631,7 @@ def _cell_bytes(v: Any) -> bytes | None:
     return bytes(v)
 
 
-def _decode_row_group_batch(batch: dict[str, np.ndarray], fs: Any, root: str, image_col: str, label_col: str | None, p: _Params) -> dict[str, np.ndarray]:
+def _decode_row_group_batch(batch: dict[str, np.ndarray], fs: Any, root: str, image_col: str, label_col: str | None, chunk: int, p: _Params) -> Iterator[dict[str, np.ndarray]]:
     import pyarrow.parquet as pq
 
     fs = storage.resolve_fs(fs)
@@ -645,9 +653,7 @@ def _decode_row_group_batch(batch: dict[str, np.ndarray], fs: Any, root: str, im
             continue
         blobs += [_cell_bytes(v) for v in t.column(image_col).to_pylist()]
         raw += t.column(label_col).to_pylist() if label_col else [None] * t.num_rows
-    out = _decode_samples(blobs, raw, p, counts)
-    _report(counts, p.counter_name)
-    return out
+    yield from _chunked(blobs, raw, counts, chunk, p)
 
 
 def _stable_hash(s: str) -> int:
@@ -674,10 +680,10 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
         _counter(counter_name, create=True)  # owned by the caller (driver), not by a data task
     is_s3 = storage.parse_uri(cfg.source).is_s3
     try:
-        # On S3 the pipeline retries reads itself (counted), so pyarrow's own retries are off.
-        fs, root = storage.filesystem_for(cfg.source, cfg.s3, max_attempts=1 if is_s3 else None)
-        # Ray workers get a handle that rebuilds the filesystem with these settings (pyarrow's
-        # own pickling drops the retry strategy).
+        fs, root = storage.filesystem_for(cfg.source, cfg.s3)
+        # Ray workers get a handle that rebuilds the filesystem (pyarrow's own pickling drops the
+        # retry strategy) with pyarrow's retries off: the tasks retry reads themselves and count
+        # them.
         task_fs = storage.s3_filesystem_handle(cfg.s3, max_attempts=1) if is_s3 else fs
     except storage.StorageError as e:
         raise _fail(cfg, e) from None
@@ -729,7 +735,7 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
             _decode_shards_batch,
             batch_size=1,
             batch_format="numpy",
-            fn_kwargs={"fs": task_fs, "root": root, "seed": cfg.seed, "p": p},
+            fn_kwargs={"fs": task_fs, "root": root, "seed": cfg.seed, "chunk": 4 * cfg.decode_batch_size, "p": p},
         )
     if info.format == "parquet":
         import pyarrow.parquet as pq
@@ -750,7 +756,7 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
             _decode_row_group_batch,
             batch_size=1,
             batch_format="numpy",
-            fn_kwargs={"fs": task_fs, "root": root, "image_col": cfg.image_column, "label_col": label_col, "p": p},
+            fn_kwargs={"fs": task_fs, "root": root, "image_col": cfg.image_column, "label_col": label_col, "chunk": 4 * cfg.decode_batch_size, "p": p},
         )
     raise DataError(f"unknown dataset format {info.format!r}")
 
