@@ -36,6 +36,11 @@ def cmd_train(args) -> int:
     outcome = run_training(cfg)
     print(f"run directory: {outcome.run_uri}")
     print(f"final step: {outcome.final_step}; checkpoint: {outcome.checkpoint_path}")
+    if outcome.bad_samples:
+        from orchestrator.data import dropped
+
+        kinds = ", ".join(f"{k}={v}" for k, v in sorted(outcome.bad_samples.items()))
+        print(f"data: {dropped(outcome.bad_samples)} bad samples skipped ({kinds})")
     if outcome.eval is not None:
         e = outcome.eval
         print(

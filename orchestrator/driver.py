@@ -23,8 +23,26 @@ def builtin_data_dir(cfg: TrainConfig) -> Path:
     return base / f"builtin-r{d.resolution}-n{d.builtin_images_per_class}-s{d.seed}"
 
 
+def _is_local(uri: str) -> bool:
+    return "://" not in uri
+
+
+def resolve_paths(cfg: TrainConfig) -> TrainConfig:
+    """Make local paths absolute: Ray Train workers run in their own working directory, so a
+    relative ``runs`` would land somewhere under Ray's session directory."""
+    run, data = cfg.run, cfg.data
+    if _is_local(run.storage):
+        run = run.model_copy(update={"storage": os.path.abspath(os.path.expanduser(run.storage))})
+    if data.source != "builtin" and _is_local(data.source):
+        data = data.model_copy(update={"source": os.path.abspath(os.path.expanduser(data.source))})
+    if data.labels_file and _is_local(data.labels_file):
+        data = data.model_copy(update={"labels_file": os.path.abspath(os.path.expanduser(data.labels_file))})
+    return cfg.model_copy(update={"run": run, "data": data})
+
+
 def resolve_data_config(cfg: TrainConfig) -> TrainConfig:
     """Turn ``data.source=builtin`` into a real image folder (written on first use)."""
+    cfg = resolve_paths(cfg)
     if cfg.data.source != "builtin":
         return cfg
     if cfg.scaling.ray_address is not None:
@@ -47,6 +65,7 @@ def plan_for(cfg: TrainConfig) -> Plan:
 
 
 def dry_run_text(cfg: TrainConfig) -> str:
+    cfg = resolve_paths(cfg)
     plan = plan_for(cfg)
     return "# resolved configuration\n" + config_to_yaml(cfg) + "\n# plan\n" + plan.describe() + "\n"
 
@@ -57,6 +76,7 @@ class TrainOutcome:
     final_step: int
     checkpoint_path: str | None
     eval: dict[str, Any] | None
+    bad_samples: dict[str, int]
 
 
 def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
@@ -158,11 +178,12 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
             eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir)
         from orchestrator.data import bad_sample_counts
 
+        # Cumulative over every read of the data: exact when the decoded set is cached (read
+        # once), a multiple of the per-pass counts when it is streamed every epoch.
         bad = bad_sample_counts(counter)
         if bad:
-            log.warning("skipped bad samples: %s", bad)
             rundir.write_text("bad_samples.json", json.dumps(bad, indent=2))
-        return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result)
+        return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result, bad)
     finally:
         if started:
             ray.shutdown()

@@ -22,6 +22,8 @@ from orchestrator.rundir import RunDir
 from orchestrator.sampling import generate, grid_png
 
 log = logging.getLogger("raydiff")
+# The judge needs a few thousand real images, not a pass over a large dataset.
+MAX_CLASSIFIER_IMAGES = 20_000
 
 
 class SmallClassifier(nn.Module):
@@ -85,9 +87,10 @@ class EvalResult:
 
 def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: RunDir) -> dict:
     """``ds`` is the (decoded) training dataset; writes ``eval.json`` and ``samples/eval.png``."""
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     imgs, labs = [], []
-    for batch in ds.iter_torch_batches(batch_size=512, dtypes={"image": torch.float32, "label": torch.int64}):
+    for batch in ds.limit(MAX_CLASSIFIER_IMAGES).iter_torch_batches(
+        batch_size=512, dtypes={"image": torch.float32, "label": torch.int64}
+    ):
         imgs.append(batch["image"])
         labs.append(batch["label"])
     images, labels = torch.cat(imgs), torch.cat(labs)

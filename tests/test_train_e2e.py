@@ -91,3 +91,33 @@ def test_zero_stage_trains_checkpoints_and_resumes(ray_local, builtin_cache, tmp
     assert run_training(cfg_for(3)).final_step == 3
     assert [r["step"] for r in _metrics(rundir)] == [1, 2, 3]
     assert [r.step for r in list_checkpoints(rundir)] == [2, 3]
+
+
+def test_training_skips_and_reports_bad_files(ray_local, tmp_path, monkeypatch):
+    """A folder with broken files trains to the end; the skips are in metrics and bad_samples.json.
+    Relative paths (as a user types them) resolve against the caller's working directory."""
+    from orchestrator.data.demo import write_demo_dataset
+    from test_data_helpers import huge_png_header
+
+    root = write_demo_dataset(tmp_path / "data", images_per_class=4)
+    cls = sorted(p for p in root.iterdir() if p.is_dir())
+    (cls[0] / "empty.png").write_bytes(b"")
+    (cls[1] / "notes.png").write_text("not an image")
+    (cls[2] / "cut.png").write_bytes((cls[2] / "00000.png").read_bytes()[:60])
+    (cls[3] / "bomb.png").write_bytes(huge_png_header())
+    Image.new("L", (32, 32), 128).save(cls[4] / "gray.png")  # valid, converted to RGB
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(None, ["run.storage=runs", "run.name=bad", "data.source=data", "optim.steps=3",
+                             "checkpoint.every_steps=3", "sampling.every_steps=3", "run.evaluate=false", *TINY])
+    out = run_training(cfg)
+    assert out.final_step == 3
+    bad = out.bad_samples
+    assert bad.get("empty_file") == 1 and bad.get("not_an_image") == 1
+    assert bad.get("truncated", 0) + bad.get("corrupt", 0) == 1
+    assert bad.get("decompression_bomb") == 1
+    assert bad.get("converted_from_L") == 1
+    rundir = RunDir.for_config(cfg)
+    assert rundir.path == str(tmp_path / "runs" / "bad")
+    assert json.loads(rundir.read_text("bad_samples.json")) == bad
+    assert _metrics(rundir)[-1]["bad_samples"] == bad
+    assert rundir.exists("samples/step_0000003.png")
