@@ -115,17 +115,24 @@ def ddim_step(
     eta: float = 0.0,
     clip_sample: bool = True,
     noise: Tensor | None = None,
+    use_clipped_model_output: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One DDIM step (Song et al. 2021, eq. 12) with σ_t(η) from eq. 16:
         x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z,
         σ = η sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev).
     For prev_t < 0, ᾱ_prev = 1 (diffusers' default ``set_alpha_to_one=True``), so the
-    last step returns x̂0. ε̂ is the *unclipped* model estimate (diffusers'
-    ``use_clipped_model_output=False``). Returns (x_prev, x0_hat)."""
+    last step returns x̂0. By default ε̂ is the *unclipped* model estimate (diffusers'
+    ``use_clipped_model_output=False``); with ``use_clipped_model_output`` it is recomputed
+    from the clipped x̂0, ε̂ = (x_t - sqrt(ᾱ_t) x̂0)/sqrt(1-ᾱ_t), so that x̂0 and ε̂ again
+    describe the same x_t. Without that, clipping at high noise leaves the energy removed
+    from x̂0 in ε̂, and eps-prediction samples keep a grey, noisy background.
+    Returns (x_prev, x0_hat)."""
     ab_t = _coef(schedule, t)
     ab_prev = _coef(schedule, prev_t) if prev_t >= 0 else 1.0
     x0, eps = prediction_to_x0_eps(prediction, model_output, x_t, math.sqrt(ab_t), math.sqrt(1.0 - ab_t))
     x0 = _clip(x0, clip_sample)
+    if use_clipped_model_output and clip_sample:
+        eps = (x_t.float() - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
     var = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
     std = eta * math.sqrt(var)
     x_prev = math.sqrt(ab_prev) * x0 + math.sqrt(max(1.0 - ab_prev - std**2, 0.0)) * eps
@@ -219,12 +226,15 @@ def ddpm_sample(
     device="cpu",
     clip_sample: bool = True,
     noise: Tensor | None = None,
+    use_clipped_model_output: bool = False,
 ) -> Tensor:
     """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) over ``num_steps`` respaced
     steps (default: all T). The previous timestep is the next entry of the timestep
     list (-1 after the last), as in diffusers' DDPMScheduler after ``set_timesteps``.
     ``eta`` exists only for signature compatibility with :func:`ddim_sample`; ancestral
-    DDPM is DDIM with η = 1 in spirit, so values other than 1 are rejected.
+    DDPM is DDIM with η = 1 in spirit, so values other than 1 are rejected. So does
+    ``use_clipped_model_output``: the DDPM posterior mean (eq. 7) is built from x̂0 and x_t,
+    never from ε̂, so clipping x̂0 is already consistent and the flag changes nothing.
     The model is called as ``model(x_t, t, labels)``; put it in eval mode first."""
     if eta != 1.0:
         raise ValueError(f"ddpm_sample is ancestral (eta = 1); got eta={eta}. Use ddim_sample for other eta")
@@ -257,6 +267,7 @@ def ddim_sample(
     device="cpu",
     clip_sample: bool = True,
     noise: Tensor | None = None,
+    use_clipped_model_output: bool = False,
 ) -> Tensor:
     """DDIM sampling (Song et al. 2021, eq. 12); η = 0 is deterministic given the initial
     noise. The previous timestep is t - T // num_steps for every spacing, which is what
@@ -271,7 +282,8 @@ def ddim_sample(
         out = predict(x, t)
         z = _random.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
         x, _ = ddim_step(
-            out, t, t - stride, x, schedule, prediction=prediction, eta=eta, clip_sample=clip_sample, noise=z
+            out, t, t - stride, x, schedule, prediction=prediction, eta=eta, clip_sample=clip_sample, noise=z,
+            use_clipped_model_output=use_clipped_model_output,
         )
     return x
 

@@ -154,6 +154,10 @@ class SamplingConfig(_Strict):
     # implementations do): eps-prediction x0 estimates at high noise are far outside it and
     # unclipped DDIM then saturates.
     clip_sample: bool = True
+    # DDIM: recompute eps from the clipped x0 (diffusers' use_clipped_model_output). Off by
+    # default like diffusers: on the under-trained demo model it saturated backgrounds (class
+    # recognition 43% vs 59% at guidance 2, measured on runs/demo at step 800).
+    use_clipped_model_output: bool = False
     # Columns of the grid; one row per class (or one row for unconditional models).
     per_class: int = Field(8, ge=1, le=64)
     max_rows: int = Field(10, ge=1, le=1000)

@@ -24,6 +24,7 @@ from orchestrator.sampling import generate, grid_png
 log = logging.getLogger("raydiff")
 # The judge needs a few thousand real images, not a pass over a large dataset.
 MAX_CLASSIFIER_IMAGES = 20_000
+NOISE_AUG_MAX = 0.4
 
 
 class SmallClassifier(nn.Module):
@@ -57,6 +58,10 @@ def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: in
             x = images[idx]
             flip = torch.rand(len(idx), generator=g) < 0.5
             x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+            # Gaussian noise of random strength: the judge must recognise the class of a sample
+            # that still carries some residual noise, not reject it for its texture.
+            sigma = torch.rand(len(idx), generator=g)[:, None, None, None] * NOISE_AUG_MAX
+            x = x + sigma * torch.randn(x.shape, generator=g)
             loss = F.cross_entropy(clf(x), labels[idx])
             opt.zero_grad()
             loss.backward()

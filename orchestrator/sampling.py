@@ -56,6 +56,7 @@ def generate(
         )
         if scfg.sampler == "ddim":
             kwargs["eta"] = scfg.eta
+            kwargs["use_clipped_model_output"] = scfg.use_clipped_model_output
         shape = (num, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
         return sample(scfg.sampler, model, schedule_from_config(cfg), shape, **kwargs).clamp(-1, 1).cpu()
     finally:

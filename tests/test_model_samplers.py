@@ -108,9 +108,10 @@ def test_ddpm_single_steps_match(kind, zts, prediction, spacing, n, clip):
         torch.testing.assert_close(got, expected.prev_sample, **TOL)
 
 
+@pytest.mark.parametrize("clipped_eps", [False, True])
 @pytest.mark.parametrize("eta", [0.0, 0.5, 1.0])
 @pytest.mark.parametrize("kind,zts,prediction,spacing,n,clip", STEP_CASES)
-def test_ddim_single_steps_match(kind, zts, prediction, spacing, n, clip, eta):
+def test_ddim_single_steps_match(kind, zts, prediction, spacing, n, clip, eta, clipped_eps):
     sched = make_schedule(kind, zero_terminal_snr=zts)
     ref = _diffusers(DDIMScheduler, sched, prediction, spacing, clip)
     ref.set_timesteps(n)
@@ -126,8 +127,10 @@ def test_ddim_single_steps_match(kind, zts, prediction, spacing, n, clip, eta):
         x = torch.randn(SHAPE, generator=gen)
         out = torch.randn(SHAPE, generator=gen)
         z = torch.randn(SHAPE, generator=gen)
-        expected = ref.step(out, t, x, eta=eta, variance_noise=z if eta > 0 else None)
-        got, x0 = ddim_step(out, t, t - stride, x, sched, prediction=prediction, eta=eta, clip_sample=clip, noise=z)
+        expected = ref.step(out, t, x, eta=eta, variance_noise=z if eta > 0 else None,
+                            use_clipped_model_output=clipped_eps)
+        got, x0 = ddim_step(out, t, t - stride, x, sched, prediction=prediction, eta=eta, clip_sample=clip, noise=z,
+                            use_clipped_model_output=clipped_eps)
         torch.testing.assert_close(x0, expected.pred_original_sample, **TOL)
         torch.testing.assert_close(got, expected.prev_sample, **TOL)
 
