@@ -29,14 +29,13 @@ def _is_local(uri: str) -> bool:
 
 def resolve_paths(cfg: TrainConfig) -> TrainConfig:
     """Make local paths absolute: Ray Train workers run in their own working directory, so a
-    relative ``runs`` would land somewhere under Ray's session directory."""
+    relative ``runs`` would land somewhere under Ray's session directory. (A relative
+    ``data.labels_file`` is relative to ``data.source`` and stays as it is.)"""
     run, data = cfg.run, cfg.data
     if _is_local(run.storage):
         run = run.model_copy(update={"storage": os.path.abspath(os.path.expanduser(run.storage))})
     if data.source != "builtin" and _is_local(data.source):
         data = data.model_copy(update={"source": os.path.abspath(os.path.expanduser(data.source))})
-    if data.labels_file and _is_local(data.labels_file):
-        data = data.model_copy(update={"labels_file": os.path.abspath(os.path.expanduser(data.labels_file))})
     return cfg.model_copy(update={"run": run, "data": data})
 
 

@@ -158,6 +158,10 @@ class Trainer:
         if self.rank == 0:
             print(f"raydiff: resumed from {ckpt.path} at step {self.state.step} "
                   f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})", flush=True)
+            # Durable record too: console lines from workers can be lost when a driver dies.
+            assert self.rundir is not None
+            self.rundir.append_text("events.jsonl", json.dumps(
+                {"event": "resumed", "checkpoint": ckpt.path, "time": time.time(), **asdict(self.state)}) + "\n")
         return True
 
     def save_and_report(self, metrics: dict[str, Any]) -> None:

@@ -91,14 +91,15 @@ def test_s3_train_kill_resume_sample(s3_server, tmp_path):
                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     logs.append(second.stdout + second.stderr)
     assert second.returncode == 0, logs[-1][-4000:]
-    assert f"resumed from" in logs[-1] and f"at step {killed_at}" in logs[-1]
     objs = _objects(client, bucket, "runs/s3e2e/")
+    events = [json.loads(line) for line in objs["runs/s3e2e/events.jsonl"].decode().splitlines()]
+    assert [(e["event"], e["step"]) for e in events] == [("resumed", killed_at)]
+    assert events[0]["samples_seen"] == killed_at * 8
     metrics = [json.loads(line) for line in objs["runs/s3e2e/metrics.jsonl"].decode().splitlines()]
-    steps = [m["step"] for m in metrics]
-    assert steps[-1] == killed_at + 4
-    # Steps after the resume continue from the checkpoint, not from 1.
-    resumed = steps[steps.index(killed_at) + 1 :] if killed_at in steps else steps
-    assert min(resumed) > killed_at - 4
+    # The resumed process logged steps killed_at+2 and killed_at+4 (logging every 2 steps),
+    # continuing the count instead of starting over at 1.
+    assert [m["step"] for m in metrics[-2:]] == [killed_at + 2, killed_at + 4]
+    assert metrics[-1]["samples_seen"] == (killed_at + 4) * 8
 
     # 3) Sample from the S3 checkpoint.
     out_png = tmp_path / "grid.png"

@@ -60,6 +60,8 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     assert out2.final_step == 9
     m2 = _metrics(rundir)
     assert [r["step"] for r in m2] == list(range(1, 10))
+    events = [json.loads(line) for line in rundir.read_text("events.jsonl").splitlines()]
+    assert [(e["event"], e["step"], e["samples_seen"]) for e in events] == [("resumed", 6, 48)]
     assert m2[-1]["samples_seen"] == 9 * 8
     refs = list_checkpoints(rundir)
     assert [r.step for r in refs] == [6, 9]  # keep=2
