@@ -8,6 +8,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 TORCH_SPEC ?= torch==2.13.0
+PYTEST_ARGS ?= -q
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raydiff-installed
 
@@ -25,7 +26,7 @@ demo: $(STAMP)
 	$(VENV)/bin/raydiff train $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
