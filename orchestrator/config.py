@@ -100,7 +100,7 @@ class DiffusionConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    steps: int = Field(800, ge=1)
+    steps: int = Field(700, ge=1)
     # Global batch: split evenly over scaling.num_workers.
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)

@@ -80,6 +80,7 @@ class Trainer:
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
+        self.local_world = ctx.get_local_world_size()
         self.bad_counter = bad_counter
         if plan.device == "gpu":
             self.device = torch.device("cuda", torch.cuda.current_device())
@@ -193,7 +194,15 @@ class Trainer:
                 num_classes=self.num_classes,
             ).to(self.device)
         self.ema.copy_to(self._sample_model)
-        png = sample_grid(self._sample_model, self.cfg, device=self.device)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            # The other ranks on this node wait in the next collective meanwhile: sampling may
+            # use the CPUs Ray reserved for all of them.
+            torch.set_num_threads(max(threads, int(self.plan.cpus_per_worker * self.local_world)))
+        try:
+            png = sample_grid(self._sample_model, self.cfg, device=self.device)
+        finally:
+            torch.set_num_threads(threads)
         assert self.rundir is not None
         self.rundir.write_bytes(f"samples/step_{self.state.step:07d}.png", png)
 
