@@ -164,12 +164,19 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
                 storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
+                # (and warn about it).
+                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu"}},
             ),
             datasets={"train": ds},
         )
         result = trainer.fit()
         ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
-        final_step = int((result.metrics or {}).get("step", 0))
+        # From storage, not result.metrics: a run that was already complete reports nothing new.
+        from orchestrator.checkpoints import latest_checkpoint
+
+        latest = latest_checkpoint(rundir)
+        final_step = latest.step if latest is not None else 0
         eval_result = None
         if cfg.run.evaluate and num_classes is not None and ckpt_path is not None:
             from orchestrator.evaluate import evaluate_run

@@ -71,6 +71,10 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     model, saved_cfg = load_ema_model(rundir, refs[-1])
     assert saved_cfg.optim.steps == 9 and model.num_classes == 10
 
+    # A third invocation of the finished run trains nothing and still reports where it is.
+    assert run_training(cfg2).final_step == 9
+    assert [r["step"] for r in _metrics(rundir)] == list(range(1, 10))
+
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_zero_stage_trains_checkpoints_and_resumes(ray_local, builtin_cache, tmp_path, stage):
