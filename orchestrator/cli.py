@@ -66,15 +66,13 @@ def cmd_sample(args) -> int:
     from orchestrator.config import parse_override
     from orchestrator.rundir import RunDir
     from orchestrator.sampling import sample_grid
-    from orchestrator.storage import filesystem_for
 
     overrides = [parse_override(o) for o in args.overrides]
     bad = [k for k, _ in overrides if not k.startswith(("sampling.", "data.s3."))]
     if bad:
         raise ConfigError(f"raydiff sample accepts only sampling.* and data.s3.* overrides, got: {', '.join(bad)}")
     s3_cfg = load_config(None, [o for o in args.overrides if o.startswith("data.s3.")]).data.s3
-    fs, path = filesystem_for(args.run, s3_cfg)
-    rundir = RunDir(fs, path, args.run)
+    rundir = RunDir(args.run, s3_cfg)
     refs = list_checkpoints(rundir)
     if args.checkpoint:
         refs = [r for r in refs if r.name == args.checkpoint]

@@ -123,7 +123,7 @@ def test_training_skips_and_reports_bad_files(ray_local, tmp_path, monkeypatch):
     assert bad.get("decompression_bomb") == 1
     assert bad.get("converted_from_L") == 1
     rundir = RunDir.for_config(cfg)
-    assert rundir.path == str(tmp_path / "runs" / "bad")
+    assert (tmp_path / "runs" / "bad" / "metrics.jsonl").is_file()
     assert json.loads(rundir.read_text("bad_samples.json")) == bad
     assert _metrics(rundir)[-1]["bad_samples"] == bad
     assert rundir.exists("samples/step_0000003.png")
