@@ -14,10 +14,9 @@ from dataclasses import dataclass
 import torch
 
 from model.ema import EMA
-from model.registry import build_model
 from orchestrator.config import TrainConfig, load_config_text
 from orchestrator.rundir import RunDir
-from orchestrator.train_loop import CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE
+from orchestrator.train_loop import CONFIG_FILE, EMA_FILE, MODEL_FILE, STATE_FILE, build_denoiser
 
 
 @dataclass(frozen=True)
@@ -47,8 +46,7 @@ def load_ema_model(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module,
     """The denoiser with EMA weights from checkpoint ``ref``, and the config it was trained with."""
     num_classes = json.loads(rundir.read_text(posixpath.join(ref.name, MODEL_FILE)))["num_classes"]
     cfg = load_config_text(rundir.read_text(posixpath.join(ref.name, CONFIG_FILE)))
-    model = build_model(cfg.model.name, in_channels=cfg.data.channels, image_size=cfg.data.resolution,
-                        num_classes=num_classes)
+    model = build_denoiser(cfg, num_classes)
     state = torch.load(io.BytesIO(rundir.read_bytes(posixpath.join(ref.name, EMA_FILE))), map_location="cpu",
                        weights_only=False)
     ema = EMA(model)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -62,8 +61,8 @@ def _add_sample(sub) -> None:
 
 
 def cmd_sample(args) -> int:
-    from orchestrator.checkpoints import latest_checkpoint, list_checkpoints, load_ema_model
-    from orchestrator.config import parse_override
+    from orchestrator.checkpoints import list_checkpoints, load_ema_model
+    from orchestrator.config import apply_overrides, parse_override, validate_config
     from orchestrator.rundir import RunDir
     from orchestrator.sampling import sample_grid
 
@@ -78,18 +77,9 @@ def cmd_sample(args) -> int:
         refs = [r for r in refs if r.name == args.checkpoint]
     if not refs:
         raise ConfigError(f"no checkpoint found in {args.run}" + (f" named {args.checkpoint}" if args.checkpoint else ""))
-    ref = refs[-1] if args.checkpoint else latest_checkpoint(rundir)
+    ref = refs[-1]  # sorted by step: the latest (or the one named)
     model, cfg = load_ema_model(rundir, ref)
-    tree = cfg.model_dump()
-    for k, v in overrides:
-        node = tree
-        *parents, leaf = k.split(".")
-        for part in parents:
-            node = node[part]
-        node[leaf] = v
-    from orchestrator.config import validate_config
-
-    cfg = validate_config(tree)
+    cfg = validate_config(apply_overrides(cfg.model_dump(), args.overrides))
     Path(args.out).write_bytes(sample_grid(model, cfg))
     print(f"wrote {args.out} from {args.run}/{ref.name} (step {ref.step})")
     return 0

@@ -15,7 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from model.objectives import PredictionType, Weighting
-from model.registry import MODEL_NAMES, ModelName
+from model.registry import ModelName
 from model.samplers import SamplerName, Spacing
 from model.schedules import ScheduleKind
 
@@ -304,10 +304,15 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
+    return validate_config(apply_overrides(tree, overrides))
+
+
+def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Set each ``key.sub=value`` in the nested ``tree`` (in place) and return it."""
     for arg in overrides:
         key, value = parse_override(arg)
         _set_path(tree, key, value)
-    return validate_config(tree)
+    return tree
 
 
 def validate_config(tree: dict[str, Any]) -> TrainConfig:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -170,18 +170,18 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
             ),
             datasets={"train": ds},
         )
-        result = trainer.fit()
-        ckpt_path = result.checkpoint.path if result.checkpoint is not None else None
-        # From storage, not result.metrics: a run that was already complete reports nothing new.
+        trainer.fit()
+        # From storage, not Result.metrics: a run that was already complete reports nothing new.
         from orchestrator.checkpoints import latest_checkpoint
 
         latest = latest_checkpoint(rundir)
         final_step = latest.step if latest is not None else 0
+        ckpt_path = f"{rundir.uri}/{latest.name}" if latest is not None else None
         eval_result = None
-        if cfg.run.evaluate and num_classes is not None and ckpt_path is not None:
+        if cfg.run.evaluate and num_classes is not None and latest is not None:
             from orchestrator.evaluate import evaluate_run
 
-            eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir)
+            eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
         from orchestrator.data import bad_sample_counts
 
         # Cumulative over every read of the data: exact when the decoded set is cached (read

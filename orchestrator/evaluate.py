@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from orchestrator.checkpoints import latest_checkpoint, load_ema_model
+from orchestrator.checkpoints import CheckpointRef, load_ema_model
 from orchestrator.config import TrainConfig
 from orchestrator.rundir import RunDir
 from orchestrator.sampling import generate, grid_png
@@ -90,8 +90,9 @@ class EvalResult:
     num_steps: int
 
 
-def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: RunDir) -> dict:
-    """``ds`` is the (decoded) training dataset; writes ``eval.json`` and ``samples/eval.png``."""
+def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: RunDir, ref: CheckpointRef) -> dict:
+    """Scores checkpoint ``ref``; ``ds`` is the (decoded) training dataset. Writes ``eval.json``
+    and ``samples/eval.png``."""
     imgs, labs = [], []
     for batch in ds.limit(MAX_CLASSIFIER_IMAGES).iter_torch_batches(
         batch_size=512, dtypes={"image": torch.float32, "label": torch.int64}
@@ -101,9 +102,6 @@ def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: Ru
     images, labels = torch.cat(imgs), torch.cat(labs)
     clf, val_acc = train_classifier(images, labels, num_classes, seed=cfg.seed)
 
-    ref = latest_checkpoint(rundir)
-    if ref is None:
-        raise RuntimeError(f"no checkpoint in {rundir.uri} to evaluate")
     model, _ = load_ema_model(rundir, ref)
     k = cfg.run.eval_per_class
     gen_labels = torch.arange(num_classes).repeat_interleave(k)

@@ -60,6 +60,12 @@ class WorkerArgs:
     bad_counter: str | None
 
 
+def build_denoiser(cfg: TrainConfig, num_classes: int | None) -> torch.nn.Module:
+    """The registry model that ``cfg`` describes (trainer, sample grids and checkpoint loading)."""
+    return build_model(cfg.model.name, in_channels=cfg.data.channels, image_size=cfg.data.resolution,
+                       num_classes=num_classes)
+
+
 def _set_threads(plan: Plan) -> None:
     # Ray sets OMP_NUM_THREADS to the worker's CPU share; torch's intra-op pool must match or
     # two workers on two cores fight over 4 threads.
@@ -91,9 +97,7 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.num_classes = num_classes
-        module = build_model(
-            cfg.model.name, in_channels=cfg.data.channels, image_size=cfg.data.resolution, num_classes=num_classes
-        )
+        module = build_denoiser(cfg, num_classes)
         self.engine = build_engine(cfg, plan, module)
         if cfg.precision.compile:
             self.engine.compile()
@@ -187,12 +191,7 @@ class Trainer:
         if self.rank != 0:
             return
         if self._sample_model is None:
-            self._sample_model = build_model(
-                self.cfg.model.name,
-                in_channels=self.cfg.data.channels,
-                image_size=self.cfg.data.resolution,
-                num_classes=self.num_classes,
-            ).to(self.device)
+            self._sample_model = build_denoiser(self.cfg, self.num_classes).to(self.device)
         self.ema.copy_to(self._sample_model)
         threads = torch.get_num_threads()
         if self.device.type == "cpu":
