@@ -12,6 +12,8 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from ._checks import check_range
+
 BackboneKind = Literal["unet", "dit"]
 
 
@@ -58,10 +60,7 @@ class Denoiser(nn.Module):
         labels = torch.as_tensor(labels, device=device)
         if labels.dtype.is_floating_point or labels.shape != (batch,):
             raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}")
-        # Range check on CPU only: on a GPU it would force a device sync every forward pass
-        # (the embedding lookup still fails loudly on a bad index there).
-        if labels.device.type == "cpu" and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
+        check_range(labels, 0, self.num_classes, f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
         return labels.long()
 
     def forward(self, x: Tensor, t: Tensor | int, labels: Tensor | None = None) -> Tensor:

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 
 from . import _random
+from ._checks import check_range
 from .schedules import NoiseSchedule
 
 PredictionType = Literal["eps", "v", "x0"]
@@ -221,8 +222,7 @@ class DiffusionObjective:
         labels = torch.as_tensor(labels)
         if labels.dtype.is_floating_point or labels.ndim != 1:
             raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}")
-        if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) > self.num_classes):
-            raise ValueError(f"labels must lie in [0, {self.num_classes}] (num_classes is the null class)")
+        check_range(labels, 0, self.num_classes, f"labels must lie in [0, {self.num_classes}] (num_classes is the null class)")
         return labels.long()
 
     # -- the loss ------------------------------------------------------------------------
@@ -288,8 +288,7 @@ def loss_per_timestep_bin(
     if t.shape != per_sample.shape or t.ndim != 1:
         raise ValueError(f"t and per_sample must be 1-D with equal shape, got {tuple(t.shape)}, {tuple(per_sample.shape)}")
     t = t.to(per_sample.device).long()
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_timesteps):
-        raise ValueError(f"t must lie in [0, {num_timesteps})")
+    check_range(t, 0, num_timesteps - 1, f"t must lie in [0, {num_timesteps})")
     bins = (t * num_bins) // num_timesteps
     sums = torch.zeros(num_bins, dtype=torch.float32, device=per_sample.device)
     counts = torch.zeros(num_bins, dtype=torch.float32, device=per_sample.device)

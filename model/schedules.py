@@ -22,6 +22,8 @@ from typing import Literal, get_args
 import torch
 from torch import Tensor
 
+from ._checks import check_range
+
 ScheduleKind = Literal["linear", "cosine"]
 SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
@@ -134,11 +136,7 @@ class NoiseSchedule:
         t = torch.as_tensor(t)
         if t.dtype.is_floating_point or t.dtype == torch.bool:
             raise ValueError(f"timesteps must be an integer tensor, got dtype {t.dtype}")
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= self.num_timesteps):
-            raise ValueError(
-                f"timesteps must lie in [0, {self.num_timesteps}), got range "
-                f"[{int(t.min())}, {int(t.max())}]"
-            )
+        check_range(t, 0, self.num_timesteps - 1, f"timesteps must lie in [0, {self.num_timesteps})")
         return self._alphas_cumprod_on(t.device)[t.long()]
 
     def alpha_bar(self, t: Tensor) -> Tensor:

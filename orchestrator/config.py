@@ -211,18 +211,9 @@ class TrainConfig(_Strict):
                 f"optim.batch_size={self.optim.batch_size} is not divisible by "
                 f"scaling.num_workers={w}. Fix: set optim.batch_size={lo} or {lo + w}"
             )
-        if self.precision.dtype == "fp16" and self.scaling.device == "cpu":
-            raise ValueError(
-                "precision.dtype=fp16 with scaling.device=cpu: DeepSpeed supports fp16 only on "
-                "GPUs. Fix: set precision.dtype=bf16 (or fp32, or auto)"
-            )
         if self.scaling.device == "cpu" and self.precision.compile:
             raise ValueError("precision.compile=true is for GPU training. Fix: set precision.compile=false")
         return self
-
-    @property
-    def micro_batch_size(self) -> int:
-        return self.optim.batch_size // self.scaling.num_workers
 
 
 # ---------------------------------------------------------------------------------------------

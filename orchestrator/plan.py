@@ -1,7 +1,9 @@
-"""Resolve what a config means on the hardware at hand: device, precision (and why), resources.
+"""Resolve what a config means on the hardware at hand: device, precision (and why), resources
+and the batch split.
 
-The same `Plan` is printed by ``raydiff train --dry-run`` and used by the trainer, so what the
-dry run says is what runs.
+The plan holds only what resolution decides; everything else is read from the config. The same
+plan is printed by ``raydiff train --dry-run`` and used by the trainer, so what the dry run says
+is what runs.
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from typing import Literal
 from orchestrator.config import ConfigError, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
+Device = Literal["cpu", "gpu"]
 
 
 @dataclass(frozen=True)
 class Plan:
-    device: Literal["cpu", "gpu"]
+    device: Device
     device_reason: str
     precision: Precision
     precision_reason: str
@@ -25,29 +28,22 @@ class Plan:
     cpus_per_worker: float
     gpus_per_worker: int
     micro_batch_size: int
-    global_batch_size: int
-    zero_stage: int
-    steps: int
-    checkpoint_every: int
-    checkpoint_keep: int
-    sample_every: int
-    run_uri: str
 
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def describe(self) -> str:
+    def describe(self, cfg: TrainConfig, run_uri: str) -> str:
         return "\n".join(
             [
-                f"run directory   : {self.run_uri}",
+                f"run directory   : {run_uri}",
                 f"workers         : {self.num_workers} x ({self.cpus_per_worker:g} CPU, {self.gpus_per_worker} GPU)",
                 f"device          : {self.device} ({self.device_reason})",
                 f"precision       : {self.precision} ({self.precision_reason})",
-                f"DeepSpeed ZeRO  : stage {self.zero_stage}",
-                f"batch           : {self.global_batch_size} global = {self.num_workers} x {self.micro_batch_size}",
-                f"steps           : {self.steps}",
-                f"checkpoints     : every {self.checkpoint_every} steps, keep last {self.checkpoint_keep}",
-                f"sample grids    : every {self.sample_every} steps and at the end",
+                f"DeepSpeed ZeRO  : stage {cfg.precision.zero_stage}",
+                f"batch           : {cfg.optim.batch_size} global = {self.num_workers} x {self.micro_batch_size}",
+                f"steps           : {cfg.optim.steps}",
+                f"checkpoints     : every {cfg.checkpoint.every_steps} steps, keep last {cfg.checkpoint.keep}",
+                f"sample grids    : every {cfg.sampling.every_steps} steps and at the end",
             ]
         )
 
@@ -79,50 +75,47 @@ def _cluster_has_gpus(ray_address: str | None) -> bool | None:
     return None
 
 
-def make_plan(cfg: TrainConfig, run_uri: str) -> Plan:
+def resolve_device(cfg: TrainConfig) -> tuple[Device, str]:
     s = cfg.scaling
-    if s.device == "auto":
-        has_gpu = _cluster_has_gpus(s.ray_address)
-        if has_gpu is None:
-            device, device_reason = "gpu", "auto: assumed for a remote cluster; set scaling.device=cpu for CPU clusters"
-        elif has_gpu:
-            device, device_reason = "gpu", "auto: GPUs found"
-        else:
-            device, device_reason = "cpu", "auto: no GPU found"
-    else:
-        device, device_reason = s.device, "set by scaling.device"
+    if s.device != "auto":
+        return s.device, "set by scaling.device"
+    has_gpu = _cluster_has_gpus(s.ray_address)
+    if has_gpu is None:
+        return "gpu", "auto: assumed for a remote cluster; set scaling.device=cpu for CPU clusters"
+    return ("gpu", "auto: GPUs found") if has_gpu else ("cpu", "auto: no GPU found")
 
+
+def resolve_precision(cfg: TrainConfig, device: Device) -> tuple[Precision, str]:
+    """The one place that decides precision, and the one place that rejects fp16 on CPU."""
     p = cfg.precision.dtype
     if p == "auto":
         if device == "gpu":
-            precision, why = "fp16", "auto on GPU: fp16 with dynamic loss scaling (DeepSpeed fp16 engine)"
-        elif cpu_has_bf16():
-            precision, why = "bf16", "auto on CPU: DeepSpeed refuses fp16 on CPU; this CPU has native bf16 (AVX512-BF16/AMX)"
-        else:
-            precision, why = "fp32", "auto on CPU: DeepSpeed refuses fp16 on CPU and this CPU has no native bf16"
-    else:
-        precision, why = p, "set by precision.dtype"
-        if p == "fp16" and device == "cpu":
-            raise ConfigError(
-                "precision.dtype=fp16 but training runs on CPU (no GPU found): DeepSpeed supports "
-                "fp16 only on GPUs. Fix: precision.dtype=bf16, fp32 or auto"
-            )
+            return "fp16", "auto on GPU: fp16 with dynamic loss scaling (DeepSpeed fp16 engine)"
+        if cpu_has_bf16():
+            return "bf16", "auto on CPU: DeepSpeed refuses fp16 on CPU; this CPU has native bf16 (AVX512-BF16/AMX)"
+        return "fp32", "auto on CPU: DeepSpeed refuses fp16 on CPU and this CPU has no native bf16"
+    if p == "fp16" and device == "cpu":
+        raise ConfigError(
+            "precision.dtype=fp16 but training runs on CPU "
+            f"({'scaling.device=cpu' if cfg.scaling.device == 'cpu' else 'no GPU found'}): DeepSpeed supports "
+            "fp16 only on GPUs. Fix: precision.dtype=bf16, fp32 or auto"
+        )
+    return p, "set by precision.dtype"
+
+
+def make_plan(cfg: TrainConfig) -> Plan:
+    device, device_reason = resolve_device(cfg)
+    precision, precision_reason = resolve_precision(cfg, device)
     return Plan(
         device=device,
         device_reason=device_reason,
         precision=precision,
-        precision_reason=why,
-        num_workers=s.num_workers,
-        cpus_per_worker=s.cpus_per_worker,
+        precision_reason=precision_reason,
+        num_workers=cfg.scaling.num_workers,
+        cpus_per_worker=cfg.scaling.cpus_per_worker,
         gpus_per_worker=1 if device == "gpu" else 0,
-        micro_batch_size=cfg.micro_batch_size,
-        global_batch_size=cfg.optim.batch_size,
-        zero_stage=cfg.precision.zero_stage,
-        steps=cfg.optim.steps,
-        checkpoint_every=cfg.checkpoint.every_steps,
-        checkpoint_keep=cfg.checkpoint.keep,
-        sample_every=cfg.sampling.every_steps,
-        run_uri=run_uri,
+        # The config rejects a batch that does not split evenly over the workers.
+        micro_batch_size=cfg.optim.batch_size // cfg.scaling.num_workers,
     )
 
 

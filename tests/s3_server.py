@@ -82,6 +82,9 @@ class FaultPlan:
     denied_buckets: set[str] = field(default_factory=set)
     requests_seen: int = 0
     faults_sent: int = 0
+    # Request bodies that reached the proxy, per HTTP method (PUT = object writes).
+    requests_by_method: dict[str, int] = field(default_factory=dict)
+    bytes_by_method: dict[str, int] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -109,6 +112,9 @@ class FaultProxy:
             def _handle(self) -> None:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
+                with plan.lock:
+                    plan.requests_by_method[self.command] = plan.requests_by_method.get(self.command, 0) + 1
+                    plan.bytes_by_method[self.command] = plan.bytes_by_method.get(self.command, 0) + len(body)
                 verdict = self._fault()
                 if verdict is not None:
                     status, code, msg = verdict
@@ -182,3 +188,4 @@ class FaultProxy:
             self.plan.valid_access_keys = None
             self.plan.denied_buckets = set()
             self.plan.requests_seen = self.plan.faults_sent = 0
+            self.plan.requests_by_method, self.plan.bytes_by_method = {}, {}

@@ -10,8 +10,8 @@ import pytest
 import yaml
 
 from orchestrator.config import ConfigError, config_to_yaml, load_config, parse_override
-from orchestrator.driver import dry_run_text
-from orchestrator.engine import deepspeed_config, lr_lambda
+from orchestrator.train.driver import dry_run_text
+from orchestrator.train.engine import deepspeed_config, lr_lambda
 from orchestrator.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,7 +50,6 @@ def test_override_wins_over_job_file(tmp_path):
         (["model.name=unet-huge"], ["model.name='unet-huge'", "unet-tiny", "dit-xl2"]),
         (["optim.lr=fast"], ["optim.lr='fast'", "valid number"]),
         (["optim.batch_size=63"], ["optim.batch_size=63", "scaling.num_workers=2", "62 or 64"]),
-        (["precision.dtype=fp16", "scaling.device=cpu"], ["fp16", "bf16"]),
         (["diffusion.prediction=eps", "diffusion.zero_terminal_snr=true"], ["prediction=v"]),
         (["diffusion.weighting=snr"], ["'uniform', 'min_snr' or 'p2'"]),
         (["run.name=../escape"], ["run.name", "letters, digits"]),
@@ -79,7 +78,7 @@ def test_secrets_are_masked_in_saved_config():
 
 def test_plan_on_cpu_never_uses_fp16_and_says_why():
     cfg = load_config(None, ["scaling.device=cpu"])
-    plan = make_plan(cfg, "runs/demo")
+    plan = make_plan(cfg)
     assert plan.precision in ("bf16", "fp32")
     assert "fp16" in plan.precision_reason  # explains why fp16 was not chosen
     ds = deepspeed_config(cfg, plan)
@@ -88,9 +87,17 @@ def test_plan_on_cpu_never_uses_fp16_and_says_why():
     assert ds["zero_optimization"]["stage"] == cfg.precision.zero_stage
 
 
+def test_fp16_on_cpu_is_rejected_once_by_the_plan_with_the_fix():
+    # The plan is the one place that knows the device (also when scaling.device=auto finds no GPU).
+    cfg = load_config(None, ["precision.dtype=fp16", "scaling.device=cpu"])
+    with pytest.raises(ConfigError) as e:
+        make_plan(cfg)
+    assert "fp16" in str(e.value) and "bf16" in str(e.value)
+
+
 def test_plan_on_gpu_uses_fp16_with_dynamic_loss_scaling():
     cfg = load_config(None, ["scaling.device=gpu", "precision.initial_scale_power=12"])
-    plan = make_plan(cfg, "runs/demo")
+    plan = make_plan(cfg)
     ds = deepspeed_config(cfg, plan)
     assert plan.precision == "fp16" and plan.gpus_per_worker == 1
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 12

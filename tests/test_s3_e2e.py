@@ -17,8 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.data.cli import upload
+from orchestrator.cli.data import upload
 from orchestrator.data.demo import write_demo_dataset
+from orchestrator.storage import RunDir
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,10 +109,11 @@ def test_s3_train_kill_resume_sample(s3_server, tmp_path):
     logs.append(second.stdout + second.stderr)
     assert second.returncode == 0, logs[-1][-4000:]
     objs = _objects(client, bucket, "runs/s3e2e/")
-    events = [json.loads(line) for line in objs["runs/s3e2e/events.jsonl"].decode().splitlines()]
+    run = RunDir(f"s3://{bucket}/runs/s3e2e", s3_server.s3_config())
+    events = run.events()
     assert [(e["event"], e["step"]) for e in events] == [("resumed", killed_at)]
     assert events[0]["samples_seen"] == killed_at * 8
-    metrics = [json.loads(line) for line in objs["runs/s3e2e/metrics.jsonl"].decode().splitlines()]
+    metrics = run.metrics()
     # The resumed process logged steps killed_at+2 and killed_at+4 (logging every 2 steps),
     # continuing the count instead of starting over at 1.
     assert [m["step"] for m in metrics[-2:]] == [killed_at + 2, killed_at + 4]

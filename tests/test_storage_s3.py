@@ -40,16 +40,16 @@ def test_run_dir_helpers(backend, tmp_path, s3_server):
     assert not storage.exists(base, cfg)
     storage.check_writable(base, cfg)
     storage.write_bytes(storage.join(base, "a.bin"), b"\x00\x01", cfg)
-    storage.append_text(storage.join(base, "log.txt"), "one\n", cfg)
-    storage.append_text(storage.join(base, "log.txt"), "two\n", cfg)
     storage.write_bytes(storage.join(base, "sub/c.txt"), b"c", cfg)
     assert storage.read_bytes(storage.join(base, "a.bin"), cfg) == b"\x00\x01"
-    assert storage.read_bytes(storage.join(base, "log.txt"), cfg) == b"one\ntwo\n"
     assert storage.exists(base, cfg) and storage.exists(storage.join(base, "sub"), cfg)
     assert storage.exists(storage.join(base, "a.bin"), cfg)
     assert not storage.exists(storage.join(base, "zzz"), cfg)
-    assert storage.listdir(base, cfg) == ["a.bin", "log.txt", "sub"]
-    assert storage.list_files(base, cfg) == [("a.bin", 2), ("log.txt", 8), ("sub/c.txt", 1)]
+    assert storage.listdir(base, cfg) == ["a.bin", "sub"]
+    assert storage.list_files(base, cfg) == [("a.bin", 2), ("sub/c.txt", 1)]
+    storage.delete(storage.join(base, "a.bin"), cfg)
+    storage.delete(storage.join(base, "a.bin"), cfg)  # already gone: not an error
+    assert storage.listdir(base, cfg) == ["sub"]
     with pytest.raises(FileNotFoundError):
         storage.read_bytes(storage.join(base, "missing"), cfg)
     storage.check_readable(base, cfg)
@@ -180,7 +180,7 @@ def test_fs_handle_survives_pickling(s3_server):
 
 
 def test_cli_output_has_no_planted_secret(s3_server, s3_faults, monkeypatch, capsys, caplog):
-    from orchestrator.data import cli as data_cli
+    from orchestrator.cli import data as data_cli
 
     planted = "PLANTED-ENV-SECRET-77aa99"
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTEDENVKEY")

@@ -8,10 +8,10 @@ import json
 import pytest
 from PIL import Image
 
-from orchestrator.checkpoints import list_checkpoints, load_ema_model
+from orchestrator.train.checkpoints import list_checkpoints, load_ema_model
 from orchestrator.config import load_config
-from orchestrator.driver import run_training
-from orchestrator.rundir import RunDir
+from orchestrator.train.driver import run_training
+from orchestrator.storage import RunDir
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def builtin_cache(tmp_path_factory, monkeypatch):
 
 
 def _metrics(rundir: RunDir) -> list[dict]:
-    return [json.loads(line) for line in rundir.read_text("metrics.jsonl").splitlines()]
+    return rundir.metrics()
 
 
 def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache, tmp_path):
@@ -60,7 +60,7 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     assert out2.final_step == 9
     m2 = _metrics(rundir)
     assert [r["step"] for r in m2] == list(range(1, 10))
-    events = [json.loads(line) for line in rundir.read_text("events.jsonl").splitlines()]
+    events = rundir.events()
     assert [(e["event"], e["step"], e["samples_seen"]) for e in events] == [("resumed", 6, 48)]
     assert m2[-1]["samples_seen"] == 9 * 8
     refs = list_checkpoints(rundir)

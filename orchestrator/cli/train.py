@@ -1,18 +1,13 @@
-"""``raydiff`` command line: train, sample, data and bench commands."""
+"""``raydiff train`` and ``raydiff sample``."""
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 from pathlib import Path
 
 from orchestrator.config import ConfigError, load_config
 
-log = logging.getLogger("raydiff")
 
-
-def _add_train(sub) -> None:
+def register_train(sub) -> None:
     p = sub.add_parser(
         "train",
         help="train a diffusion model (no arguments: the built-in dataset on local Ray)",
@@ -27,7 +22,7 @@ def _add_train(sub) -> None:
 
 def cmd_train(args) -> int:
     cfg = load_config(args.config, args.overrides)
-    from orchestrator.driver import dry_run_text, run_training
+    from orchestrator.train.driver import dry_run_text, run_training
 
     if args.dry_run:
         print(dry_run_text(cfg), end="")
@@ -50,7 +45,7 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _add_sample(sub) -> None:
+def register_sample(sub) -> None:
     p = sub.add_parser("sample", help="sample a grid from a run's latest (or given) checkpoint")
     p.add_argument("--run", required=True, help="run directory URI: runs/demo or s3://bucket/runs/demo")
     p.add_argument("--out", default="samples.png", help="output PNG (local path)")
@@ -61,9 +56,9 @@ def _add_sample(sub) -> None:
 
 
 def cmd_sample(args) -> int:
-    from orchestrator.checkpoints import list_checkpoints, load_ema_model
+    from orchestrator.train.checkpoints import list_checkpoints, load_ema_model
     from orchestrator.config import apply_overrides, parse_override, validate_config
-    from orchestrator.rundir import RunDir
+    from orchestrator.storage import RunDir
     from orchestrator.sampling import sample_grid
 
     overrides = [parse_override(o) for o in args.overrides]
@@ -83,48 +78,3 @@ def cmd_sample(args) -> int:
     Path(args.out).write_bytes(sample_grid(model, cfg))
     print(f"wrote {args.out} from {args.run}/{ref.name} (step {ref.step})")
     return 0
-
-
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    _add_train(sub)
-    _add_sample(sub)
-    from orchestrator.data.cli import register as register_data
-
-    register_data(sub)
-    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    from orchestrator.data.bench import register_bench
-
-    register_bench(bench_sub)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        return int(args.func(args) or 0)
-    except ConfigError as e:
-        print(f"raydiff: {e}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as e:
-        # Storage and data problems found before training (StorageError, DataError) carry
-        # their own fix; anything else is a bug and keeps its traceback.
-        from orchestrator.data import DataError
-        from orchestrator.storage import StorageError
-
-        if isinstance(e, (StorageError, DataError)):
-            print(f"raydiff: {e}", file=sys.stderr)
-            return 2
-        raise
-    except KeyboardInterrupt:
-        print("raydiff: interrupted", file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

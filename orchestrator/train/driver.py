@@ -11,7 +11,7 @@ from typing import Any
 
 from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.plan import Plan, local_logical_cpus, make_plan
-from orchestrator.rundir import RunDir
+from orchestrator.storage import RunDir
 
 log = logging.getLogger("raydiff")
 
@@ -58,15 +58,11 @@ def resolve_data_config(cfg: TrainConfig) -> TrainConfig:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(root), "format": "imagefolder"})})
 
 
-def plan_for(cfg: TrainConfig) -> Plan:
-    uri = cfg.run.storage.rstrip("/") + "/" + cfg.run.name
-    return make_plan(cfg, uri)
-
-
 def dry_run_text(cfg: TrainConfig) -> str:
     cfg = resolve_paths(cfg)
-    plan = plan_for(cfg)
-    return "# resolved configuration\n" + config_to_yaml(cfg) + "\n# plan\n" + plan.describe() + "\n"
+    plan = make_plan(cfg)
+    return ("# resolved configuration\n" + config_to_yaml(cfg) + "\n# plan\n"
+            + plan.describe(cfg, RunDir.for_config(cfg).uri) + "\n")
 
 
 @dataclass
@@ -114,7 +110,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
 
     from orchestrator.data import build_train_dataset, inspect_dataset
     from orchestrator.storage import check_writable, ray_storage
-    from orchestrator.train_loop import WorkerArgs, train_worker
+    from orchestrator.train.worker import WorkerArgs, train_worker
 
     cfg = resolve_data_config(cfg)
     # Fail on unreachable storage or data before anything expensive starts.
@@ -123,14 +119,14 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     num_classes = info.num_classes if cfg.data.conditional else None
     started = False
     try:
-        plan = plan_for(cfg)
+        plan = make_plan(cfg)
         started = _init_ray(cfg, plan)
         if cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None:
-            plan = plan_for(cfg)  # now that we are connected, GPUs can be counted
+            plan = make_plan(cfg)  # now that we are connected, GPUs can be counted
         rundir = RunDir.for_config(cfg)
         rundir.write_text("config.yaml", config_to_yaml(cfg))
         rundir.write_text("plan.json", json.dumps(plan.as_dict(), indent=2))
-        log.warning("raydiff plan:\n%s", plan.describe())
+        log.warning("raydiff plan:\n%s", plan.describe(cfg, rundir.uri))
 
         counter = f"raydiff-bad-samples-{cfg.run.name}"
         ds = build_train_dataset(cfg.data, info, counter_name=counter)
@@ -172,14 +168,14 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         )
         trainer.fit()
         # From storage, not Result.metrics: a run that was already complete reports nothing new.
-        from orchestrator.checkpoints import latest_checkpoint
+        from orchestrator.train.checkpoints import latest_checkpoint
 
         latest = latest_checkpoint(rundir)
         final_step = latest.step if latest is not None else 0
         ckpt_path = f"{rundir.uri}/{latest.name}" if latest is not None else None
         eval_result = None
         if cfg.run.evaluate and num_classes is not None and latest is not None:
-            from orchestrator.evaluate import evaluate_run
+            from orchestrator.eval.judge import evaluate_run
 
             eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
         from orchestrator.data import bad_sample_counts

@@ -16,9 +16,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from orchestrator.checkpoints import CheckpointRef, load_ema_model
+from orchestrator.train.checkpoints import CheckpointRef, load_ema_model
 from orchestrator.config import TrainConfig
-from orchestrator.rundir import RunDir
+from orchestrator.storage import RunDir
 from orchestrator.sampling import generate, grid_png
 
 log = logging.getLogger("raydiff")

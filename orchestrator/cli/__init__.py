@@ -1,0 +1,60 @@
+"""``raydiff`` command line. Each command group lives in its own module with a ``register``
+function that adds its sub-parser; this module only assembles them and maps errors to exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from orchestrator.bench.data import register_bench as register_bench_data
+from orchestrator.cli.data import register as register_data
+from orchestrator.cli.train import register_sample, register_train
+from orchestrator.config import ConfigError
+
+log = logging.getLogger("raydiff")
+
+_COMMANDS = (register_train, register_sample, register_data)
+_BENCHES = (register_bench_data,)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="raydiff", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for register in _COMMANDS:
+        register(sub)
+    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
+    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
+    for register in _BENCHES:
+        register(bench_sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args) or 0)
+    except ConfigError as e:
+        print(f"raydiff: {e}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError) as e:
+        # Storage and data problems found before training (StorageError, DataError) carry
+        # their own fix; anything else is a bug and keeps its traceback.
+        from orchestrator.data import DataError
+        from orchestrator.storage import StorageError
+
+        if isinstance(e, (StorageError, DataError)):
+            print(f"raydiff: {e}", file=sys.stderr)
+            return 2
+        raise
+    except KeyboardInterrupt:
+        print("raydiff: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

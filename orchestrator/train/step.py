@@ -1,0 +1,92 @@
+"""One training step exactly as ``raydiff train`` runs it, usable inside and outside Ray.
+
+The network predicts; the objective (model/objectives.py) noises, weights and computes the loss;
+DeepSpeed owns precision, loss scaling, ZeRO partitioning and the optimizer; the EMA follows the
+weights. ``raydiff bench step`` times this same object against a plain PyTorch loop.
+
+Nothing here reads a GPU value on the host: random draws come from a seeded generator on the
+device, range checks in model/ run on CPU tensors only (model/_checks.py), and the loss stays a
+device tensor until the metrics window is flushed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from model import _random
+from model.ema import EMA
+from model.objectives import DiffusionObjective, LossOutput
+from orchestrator.config import TrainConfig
+from orchestrator.plan import Plan
+from orchestrator.sampling import schedule_from_config
+from orchestrator.train.checkpoints import build_denoiser
+from orchestrator.train.engine import build_engine
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainStep:
+    """Model, DeepSpeed engine, EMA and objective built from the config; ``step(batch, n)``
+    trains on one micro-batch. torch.distributed must be initialised (Ray Train does it; the
+    benchmark initialises a one-process group)."""
+
+    def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, *, device: torch.device, rank: int = 0):
+        self.cfg, self.plan, self.num_classes = cfg, plan, num_classes
+        self.device, self.rank = device, rank
+        self.dtype = DTYPES[plan.precision]
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.engine = build_engine(cfg, plan, build_denoiser(cfg, num_classes))
+        if cfg.precision.compile:
+            self.engine.compile()
+        with self.gathered():
+            self.ema = EMA(self.engine.module, decay=cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
+        d = cfg.diffusion
+        self.objective = DiffusionObjective(
+            schedule_from_config(cfg),
+            d.prediction,
+            d.weighting,
+            min_snr_gamma=d.min_snr_gamma,
+            p2_gamma=d.p2_gamma,
+            p2_k=d.p2_k,
+            num_classes=num_classes,
+            label_dropout=d.label_dropout,
+        )
+
+    def gathered(self):
+        """Full parameters on every rank under ZeRO-3 (partitioned otherwise); no-op below 3."""
+        if self.cfg.precision.zero_stage == 3:
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
+        return contextlib.nullcontext()
+
+    def generator(self, step: int) -> torch.Generator:
+        """Seeded by (seed, rank, step): the random draws of a step are the same after a resume,
+        without saving generator state."""
+        g = torch.Generator(device=self.device)
+        g.manual_seed(((self.cfg.seed * 1_000_003 + self.rank) * 1_000_003 + step) % (2**63))
+        return g
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+        # DeepSpeed's bf16/fp16 engines keep module weights in half precision; inputs must match.
+        return self.engine(x.to(self.dtype), t, labels)
+
+    def _flip(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if not self.cfg.data.random_flip:
+            return images
+        mask = _random.rand((images.shape[0],), generator=g, device=images.device) < 0.5
+        return torch.where(mask[:, None, None, None], images.flip(-1), images)
+
+    def step(self, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
+        """Train on one micro-batch ({"image": [B,C,H,W] in [-1,1], "label": [B]}) as step ``step``."""
+        g = self.generator(step)
+        x0 = self._flip(batch["image"], g)
+        labels = batch["label"] if self.num_classes is not None else None
+        out = self.objective.training_losses(self._forward, x0, labels, generator=g)
+        self.engine.backward(out.loss)
+        self.engine.step()
+        with self.gathered():
+            self.ema.update(self.engine.module)
+        return out

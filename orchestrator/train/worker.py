@@ -1,0 +1,202 @@
+"""The Ray Train worker: build from config, take the dataset shard, train, report, resume.
+
+Everything here runs inside a Ray Train worker process, where Ray has already set up
+torch.distributed. The step itself is ``TrainStep`` (train/step.py), the checkpoint layout is in
+train/checkpoints.py and the metrics window in train/metrics.py; this module only wires them to
+Ray: the dataset shard, ``ray.train.report`` with checkpoints, resume from
+``ray.train.get_checkpoint()``, rank 0's run-directory writes and the progress bar.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from orchestrator.config import TrainConfig, validate_config
+from orchestrator.plan import Plan
+from orchestrator.sampling import sample_grid
+from orchestrator.storage import RunDir, retry_counts
+from orchestrator.storage.rundir import METRICS_LOG
+from orchestrator.train.checkpoints import build_denoiser, read_checkpoint, write_checkpoint
+from orchestrator.train.metrics import MetricsWindow
+from orchestrator.train.state import TrainState
+from orchestrator.train.step import TrainStep
+
+log = logging.getLogger("raydiff.train")
+
+
+@dataclass(frozen=True)
+class WorkerArgs:
+    """What the driver hands each worker (plain data: it crosses process boundaries)."""
+
+    config: dict[str, Any]  # with secrets revealed: in memory only, never written
+    plan: dict[str, Any]
+    num_classes: int | None
+    bad_counter: str | None
+
+
+class Worker:
+    def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, bad_counter: str | None):
+        import ray.train
+
+        self.cfg, self.plan, self.num_classes, self.bad_counter = cfg, plan, num_classes, bad_counter
+        ctx = ray.train.get_context()
+        self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
+        self.local_world = ctx.get_local_world_size()
+        if plan.device == "gpu":
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            self.device = torch.device("cpu")
+            # Ray sets OMP_NUM_THREADS to the worker's CPU share; torch's intra-op pool must
+            # match or two workers on two cores fight over 4 threads.
+            torch.set_num_threads(max(1, int(plan.cpus_per_worker)))
+        self.train = TrainStep(cfg, plan, num_classes, device=self.device, rank=self.rank)
+        self.state = TrainState()
+        self.rundir = RunDir.for_config(cfg) if self.rank == 0 else None
+        self.metrics_log = self.rundir.log(METRICS_LOG) if self.rundir is not None else None
+        self._sample_model: torch.nn.Module | None = None
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def restore(self) -> None:
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        if ckpt is None:
+            return
+        with ckpt.as_directory() as d:
+            self.state = read_checkpoint(d, engine=self.train.engine, ema=self.train.ema)
+        if self.rundir is not None:
+            print(f"raydiff: resumed from {ckpt.path} at step {self.state.step} "
+                  f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})", flush=True)
+            # Durable record too: console lines from workers can be lost when a driver dies.
+            self.rundir.event({"event": "resumed", "checkpoint": ckpt.path, "time": time.time(), **self.state.as_dict()})
+
+    def save_and_report(self, metrics: dict[str, Any]) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        if self.metrics_log is not None:
+            self.metrics_log.flush()  # the history reaches storage with every checkpoint
+        tmp = tempfile.mkdtemp(prefix=f"raydiff-ckpt-r{self.rank}-")
+        try:
+            write_checkpoint(tmp, engine=self.train.engine, ema=self.train.ema, state=self.state, cfg=self.cfg,
+                             num_classes=self.num_classes, rank=self.rank)
+            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    # -- sampling -------------------------------------------------------------------------------
+    def write_grid(self) -> None:
+        if self.rundir is None:
+            return
+        if self._sample_model is None:
+            self._sample_model = build_denoiser(self.cfg, self.num_classes).to(self.device)
+        self.train.ema.copy_to(self._sample_model)
+        threads = torch.get_num_threads()
+        if self.device.type == "cpu":
+            # The other ranks on this node wait in the next collective meanwhile: sampling may
+            # use the CPUs Ray reserved for all of them.
+            torch.set_num_threads(max(threads, int(self.plan.cpus_per_worker * self.local_world)))
+        try:
+            png = sample_grid(self._sample_model, self.cfg, device=self.device)
+        finally:
+            torch.set_num_threads(threads)
+        self.rundir.write_bytes(f"samples/step_{self.state.step:07d}.png", png)
+
+    # -- the loop -------------------------------------------------------------------------------
+    def _batches(self, shard):
+        cfg = self.cfg
+        shuffle = cfg.data.local_shuffle_buffer
+        return shard.iter_torch_batches(
+            batch_size=self.plan.micro_batch_size,
+            drop_last=True,
+            prefetch_batches=cfg.data.prefetch_batches,
+            local_shuffle_buffer_size=shuffle or None,
+            local_shuffle_seed=(cfg.data.seed * 7919 + self.state.epoch) * 131 + self.rank if shuffle else None,
+            dtypes={"image": torch.float32, "label": torch.int64},
+            device=self.device,
+        )
+
+    def _log(self, window: MetricsWindow, bar) -> None:
+        rec = window.flush(self.train.engine, self.state)
+        if self.bad_counter:
+            from orchestrator.data import bad_sample_counts
+
+            rec["bad_samples"] = bad_sample_counts(self.bad_counter)
+        rec["storage_retries"] = retry_counts.total
+        if self.metrics_log is not None:
+            self.metrics_log.write(rec)
+        if bar is not None:
+            # tqdm_ray has no postfix: loss and images/s go in the description.
+            bar.set_description(f"train {self.cfg.run.name} loss {rec['loss']:.4f} {rec['images_per_s']:.0f} img/s")
+
+    def fit(self) -> None:
+        import ray.train
+
+        cfg = self.cfg
+        self.restore()
+        shard = ray.train.get_dataset_shard("train")
+        bar = None
+        if self.rank == 0 and cfg.logging.progress:
+            from ray.experimental.tqdm_ray import tqdm
+
+            bar = tqdm(total=cfg.optim.steps, desc=f"train {cfg.run.name}")
+            bar.update(self.state.step)  # tqdm_ray has no `initial`
+        window = MetricsWindow(cfg.diffusion.loss_bins, self.train.objective.num_timesteps, self.device)
+        try:
+            while self.state.step < cfg.optim.steps:
+                batches = 0
+                t_wait = time.perf_counter()
+                for batch in self._batches(shard):
+                    batches += 1
+                    if batches <= self.state.batch_in_epoch:
+                        t_wait = time.perf_counter()
+                        continue  # fast-forward to the recorded data position after a resume
+                    waited = time.perf_counter() - t_wait
+                    out = self.train.step(batch, self.state.step)
+                    s = self.state
+                    s.step += 1
+                    s.batch_in_epoch += 1
+                    s.samples_seen += out.t.shape[0] * self.world
+                    window.add(out, out.t.shape[0], waited)
+                    if bar is not None:
+                        bar.update(1)
+                    last = s.step == cfg.optim.steps
+                    if s.step % cfg.logging.every_steps == 0 or last:
+                        self._log(window, bar)
+                    if s.step % cfg.sampling.every_steps == 0 or last:
+                        self.write_grid()
+                    if s.step % cfg.checkpoint.every_steps == 0 or last:
+                        self.save_and_report({"step": s.step, "samples_seen": s.samples_seen, "epoch": s.epoch,
+                                              "loss": window.last_loss})
+                    if last:
+                        break
+                    t_wait = time.perf_counter()
+                else:
+                    if batches == 0:
+                        raise RuntimeError(
+                            f"the training dataset gave no full batch of {self.plan.micro_batch_size} per worker: "
+                            "it is empty after skipping bad samples, or smaller than optim.batch_size. "
+                            "Fix: check `raydiff data verify` on data.source, or lower optim.batch_size"
+                        )
+                    self.state.epoch += 1
+                    self.state.batch_in_epoch = 0
+        finally:
+            if self.metrics_log is not None:
+                self.metrics_log.close()
+            if bar is not None:
+                bar.close()
+
+
+def train_worker(args: dict[str, Any]) -> None:
+    """Ray Train entry point (``TorchTrainer(train_loop_per_worker=train_worker, ...)``)."""
+    for name in ("DeepSpeed", "deepspeed"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    wa = WorkerArgs(**args)
+    Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter).fit()
