@@ -118,7 +118,15 @@ class OptimConfig(_Strict):
 class PrecisionConfig(_Strict):
     # auto: fp16 with dynamic loss scaling on GPU; bf16 on CPUs with bf16 units, else fp32.
     dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
-    zero_stage: Literal[0, 1, 2, 3] = 2
+    # How fp16/bf16 is applied. "engine": DeepSpeed's fp16/bf16 engine (weights in half
+    # precision, fp32 master copy in the optimizer; needed for ZeRO 1-3 memory savings).
+    # "autocast": fp32 weights and torch.autocast in the forward pass (DeepSpeed's
+    # torch_autocast with a GradScaler; ZeRO stage 0 only). auto: autocast where stage 0 is
+    # resolved on a GPU, else engine.
+    mixed: Literal["auto", "engine", "autocast"] = "auto"
+    # auto: 0 on a GPU when the model's training state fits in a fraction of one GPU's memory
+    # (no partitioning overhead), else 2; 2 on CPU.
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
     # fp16 loss scaling (DeepSpeed keys): 0 = dynamic.
     loss_scale: float = Field(0.0, ge=0)
     initial_scale_power: int = Field(16, ge=0, le=32)
@@ -210,6 +218,12 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"optim.batch_size={self.optim.batch_size} is not divisible by "
                 f"scaling.num_workers={w}. Fix: set optim.batch_size={lo} or {lo + w}"
+            )
+        if self.precision.mixed == "autocast" and self.precision.zero_stage not in ("auto", 0):
+            raise ValueError(
+                f"precision.mixed=autocast with precision.zero_stage={self.precision.zero_stage}: DeepSpeed "
+                "applies torch autocast with its own loss scaler only without ZeRO partitioning. Fix: set "
+                "precision.zero_stage=0 (or auto), or precision.mixed=engine"
             )
         if self.scaling.device == "cpu" and self.precision.compile:
             raise ValueError("precision.compile=true is for GPU training. Fix: set precision.compile=false")

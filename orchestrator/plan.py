@@ -28,6 +28,11 @@ class Plan:
     cpus_per_worker: float
     gpus_per_worker: int
     micro_batch_size: int
+    zero_stage: int
+    zero_reason: str
+    # fp32 weights + torch.autocast (DeepSpeed torch_autocast) instead of DeepSpeed's fp16/bf16 engine.
+    autocast: bool
+    mixed_reason: str
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -39,7 +44,8 @@ class Plan:
                 f"workers         : {self.num_workers} x ({self.cpus_per_worker:g} CPU, {self.gpus_per_worker} GPU)",
                 f"device          : {self.device} ({self.device_reason})",
                 f"precision       : {self.precision} ({self.precision_reason})",
-                f"DeepSpeed ZeRO  : stage {cfg.precision.zero_stage}",
+                f"mixed precision : {'torch autocast, fp32 weights' if self.autocast else 'DeepSpeed engine'} ({self.mixed_reason})",
+                f"DeepSpeed ZeRO  : stage {self.zero_stage} ({self.zero_reason})",
                 f"batch           : {cfg.optim.batch_size} global = {self.num_workers} x {self.micro_batch_size}",
                 f"steps           : {cfg.optim.steps}",
                 f"checkpoints     : every {cfg.checkpoint.every_steps} steps, keep last {cfg.checkpoint.keep}",
@@ -103,9 +109,71 @@ def resolve_precision(cfg: TrainConfig, device: Device) -> tuple[Precision, str]
     return p, "set by precision.dtype"
 
 
+# Bytes of training state per parameter under mixed precision with Adam: fp32 weights or master
+# copy (4) + moments (8) + gradients and half weights (4) = 16 (Rajbhandari et al. 2020, sec. 3.1).
+STATE_BYTES_PER_PARAM = 16
+# Unpartitioned state may take this share of one GPU; the rest is left to activations.
+ZERO0_MEMORY_SHARE = 0.25
+# Assumed memory of a GPU that cannot be queried from here (a remote cluster's): an A100-40GB.
+DEFAULT_GPU_BYTES = 40 << 30
+
+
+def parameter_count(cfg: TrainConfig) -> int:
+    """Parameters of the configured network, counted on the meta device (no memory, no compute)."""
+    import torch
+
+    from model.registry import build_model
+
+    with torch.device("meta"):
+        net = build_model(cfg.model.name, in_channels=cfg.data.channels, image_size=cfg.data.resolution,
+                          num_classes=10 if cfg.data.conditional else None)
+    return sum(p.numel() for p in net.parameters())
+
+
+def _gpu_bytes(cfg: TrainConfig) -> int:
+    if cfg.scaling.ray_address is None:
+        import torch
+
+        if torch.cuda.is_available():
+            return torch.cuda.get_device_properties(0).total_memory
+    return DEFAULT_GPU_BYTES
+
+
+def resolve_zero_stage(cfg: TrainConfig, device: Device) -> tuple[int, str]:
+    z = cfg.precision.zero_stage
+    if z != "auto":
+        return z, "set by precision.zero_stage"
+    if device == "cpu":
+        return 2, "auto on CPU: gradients and optimizer state partitioned over the workers"
+    need = parameter_count(cfg) * STATE_BYTES_PER_PARAM
+    budget = _gpu_bytes(cfg) * ZERO0_MEMORY_SHARE
+    if need <= budget:
+        return 0, (f"auto: {need / 2**30:.1f} GiB of weights, gradients and Adam state fit in "
+                   f"{ZERO0_MEMORY_SHARE:.0%} of one GPU; no partitioning overhead")
+    return 2, f"auto: {need / 2**30:.1f} GiB of training state is over {ZERO0_MEMORY_SHARE:.0%} of one GPU"
+
+
+def resolve_mixed(cfg: TrainConfig, precision: Precision, zero_stage: int, device: Device) -> tuple[bool, str]:
+    m = cfg.precision.mixed
+    if precision == "fp32":
+        return False, "fp32: nothing to mix"
+    if m == "autocast":
+        if zero_stage != 0:
+            raise ConfigError(f"precision.mixed=autocast needs ZeRO stage 0, resolved {zero_stage}. "
+                              "Fix: precision.zero_stage=0 or precision.mixed=engine")
+        return True, "set by precision.mixed"
+    if m == "engine":
+        return False, "set by precision.mixed"
+    if device == "gpu" and zero_stage == 0:
+        return True, "auto: stage 0 on GPU, fp32 weights with torch autocast and a GradScaler"
+    return False, "auto: DeepSpeed's half-precision engine (ZeRO partitioning or CPU)"
+
+
 def make_plan(cfg: TrainConfig) -> Plan:
     device, device_reason = resolve_device(cfg)
     precision, precision_reason = resolve_precision(cfg, device)
+    zero_stage, zero_reason = resolve_zero_stage(cfg, device)
+    autocast, mixed_reason = resolve_mixed(cfg, precision, zero_stage, device)
     return Plan(
         device=device,
         device_reason=device_reason,
@@ -116,6 +184,10 @@ def make_plan(cfg: TrainConfig) -> Plan:
         gpus_per_worker=1 if device == "gpu" else 0,
         # The config rejects a batch that does not split evenly over the workers.
         micro_batch_size=cfg.optim.batch_size // cfg.scaling.num_workers,
+        zero_stage=zero_stage,
+        zero_reason=zero_reason,
+        autocast=autocast,
+        mixed_reason=mixed_reason,
     )
 
 

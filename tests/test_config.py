@@ -84,7 +84,8 @@ def test_plan_on_cpu_never_uses_fp16_and_says_why():
     ds = deepspeed_config(cfg, plan)
     assert "fp16" not in ds
     assert ds["train_batch_size"] == cfg.optim.batch_size == plan.micro_batch_size * plan.num_workers
-    assert ds["zero_optimization"]["stage"] == cfg.precision.zero_stage
+    assert ds["zero_optimization"]["stage"] == plan.zero_stage == 2  # auto on CPU: partitioned
+    assert not plan.autocast and "torch_autocast" not in ds
 
 
 def test_fp16_on_cpu_is_rejected_once_by_the_plan_with_the_fix():
@@ -96,11 +97,41 @@ def test_fp16_on_cpu_is_rejected_once_by_the_plan_with_the_fix():
 
 
 def test_plan_on_gpu_uses_fp16_with_dynamic_loss_scaling():
-    cfg = load_config(None, ["scaling.device=gpu", "precision.initial_scale_power=12"])
+    # DeepSpeed's fp16 engine (needed with ZeRO partitioning): dynamic loss scaling.
+    cfg = load_config(None, ["scaling.device=gpu", "precision.initial_scale_power=12", "precision.zero_stage=2"])
     plan = make_plan(cfg)
     ds = deepspeed_config(cfg, plan)
-    assert plan.precision == "fp16" and plan.gpus_per_worker == 1
+    assert plan.precision == "fp16" and plan.gpus_per_worker == 1 and not plan.autocast
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 12
+
+
+def test_plan_on_gpu_picks_stage_0_and_autocast_when_the_state_fits():
+    cfg = load_config(None, ["scaling.device=gpu"])
+    plan = make_plan(cfg)
+    ds = deepspeed_config(cfg, plan)
+    assert plan.zero_stage == 0 and plan.autocast and "fit" in plan.zero_reason
+    assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in ds
+    assert ds["zero_optimization"]["stage"] == 0
+
+
+def test_zero_stage_auto_follows_the_memory_rule(monkeypatch):
+    from orchestrator import plan as plan_mod
+
+    cfg = load_config(None, ["scaling.device=gpu", "model.name=dit-xl2"])
+    need = plan_mod.parameter_count(cfg) * plan_mod.STATE_BYTES_PER_PARAM
+    # ~717.6M parameters (the registry test's unconditional count; 10 label embeddings add ~0.3M)
+    # x 16 bytes.
+    assert abs(need / 16 - 717.6e6) < 1e6
+    monkeypatch.setattr(plan_mod, "_gpu_bytes", lambda cfg: int(need / plan_mod.ZERO0_MEMORY_SHARE) + 1)
+    assert plan_mod.resolve_zero_stage(cfg, "gpu")[0] == 0
+    monkeypatch.setattr(plan_mod, "_gpu_bytes", lambda cfg: int(need / plan_mod.ZERO0_MEMORY_SHARE) - 1)
+    assert plan_mod.resolve_zero_stage(cfg, "gpu")[0] == 2
+    assert make_plan(cfg).autocast is False  # stage 2: DeepSpeed's engine
+
+
+def test_autocast_with_zero_partitioning_is_rejected():
+    with pytest.raises(ConfigError, match="zero_stage=0"):
+        load_config(None, ["precision.mixed=autocast", "precision.zero_stage=2"])
 
 
 def test_lr_schedule_warmup_then_cosine_to_floor():

@@ -25,15 +25,19 @@ def deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
         "gradient_accumulation_steps": 1,
         "gradient_clipping": o.grad_clip,
-        "zero_optimization": {"stage": p.zero_stage},
+        "zero_optimization": {"stage": plan.zero_stage},
         "steps_per_print": 10**9,  # raydiff logs its own metrics
         "wall_clock_breakdown": False,
     }
-    if p.zero_stage == 3:
+    if plan.zero_stage == 3:
         # Small models: gather everything, keep no persistence thresholds that would leave
         # tiny params partitioned across CPU workers.
         ds["zero_optimization"].update({"stage3_param_persistence_threshold": 0})
-    if plan.precision == "fp16":
+    if plan.autocast:
+        # fp32 weights, torch.autocast in the forward, torch's GradScaler for fp16: the loop a
+        # careful user writes by hand, with DeepSpeed still owning the step.
+        ds["torch_autocast"] = {"enabled": True, "dtype": "float16" if plan.precision == "fp16" else "bfloat16"}
+    elif plan.precision == "fp16":
         ds["fp16"] = {
             "enabled": True,
             "loss_scale": p.loss_scale,
@@ -89,7 +93,11 @@ def build_engine(cfg: TrainConfig, plan: Plan, module: torch.nn.Module):
 
 
 def loss_scale_of(engine) -> float:
-    """Current fp16 loss scale (1.0 when not scaling)."""
+    """Current fp16 loss scale (1.0 when not scaling). Reads a device value: call it once per
+    log interval, not per step."""
+    scaler = getattr(engine, "torch_autocast_z0_gradscaler", None)
+    if scaler is not None:
+        return float(scaler.get_scale())
     opt = getattr(engine, "optimizer", None)
     for holder in (opt, getattr(opt, "loss_scaler", None)):
         scale = getattr(holder, "cur_scale", None) if holder is not None else None

@@ -35,7 +35,9 @@ class TrainStep:
     def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, *, device: torch.device, rank: int = 0):
         self.cfg, self.plan, self.num_classes = cfg, plan, num_classes
         self.device, self.rank = device, rank
-        self.dtype = DTYPES[plan.precision]
+        # The dtype of the network's weights and inputs: half precision in DeepSpeed's fp16/bf16
+        # engines, fp32 under autocast (which casts per operation).
+        self.dtype = torch.float32 if plan.autocast else DTYPES[plan.precision]
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.engine = build_engine(cfg, plan, build_denoiser(cfg, num_classes))
         if cfg.precision.compile:
@@ -56,7 +58,7 @@ class TrainStep:
 
     def gathered(self):
         """Full parameters on every rank under ZeRO-3 (partitioned otherwise); no-op below 3."""
-        if self.cfg.precision.zero_stage == 3:
+        if self.plan.zero_stage == 3:
             import deepspeed
 
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
