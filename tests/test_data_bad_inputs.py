@@ -148,3 +148,24 @@ def test_missing_and_out_of_range_labels(ray_local, tmp_path):
     images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
     assert sorted(labels.tolist()) == [0, 1, 1]
     assert bad_sample_counts(name) == {"missing_label": 1, "label_out_of_range": 1}
+
+
+def test_exif_orientation_is_applied():
+    # Upright: 48x32, four flat colour blocks (JPEG-friendly), so orientation mistakes are obvious.
+    a = np.zeros((32, 48, 3), np.uint8)
+    a[:16, :24], a[:16, 24:], a[16:, :24], a[16:, 24:] = (230, 30, 30), (30, 230, 30), (30, 30, 230), (230, 230, 30)
+    upright = Image.fromarray(a)
+    # A camera held sideways stores the pixels rotated and tags orientation 6 ("rotate 90° CW
+    # to display"): the stored image is the upright one turned 90° counter-clockwise.
+    stored = upright.transpose(Image.Transpose.ROTATE_90)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    b = io.BytesIO()
+    stored.save(b, format="JPEG", quality=95, exif=exif.tobytes())
+    for crop in (True, False):
+        want, _ = decode_image(jpeg_bytes(upright, quality=95), 16, 3, crop)
+        got, kind = decode_image(b.getvalue(), 16, 3, crop)
+        ignored, _ = decode_image(jpeg_bytes(stored, quality=95), 16, 3, crop)
+        assert kind is None and got.shape == want.shape == (16, 16, 3)
+        assert np.abs(got.astype(int) - want.astype(int)).mean() < 6  # same picture, up to JPEG
+        assert np.abs(ignored.astype(int) - want.astype(int)).mean() > 40  # the tag matters

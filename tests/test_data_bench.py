@@ -6,7 +6,7 @@ import io
 
 from test_data_helpers import write_imagefolder
 
-from orchestrator.data.bench import run_bench
+from orchestrator.bench.data import run_bench
 
 
 def test_bench_data_smoke(ray_local, tmp_path):

@@ -18,8 +18,11 @@ from s3_server import free_port
 from test_data_helpers import collect, expected_tensor, jpeg_bytes, png_bytes, rand_image, write_imagefolder
 
 from orchestrator.config import DataConfig
+from orchestrator.cli import data as data_cli
 from orchestrator.data import DataError, bad_sample_counts, build_train_dataset, inspect_dataset
-from orchestrator.data import cli as data_cli
+from orchestrator.data.formats.webdataset import build_shard
+from orchestrator.data.upload import upload
+from orchestrator.storage.local_server import serve_s3
 
 CLASSES = {"ant": 3, "bee": 2, "cow": 4}
 
@@ -108,14 +111,14 @@ def test_upload_is_resumable_and_checksummed(s3_server, tmp_path):
     dest = f"s3://{bucket}/ds"
     s3 = s3_server.s3_config()
     out = io.StringIO()
-    m1 = data_cli.upload(str(tmp_path / "folder"), dest, shard_size=("samples", 3), s3cfg=s3, progress=False, out=out)
+    m1 = upload(str(tmp_path / "folder"), dest, shard_size=("samples", 3), s3cfg=s3, progress=False, out=out)
     assert "3 shards (3 uploaded, 0 already present), 8 samples, 2 classes" in out.getvalue()
     client = s3_server.client()
     # Simulate an interrupted upload: one shard lost, one replaced by garbage.
     client.delete_object(Bucket=bucket, Key="ds/shard-000001.tar")
     client.put_object(Bucket=bucket, Key="ds/shard-000002.tar", Body=b"partial")
     out = io.StringIO()
-    m2 = data_cli.upload(str(tmp_path / "folder"), dest, shard_size=("samples", 3), s3cfg=s3, progress=False, out=out)
+    m2 = upload(str(tmp_path / "folder"), dest, shard_size=("samples", 3), s3cfg=s3, progress=False, out=out)
     assert "(2 uploaded, 1 already present)" in out.getvalue()
     assert m1["shards"] == m2["shards"]
     manifest = json.loads(client.get_object(Bucket=bucket, Key="ds/manifest.json")["Body"].read())
@@ -171,7 +174,7 @@ def test_serve_s3_persists_across_restarts(tmp_path):
     port = free_port()
     stop = threading.Event()
     out = io.StringIO()
-    t = threading.Thread(target=data_cli.serve_s3, args=(port, str(tmp_path / "store"), ["demo"]), kwargs={"stop": stop, "out": out})
+    t = threading.Thread(target=serve_s3, args=(port, str(tmp_path / "store"), ["demo"]), kwargs={"stop": stop, "out": out})
     t.start()
     client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
     for _ in range(100):
@@ -187,7 +190,7 @@ def test_serve_s3_persists_across_restarts(tmp_path):
     port2 = free_port()
     stop2 = threading.Event()
     out2 = io.StringIO()
-    t2 = threading.Thread(target=data_cli.serve_s3, args=(port2, str(tmp_path / "store"), []), kwargs={"stop": stop2, "out": out2})
+    t2 = threading.Thread(target=serve_s3, args=(port2, str(tmp_path / "store"), []), kwargs={"stop": stop2, "out": out2})
     t2.start()
     for _ in range(100):
         if "Ctrl-C" in out2.getvalue():
@@ -199,6 +202,19 @@ def test_serve_s3_persists_across_restarts(tmp_path):
     t2.join(30)
 
 
+def test_serve_s3_without_moto_says_what_to_install(monkeypatch, capsys):
+    import sys
+
+    from orchestrator.cli import main as raydiff_main
+
+    monkeypatch.setitem(sys.modules, "moto", None)  # as if moto were not installed
+    monkeypatch.setitem(sys.modules, "moto.server", None)
+    for entry in (data_cli.main, raydiff_main):
+        assert entry(["data", "serve-s3", "--port", str(free_port())]) == 2
+        err = capsys.readouterr().err
+        assert err.splitlines() == ["raydiff: raydiff data serve-s3 needs moto: pip install 'raydiff[serve-s3]'"]
+
+
 def test_parquet_missing_image_column(tmp_path):
     pq.write_table(pa.table({"pixels": [b"x"]}), tmp_path / "a.parquet")
     with pytest.raises(DataError, match="no column 'image'.*data.image_column"):
@@ -206,8 +222,6 @@ def test_parquet_missing_image_column(tmp_path):
 
 
 def test_manifest_classes_and_out_of_range_cls(ray_local, tmp_path):
-    from orchestrator.data.cli import build_shard
-
     root = tmp_path / "m"
     root.mkdir()
     samples = [(f"{i:03d}", "png", png_bytes(rand_image(300 + i, 16)), lab) for i, lab in enumerate([0, 1, 5, None])]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.cli.data import upload
+from orchestrator.data.upload import upload
 from orchestrator.data.demo import write_demo_dataset
 from orchestrator.storage import RunDir
 

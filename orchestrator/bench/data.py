@@ -8,7 +8,6 @@ the printed ratio is pipeline images/s per core over plain-loop images/s.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import io
 import os
 import sys
@@ -53,16 +52,14 @@ def run_bench(uri: str, *, limit: int | None = 2000, resolution: int = 64, batch
     import ray
 
     from orchestrator.config import DataConfig, S3Config
-    from orchestrator.data.pipeline import build_train_dataset, inspect_dataset
+    from orchestrator.data.pipeline import build_train_dataset, head, inspect_dataset
 
     out = out or sys.stdout
     cores = cores or os.cpu_count() or 1
     cfg = DataConfig(source=uri, resolution=resolution, s3=s3cfg or S3Config())
     info = inspect_dataset(cfg)
-    if limit and info.format == "imagefolder" and info.num_samples > limit:
-        info = dataclasses.replace(
-            info, num_samples=limit, files=info.files[:limit], labels=info.labels[:limit] if info.labels else None
-        )
+    if limit:
+        info = head(info, limit)  # one file per sample (image folders): read only what is timed
     if not ray.is_initialized():
         ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
     from ray.data import DataContext
@@ -104,15 +101,15 @@ def run_bench(uri: str, *, limit: int | None = 2000, resolution: int = 64, batch
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
-    from orchestrator.data.cli import _s3cfg
+    from orchestrator.cli.data import s3_config_from_args
 
     run_bench(args.uri, limit=args.limit or None, resolution=args.resolution, batch_size=args.batch_size, cores=args.cores,
-              repeats=args.repeats, s3cfg=_s3cfg(args))
+              repeats=args.repeats, s3cfg=s3_config_from_args(args))
     return 0
 
 
 def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
-    from orchestrator.data.cli import _add_s3_args
+    from orchestrator.cli.data import add_s3_args
 
     p = bench_subparsers.add_parser("data", help="input pipeline images/s per core vs a plain PIL loop")
     p.add_argument("uri", metavar="URI", help="dataset (local path or s3://...)")
@@ -121,6 +118,6 @@ def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--cores", type=int, default=None, help="CPU cores for Ray (default: all)")
     p.add_argument("--repeats", type=int, default=3, help="timed passes per side (best one counts)")
-    _add_s3_args(p)
+    add_s3_args(p)
     p.set_defaults(func=cmd_bench_data)
     return p

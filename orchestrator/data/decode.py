@@ -2,7 +2,8 @@
 
 A bad sample never raises: ``decode_image`` returns the reason (a *kind*) instead, and the
 caller drops the sample and counts the kind. Unusual pixel modes are converted (and counted as
-``converted_from_<MODE>``), not dropped.
+``converted_from_<MODE>``), not dropped. Images with an EXIF orientation (phone photos) are
+turned upright before cropping, as every image viewer shows them.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Images whose shorter side is below this carry no usable content for training at >= 8 px.
 MIN_IMAGE_SIDE = 4
@@ -59,6 +60,23 @@ def _to_8bit_gray(img: Image.Image) -> Image.Image:
     else:
         arr = np.clip(arr, 0, 255).astype(np.uint8)
     return Image.fromarray(arr, "L")
+
+
+_EXIF_ORIENTATION = 0x0112
+
+
+def _upright(img: Image.Image) -> Image.Image:
+    """Apply the EXIF orientation tag. Only images that carry EXIF are parsed (a dict lookup
+    for the rest), and a broken EXIF block leaves the pixels as stored rather than dropping
+    an otherwise good image."""
+    if "exif" not in img.info:
+        return img
+    try:
+        if img.getexif().get(_EXIF_ORIENTATION, 1) == 1:
+            return img
+        return ImageOps.exif_transpose(img)
+    except Exception:  # noqa: BLE001 - metadata problem, not a pixel problem
+        return img
 
 
 def _convert(img: Image.Image, target: str) -> Image.Image:
@@ -112,7 +130,7 @@ def decode_image(data: bytes | None, resolution: int, channels: int, center_crop
             # the largest speed-up available for big JPEGs.
             img.draft(target, (resolution, resolution))
         img.load()
-        img = _convert(img, target)
+        img = _convert(_upright(img), target)
         w, h = img.size
         if center_crop:
             s = min(w, h)

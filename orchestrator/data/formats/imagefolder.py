@@ -1,0 +1,124 @@
+"""imagefolder: ``root/<class>/*.{png,jpg,jpeg,webp,bmp}`` (sorted class directory names are the
+labels), or flat files (unlabeled), or flat files + ``data.labels_file`` (CSV ``path,label`` or
+JSON ``{path: label}`` / ``[{"path":..., "label":...}]``; labels are ints or class names).
+
+A work unit is one image file; many of them go into one decode task.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING, Any, Iterator
+
+import numpy as np
+
+from orchestrator import storage
+from orchestrator.data.counter import report
+from orchestrator.data.formats.base import DataFormat, DecodeContext, Listing, Sample, count, decode_samples, ext, read_one
+from orchestrator.data.info import DataError, DatasetInfo
+from orchestrator.data.labels import NO_LABEL, classes_from_values, read_labels_file
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+
+    from orchestrator.config import DataConfig
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+class ImageFolder(DataFormat):
+    name = "imagefolder"
+    description = f"images ({'/'.join(IMAGE_EXTS)})"
+
+    def detect(self, files: Listing) -> float:
+        return sum(ext(rel) in IMAGE_EXTS for rel, _ in files)
+
+    def inspect(self, cfg: "DataConfig", files: Listing) -> DatasetInfo:
+        images = sorted(rel for rel, _ in files if ext(rel) in IMAGE_EXTS)
+        if not images:
+            raise DataError(f"{storage.redact_uri(cfg.source)} holds no images with extensions {', '.join(IMAGE_EXTS)}")
+        if cfg.labels_file:
+            mapping = read_labels_file(cfg)
+            present = [mapping[p] for p in images if p in mapping]
+            if not present:
+                raise DataError(
+                    f"data.labels_file={cfg.labels_file!r} names none of the {len(images)} images (e.g. {images[0]!r}). "
+                    "Fix: use paths relative to data.source"
+                )
+            names, index = classes_from_values(present, f"data.labels_file={cfg.labels_file!r}")
+            labels = tuple(index[mapping[p]] if p in mapping else NO_LABEL for p in images)
+            return DatasetInfo(cfg.source, self.name, len(images), names, tuple(images), labels)
+        class_dirs = sorted({p.split("/", 1)[0] for p in images if "/" in p})
+        if not class_dirs:
+            return DatasetInfo(cfg.source, self.name, len(images), None, tuple(images), None)
+        index = {c: i for i, c in enumerate(class_dirs)}
+        # Images next to the class directories have no class: kept for unconditional training,
+        # dropped (counted as missing_label) for conditional training.
+        labels = tuple(index[p.split("/", 1)[0]] if "/" in p else NO_LABEL for p in images)
+        return DatasetInfo(cfg.source, self.name, len(images), tuple(class_dirs), tuple(images), labels)
+
+    def units(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str) -> "pa.Table":
+        import pyarrow as pa
+
+        n = len(info.files)
+        labels = np.asarray(info.labels, dtype=np.int64) if info.labels is not None else np.zeros(n, np.int64)
+        return pa.table({"unit": pa.array(info.files, pa.string()), "label": pa.array(labels)})
+
+    def units_per_block(self, cfg: "DataConfig", num_units: int) -> int:
+        import ray
+
+        # Few, large map tasks: Ray Data's per-task overhead (scheduling, ramp-up, the last
+        # task's tail) dominates on few cores. Measured on 2 cores with 2,000 JPEGs: 125-row
+        # blocks 1.9k img/s, 250 2.2k, 1,000 2.9k. So one block per CPU, capped at ~64 MiB of
+        # decoded output per block; each task yields its output in chunks so that training can
+        # start on the first chunk (streaming) instead of waiting for the whole block.
+        cpus = int(ray.cluster_resources().get("CPU", 4)) if ray.is_initialized() else 4
+        row_bytes = 4 * cfg.channels * cfg.resolution * cfg.resolution
+        cap = max(cfg.decode_batch_size, (64 << 20) // row_bytes)
+        return max(cfg.decode_batch_size, min(cap, math.ceil(num_units / max(cpus, 1))))
+
+    def decode(self, batch: dict[str, np.ndarray], ctx: DecodeContext) -> Iterator[dict[str, np.ndarray]]:
+        n = len(batch["unit"])
+        for i in range(0, n, ctx.chunk):
+            yield self._decode_files({k: v[i : i + ctx.chunk] for k, v in batch.items()}, ctx)
+
+    def _decode_files(self, batch: dict[str, np.ndarray], ctx: DecodeContext) -> dict[str, np.ndarray]:
+        fs = ctx.filesystem()
+        paths = [f"{ctx.root}/{rel}" for rel in batch["unit"]]
+        raw = batch["label"].tolist()
+        counts: dict[str, int] = {}
+        if ctx.labels.use_labels:
+            # Skip reading files that would be dropped for their label anyway.
+            keep = [i for i, l in enumerate(raw) if ctx.labels.check(l)[1] is None]
+            for l in raw:
+                kind = ctx.labels.check(l)[1]
+                if kind:
+                    count(counts, kind)
+            paths = [paths[i] for i in keep]
+            raw = [raw[i] for i in keep]
+        retry = ctx.retry(counts)
+        if ctx.parallel_reads > 1:
+            # Object-store GETs are latency-bound: overlap them.
+            with ThreadPoolExecutor(ctx.parallel_reads) as ex:
+                blobs = list(ex.map(lambda q: read_one(fs, q, retry), paths))
+        else:
+            blobs = [read_one(fs, q, retry) for q in paths]
+        out = decode_samples(blobs, raw, ctx, counts)
+        report(counts, ctx.counter_name)
+        return out
+
+    def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
+        labels = info.labels if info.labels is not None else (NO_LABEL,) * len(info.files)
+        step = 64
+        with ThreadPoolExecutor(threads if storage.parse_uri(cfg.source).is_s3 else 1) as ex:
+            for i in range(0, len(info.files), step):
+                chunk = info.files[i : i + step]
+                blobs = list(ex.map(lambda rel: read_one(fs, f"{root}/{rel}"), chunk))
+                yield from zip(chunk, blobs, labels[i : i + step])
+
+    def head(self, info: DatasetInfo, n: int) -> DatasetInfo:
+        if info.num_samples <= n:
+            return info
+        return dataclasses.replace(info, num_samples=n, files=info.files[:n], labels=info.labels[:n] if info.labels else None)

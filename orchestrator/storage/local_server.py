@@ -1,0 +1,95 @@
+"""``raydiff data serve-s3``: a local S3-compatible server (moto) on 127.0.0.1 for demos.
+
+moto is optional (``pip install 'raydiff[serve-s3]'``; the dev extra has it too): it is imported
+only here, when the command runs, and its absence is reported as a one-line ``StorageError``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from pathlib import Path
+
+from orchestrator.storage import StorageError
+
+MOTO_MISSING = "raydiff data serve-s3 needs moto: pip install 'raydiff[serve-s3]'"
+
+
+def _moto_server_cls():
+    try:
+        from moto.server import ThreadedMotoServer
+    except ImportError:  # moto, or its [server] extra (flask, werkzeug), is not installed
+        raise StorageError(MOTO_MISSING) from None
+    return ThreadedMotoServer
+
+
+def _restore(client, root: Path) -> int:
+    n = 0
+    for bucket_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        client.create_bucket(Bucket=bucket_dir.name)
+        for f in sorted(bucket_dir.rglob("*")):
+            if f.is_file():
+                client.put_object(Bucket=bucket_dir.name, Key=f.relative_to(bucket_dir).as_posix(), Body=f.read_bytes())
+                n += 1
+    return n
+
+
+def _snapshot(client, root: Path) -> int:
+    n = 0
+    for b in client.list_buckets().get("Buckets", []):
+        for page in client.get_paginator("list_objects_v2").paginate(Bucket=b["Name"]):
+            for obj in page.get("Contents", []):
+                target = root / b["Name"] / obj["Key"]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                target.write_bytes(client.get_object(Bucket=b["Name"], Key=obj["Key"])["Body"].read())
+                n += 1
+    return n
+
+
+def serve_s3(port: int, directory: str | None, buckets: list[str], *, stop: threading.Event | None = None, out=None) -> None:
+    """A local S3 (moto) on 127.0.0.1 for demos, until Ctrl-C (or ``stop`` is set).
+
+    moto keeps objects in memory. With ``directory`` the store is restored from it at start
+    (``DIR/<bucket>/<key>`` files) and written back on a clean exit: best-effort persistence,
+    lost if the process is killed hard. Not for production data.
+    """
+    server_cls = _moto_server_cls()
+    import boto3
+
+    out = out or sys.stdout
+    server = server_cls(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    # moto accepts any key; these fixed dummy values are not secrets.
+    client = boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="testing", aws_secret_access_key="testing")
+    root = Path(directory) if directory else None
+    try:
+        restored = _restore(client, root) if root and root.is_dir() else 0
+        for b in buckets:
+            try:
+                client.create_bucket(Bucket=b)
+            except client.exceptions.BucketAlreadyOwnedByYou:
+                pass
+        bucket = buckets[0] if buckets else "BUCKET"
+        print(
+            f"local S3 (moto) at {endpoint}" + (f", {restored} objects restored from {root}" if root else "") + "\n"
+            "use it with:\n"
+            "  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1\n"
+            f"  raydiff data upload DIR s3://{bucket}/dataset --endpoint-url {endpoint}\n"
+            f"  raydiff train data.source=s3://{bucket}/dataset data.s3.endpoint_url={endpoint} "
+            f"run.storage=s3://{bucket}/runs\n"
+            "Ctrl-C stops it" + (f" and saves the objects to {root}" if root else " (objects are kept in memory only)"),
+            file=out,
+            flush=True,
+        )
+        while not (stop.wait(0.2) if stop else time.sleep(0.5)):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if root:
+            root.mkdir(parents=True, exist_ok=True)
+            n = _snapshot(client, root)
+            print(f"saved {n} objects to {root}", file=out, flush=True)
+        server.stop()
