@@ -9,6 +9,7 @@ import logging
 import sys
 
 from orchestrator.bench.data import register_bench as register_bench_data
+from orchestrator.bench.step import register_bench as register_bench_step
 from orchestrator.cli.data import register as register_data
 from orchestrator.cli.train import register_sample, register_train
 from orchestrator.config import ConfigError
@@ -16,7 +17,7 @@ from orchestrator.config import ConfigError
 log = logging.getLogger("raydiff")
 
 _COMMANDS = (register_train, register_sample, register_data)
-_BENCHES = (register_bench_data,)
+_BENCHES = (register_bench_data, register_bench_step)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -38,6 +38,9 @@ class TrainStep:
         # The dtype of the network's weights and inputs: half precision in DeepSpeed's fp16/bf16
         # engines, fp32 under autocast (which casts per operation).
         self.dtype = torch.float32 if plan.autocast else DTYPES[plan.precision]
+        if device.type == "cuda":
+            # Fixed input shapes every step: let cuDNN pick the fastest convolution algorithms.
+            torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         self.engine = build_engine(cfg, plan, build_denoiser(cfg, num_classes))
         if cfg.precision.compile:
