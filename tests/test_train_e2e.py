@@ -61,7 +61,12 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     m2 = _metrics(rundir)
     assert [r["step"] for r in m2] == list(range(1, 10))
     events = rundir.events()
-    assert [(e["event"], e["step"], e["samples_seen"]) for e in events] == [("resumed", 6, 48)]
+    resumed = [e for e in events if e["event"] == "resumed"]
+    assert [(e["event"], e["step"], e["samples_seen"]) for e in resumed] == [("resumed", 6, 48)]
+    # Each invocation records its start and first step; every checkpoint its training stall.
+    assert [e["event"] for e in events].count("started") == 2
+    assert [e["step"] for e in events if e["event"] == "first_step"] == [1, 7]
+    assert [e["step"] for e in events if e["event"] == "checkpoint"] == [3, 6, 9]
     assert m2[-1]["samples_seen"] == 9 * 8
     refs = list_checkpoints(rundir)
     assert [r.step for r in refs] == [6, 9]  # keep=2

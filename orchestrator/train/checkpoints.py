@@ -13,7 +13,10 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import posixpath
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import torch
 from model.ema import EMA
 from model.registry import build_model
 from orchestrator.config import TrainConfig, config_to_yaml, load_config_text
-from orchestrator.storage import RunDir
+from orchestrator.storage import RunDir, parse_uri
 from orchestrator.train.state import TrainState
 
 DS_TAG = "ds"
@@ -60,6 +63,46 @@ def read_checkpoint(directory: str | Path, *, engine: Any, ema: EMA) -> TrainSta
         raise RuntimeError(f"checkpoint {d} has no DeepSpeed state under tag {DS_TAG!r}")
     ema.load_state_dict(torch.load(d / EMA_FILE, map_location="cpu", weights_only=False))
     return TrainState(**json.loads((d / STATE_FILE).read_text()))
+
+
+def checkpoint_dir_name(step: int) -> str:
+    """Checkpoint directories are named by step, so a listing reads in training order."""
+    return f"checkpoint_{step:08d}"
+
+
+def staging_dir(run_uri: str, step: int, rank: int) -> str:
+    """Where a rank writes its part of a checkpoint before it is persisted.
+
+    For a local run directory the staging area is inside it, on the same filesystem, so that
+    persisting is a rename (``MoveIntoRun``), not a second copy of gigabytes of optimizer state.
+    For object storage it is a local temporary directory that Ray uploads in the background.
+    """
+    loc = parse_uri(run_uri)
+    if loc.is_s3:
+        return tempfile.mkdtemp(prefix=f"raydiff-ckpt-{step}-r{rank}-")
+    d = Path(loc.key) / ".staging" / f"step_{step:08d}_rank{rank}"
+    shutil.rmtree(d, ignore_errors=True)  # left over by a run killed while staging
+    d.mkdir(parents=True)
+    return str(d)
+
+
+class MoveIntoRun:
+    """``checkpoint_upload_fn`` for local run directories: moves a rank's staged files into
+    ``{run}/{checkpoint_dir_name}`` (ranks merge into one directory) by rename."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = Path(run_dir)
+
+    def __call__(self, checkpoint: Any, dir_name: str) -> Any:
+        from ray.train import Checkpoint
+
+        src, dest = Path(checkpoint.path), self.run_dir / dir_name
+        for f in sorted(p for p in src.rglob("*") if p.is_file()):
+            target = dest / f.relative_to(src)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(f, target)
+        shutil.rmtree(src, ignore_errors=True)
+        return Checkpoint.from_directory(str(dest))
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     from orchestrator.storage import check_writable, ray_storage
     from orchestrator.train.worker import WorkerArgs, train_worker
 
+    t_start = time.time()
     cfg = resolve_data_config(cfg)
     # Fail on unreachable storage or data before anything expensive starts.
     check_writable(cfg.run.storage, cfg.data.s3)
@@ -124,6 +126,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         if cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None:
             plan = make_plan(cfg)  # now that we are connected, GPUs can be counted
         rundir = RunDir.for_config(cfg)
+        rundir.event({"event": "started", "time": t_start})
         rundir.write_text("config.yaml", config_to_yaml(cfg))
         rundir.write_text("plan.json", json.dumps(plan.as_dict(), indent=2))
         log.warning("raydiff plan:\n%s", plan.describe(cfg, rundir.uri))

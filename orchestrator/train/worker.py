@@ -10,8 +10,6 @@ Ray: the dataset shard, ``ray.train.report`` with checkpoints, resume from
 from __future__ import annotations
 
 import logging
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -21,9 +19,16 @@ import torch
 from orchestrator.config import TrainConfig, validate_config
 from orchestrator.plan import Plan
 from orchestrator.sampling import sample_grid
-from orchestrator.storage import RunDir, retry_counts
+from orchestrator.storage import RunDir, parse_uri, retry_counts
 from orchestrator.storage.rundir import METRICS_LOG
-from orchestrator.train.checkpoints import build_denoiser, read_checkpoint, write_checkpoint
+from orchestrator.train.checkpoints import (
+    MoveIntoRun,
+    build_denoiser,
+    checkpoint_dir_name,
+    read_checkpoint,
+    staging_dir,
+    write_checkpoint,
+)
 from orchestrator.train.metrics import MetricsWindow
 from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
@@ -77,19 +82,31 @@ class Worker:
             # Durable record too: console lines from workers can be lost when a driver dies.
             self.rundir.event({"event": "resumed", "checkpoint": ckpt.path, "time": time.time(), **self.state.as_dict()})
 
-    def save_and_report(self, metrics: dict[str, Any]) -> None:
+    def save_and_report(self, metrics: dict[str, Any]) -> float:
+        """Write this rank's checkpoint and hand it to Ray Train, which persists it in the
+        background (local run directories: a rename; object storage: an upload) while
+        training continues. Returns the seconds training was stalled."""
         import ray.train
         from ray.train import Checkpoint
+        from ray.train.v2.api.report_config import CheckpointUploadMode
 
+        t0 = time.perf_counter()
         if self.metrics_log is not None:
             self.metrics_log.flush()  # the history reaches storage with every checkpoint
-        tmp = tempfile.mkdtemp(prefix=f"raydiff-ckpt-r{self.rank}-")
-        try:
-            write_checkpoint(tmp, engine=self.train.engine, ema=self.train.ema, state=self.state, cfg=self.cfg,
-                             num_classes=self.num_classes, rank=self.rank)
-            ray.train.report(metrics, checkpoint=Checkpoint.from_directory(tmp))
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        run_uri = RunDir.for_config(self.cfg).uri
+        staged = staging_dir(run_uri, self.state.step, self.rank)
+        write_checkpoint(staged, engine=self.train.engine, ema=self.train.ema, state=self.state, cfg=self.cfg,
+                         num_classes=self.num_classes, rank=self.rank)
+        local = not parse_uri(run_uri).is_s3
+        ray.train.report(
+            metrics,
+            checkpoint=Checkpoint.from_directory(staged),
+            checkpoint_dir_name=checkpoint_dir_name(self.state.step),
+            checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
+            checkpoint_upload_fn=MoveIntoRun(parse_uri(run_uri).key) if local else None,
+            delete_local_checkpoint_after_upload=not local,
+        )
+        return time.perf_counter() - t0
 
     # -- sampling -------------------------------------------------------------------------------
     def write_grid(self) -> None:
@@ -149,6 +166,7 @@ class Worker:
             bar = tqdm(total=cfg.optim.steps, desc=f"train {cfg.run.name}")
             bar.update(self.state.step)  # tqdm_ray has no `initial`
         window = MetricsWindow(cfg.diffusion.loss_bins, self.train.objective.num_timesteps, self.device)
+        first_step = True
         try:
             while self.state.step < cfg.optim.steps:
                 batches = 0
@@ -172,9 +190,16 @@ class Worker:
                         self._log(window, bar)
                     if s.step % cfg.sampling.every_steps == 0 or last:
                         self.write_grid()
+                    if first_step and self.rundir is not None:
+                        # With the driver's "started" event: the time to the first step.
+                        self.rundir.event({"event": "first_step", "step": s.step, "time": time.time()})
+                    first_step = False
                     if s.step % cfg.checkpoint.every_steps == 0 or last:
-                        self.save_and_report({"step": s.step, "samples_seen": s.samples_seen, "epoch": s.epoch,
-                                              "loss": window.last_loss})
+                        stall = self.save_and_report({"step": s.step, "samples_seen": s.samples_seen,
+                                                      "epoch": s.epoch, "loss": window.last_loss})
+                        if self.rundir is not None:
+                            self.rundir.event({"event": "checkpoint", "step": s.step, "stall_s": round(stall, 3),
+                                               "time": time.time()})
                     if last:
                         break
                     t_wait = time.perf_counter()
