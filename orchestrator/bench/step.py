@@ -57,9 +57,14 @@ def make_batches(cfg: TrainConfig, batch: int, num_classes: int, device: torch.d
              "label": torch.randint(0, num_classes, (batch,), generator=g).to(device)} for _ in range(ROTATE)]
 
 
+PROFILE_STEPS = 5
+
+
 def _timed(step: Callable[[int], Any], *, warmup: int, steps: int, batch: int, device: torch.device,
-           t_build: float) -> tuple[float, float]:
-    """Runs ``step(i)`` for warm-up then timed steps; returns (images/s, seconds to first step)."""
+           t_build: float, profile: str | None = None) -> tuple[float, float]:
+    """Runs ``step(i)`` for warm-up then timed steps; returns (images/s, seconds to first step).
+    With ``profile`` (a label), a few more steps run under torch.profiler afterwards and the
+    busiest operators are printed: where the time goes, outside the timed window."""
     step(0)
     _sync(device)
     first = time.perf_counter() - t_build
@@ -70,7 +75,31 @@ def _timed(step: Callable[[int], Any], *, warmup: int, steps: int, batch: int, d
     for i in range(steps):
         step(warmup + i)
     _sync(device)
-    return batch * steps / (time.perf_counter() - t0), first
+    rate = batch * steps / (time.perf_counter() - t0)
+    if profile:
+        print_profile(profile, lambda i: step(warmup + steps + i), device)
+    return rate, first
+
+
+def print_profile(label: str, step: Callable[[int], Any], device: torch.device, out=None) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    out = out or sys.stdout
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    t0 = time.perf_counter()
+    with profile(activities=acts) as prof:
+        for i in range(PROFILE_STEPS):
+            step(i)
+        _sync(device)
+    wall = (time.perf_counter() - t0) / PROFILE_STEPS
+    events = prof.key_averages()
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    busy = sum(getattr(e, key) for e in events) / 1e6 / PROFILE_STEPS
+    print(f"--- profile {label}: {wall * 1e3:.1f} ms/step wall, {busy * 1e3:.1f} ms/step "
+          f"{'GPU busy' if device.type == 'cuda' else 'CPU self time'}", file=out)
+    print(events.table(sort_by=key, row_limit=12, max_name_column_width=60), file=out)
+    if device.type == "cuda":
+        print(events.table(sort_by="self_cpu_time_total", row_limit=12, max_name_column_width=60), file=out)
 
 
 def _autocast_dtype(plan: Plan) -> torch.dtype | None:
@@ -78,7 +107,7 @@ def _autocast_dtype(plan: Plan) -> torch.dtype | None:
 
 
 def plain_loop(cfg: TrainConfig, plan: Plan, batches: list[dict], device: torch.device, *, num_classes: int,
-               compile: bool, warmup: int, steps: int) -> Result:
+               compile: bool, warmup: int, steps: int, profile: bool = False) -> Result:
     """The hand-written reference (see the module docstring)."""
     from orchestrator.train.checkpoints import build_denoiser
 
@@ -108,13 +137,16 @@ def plain_loop(cfg: TrainConfig, plan: Plan, batches: list[dict], device: torch.
         scaler.step(opt)
         scaler.update()
 
+    name = "plain-compiled" if compile else "plain"
     _reset_peak(device)
-    rate, first = _timed(step, warmup=warmup, steps=steps, batch=x_batch(batches), device=device, t_build=t_build)
-    return Result("plain-compiled" if compile else "plain", rate, first, _peak(device), steps, x_batch(batches))
+    rate, first = _timed(step, warmup=warmup, steps=steps, batch=x_batch(batches), device=device, t_build=t_build,
+                         profile=name if profile else None)
+    return Result(name, rate, first, _peak(device), steps, x_batch(batches))
 
 
 def raydiff_step(cfg: TrainConfig, plan: Plan, batches: list[dict], device: torch.device, *, num_classes: int,
-                 warmup: int, steps: int, name: str = "raydiff", sync_check: bool = False) -> Result:
+                 warmup: int, steps: int, name: str = "raydiff", sync_check: bool = False,
+                 profile: bool = False) -> Result:
     """``TrainStep`` plus the metrics window, as the Ray Train worker runs them."""
     from orchestrator.train.metrics import MetricsWindow
     from orchestrator.train.state import TrainState
@@ -133,7 +165,8 @@ def raydiff_step(cfg: TrainConfig, plan: Plan, batches: list[dict], device: torc
             window.flush(ts.engine, state)
 
     _reset_peak(device)
-    rate, first = _timed(step, warmup=warmup, steps=steps, batch=x_batch(batches), device=device, t_build=t_build)
+    rate, first = _timed(step, warmup=warmup, steps=steps, batch=x_batch(batches), device=device, t_build=t_build,
+                         profile=name if profile else None)
     note = f"ZeRO {plan.zero_stage}, {plan.precision} {'autocast' if plan.autocast else 'engine'}"
     if sync_check and device.type == "cuda":
         note += "; " + host_sync_check(ts, window, batches[0])
@@ -234,7 +267,7 @@ def bench_config(model: str, batch: int, latent: bool, overrides: list[str]) -> 
 
 def run_bench(model: str, batch: int, *, steps: int, warmup: int, compile: bool = False, ray: bool = True,
               latent: bool = False, num_classes: int = 10, overrides: list[str] = (), sync_check: bool = True,
-              out=None) -> dict[str, Any]:
+              profile: bool = False, out=None) -> dict[str, Any]:
     out = out or sys.stdout
     cfg = bench_config(model, batch, latent, list(overrides))
     plan = make_plan(cfg)
@@ -248,14 +281,14 @@ def run_bench(model: str, batch: int, *, steps: int, warmup: int, compile: bool 
     half = _autocast_dtype(plan) or torch.float32
     rate = matmul_rate(device, half)
     flops = flops_per_image(cfg, num_classes, device)
-    common = {"num_classes": num_classes, "warmup": warmup, "steps": steps}
+    common = {"num_classes": num_classes, "warmup": warmup, "steps": steps, "profile": profile}
     results = [plain_loop(cfg, plan, batches, device, compile=False, **common)]
     if compile:
-        results.append(plain_loop(cfg, plan, batches, device, compile=True, **common))
+        results.append(plain_loop(cfg, plan, batches, device, compile=True, **{**common, "profile": False}))
     results.append(raydiff_step(cfg, plan, batches, device, sync_check=sync_check, **common))
     if compile:
         ccfg = cfg.model_copy(update={"precision": cfg.precision.model_copy(update={"compile": True})})
-        results.append(raydiff_step(ccfg, plan, batches, device, name="raydiff-compiled", **common))
+        results.append(raydiff_step(ccfg, plan, batches, device, name="raydiff-compiled", **{**common, "profile": False}))
     if ray:
         from orchestrator.bench.step_ray import raydiff_in_ray_train
 
@@ -293,7 +326,7 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
     steps = args.steps or (40 if cuda else 3)
     warmup = args.warmup or (10 if cuda else 1)
     report = run_bench(args.model, args.batch, steps=steps, warmup=warmup, compile=args.compile, ray=not args.no_ray,
-                       latent=args.latent, overrides=args.overrides)
+                       latent=args.latent, overrides=args.overrides, profile=args.profile)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
@@ -309,6 +342,7 @@ def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="add the torch.compile variants")
     p.add_argument("--latent", action="store_true", help="4x32x32 latents instead of RGB images")
     p.add_argument("--no-ray", action="store_true", help="skip the Ray Train + Ray Data variant")
+    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of the eager variants")
     p.add_argument("--json", help="also write the results as JSON to this file")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="raydiff config overrides for its step")
     p.set_defaults(func=cmd_bench_step)
