@@ -144,6 +144,9 @@ class ScalingConfig(_Strict):
     # None: local Ray on this machine. "auto" or "ray://..." joins a running cluster.
     ray_address: str | None = None
     accelerator_type: str | None = None
+    # Local paths in run.storage/data.source are one filesystem mounted on every node (NFS, EFS,
+    # Lustre). Without it a run spanning several nodes refuses local paths (cluster/rules.py).
+    shared_filesystem: bool = False
 
 
 class CheckpointConfig(_Strict):
