@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
+from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.plan import Plan, local_logical_cpus, make_plan
 from orchestrator.storage import RunDir
 
@@ -45,12 +45,8 @@ def resolve_data_config(cfg: TrainConfig) -> TrainConfig:
     cfg = resolve_paths(cfg)
     if cfg.data.source != "builtin":
         return cfg
-    if cfg.scaling.ray_address is not None:
-        raise ConfigError(
-            "data.source=builtin is written to this machine's disk, which cluster workers cannot "
-            "read. Fix: `raydiff data make-demo DIR` then `raydiff data upload DIR s3://bucket/demo` "
-            "and set data.source=s3://bucket/demo"
-        )
+    # On a cluster, whether this machine's disk may be used is decided once connected
+    # (orchestrator.cluster.rules.check_cluster_paths).
     from orchestrator.data.demo import write_demo_dataset
 
     root = write_demo_dataset(
@@ -114,6 +110,9 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
     from orchestrator.train.worker import WorkerArgs, train_worker
 
     t_start = time.time()
+    from orchestrator.cluster.rules import check_cluster_paths, with_job_address
+
+    given = cfg = with_job_address(cfg)
     cfg = resolve_data_config(cfg)
     # Fail on unreachable storage or data before anything expensive starts.
     check_writable(cfg.run.storage, cfg.data.s3)
@@ -125,6 +124,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
         started = _init_ray(cfg, plan)
         if cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None:
             plan = make_plan(cfg)  # now that we are connected, GPUs can be counted
+        check_cluster_paths(given, plan)
         rundir = RunDir.for_config(cfg)
         rundir.event({"event": "started", "time": t_start})
         rundir.write_text("config.yaml", config_to_yaml(cfg))
