@@ -68,6 +68,10 @@ class DataConfig(_Strict):
     # Keep decoded images in Ray's object store across epochs when they fit this budget.
     cache_max_bytes: int = Field(2 << 30, ge=0)
     decode_batch_size: int = Field(64, ge=1)
+    # Images held out of training for the validation loss: whole work units (files, shards,
+    # row groups) chosen with data.seed, of which the first val_images decoded images are used.
+    # 0 = nothing held out.
+    val_images: int = Field(0, ge=0)
     s3: S3Config = S3Config()
 
 
@@ -178,6 +182,11 @@ class SamplingConfig(_Strict):
 class LoggingConfig(_Strict):
     every_steps: int = Field(10, ge=1)
     progress: bool = True
+    # Validation loss (EMA weights, held-out images, fixed timesteps and noise) every N steps
+    # and at the end; 0 = off. Needs data.val_images > 0.
+    val_every_steps: int = Field(0, ge=0)
+    # Timesteps per held-out image, evenly spaced over [0, diffusion.num_timesteps).
+    val_timesteps: int = Field(8, ge=1, le=1000)
 
 
 class RunConfig(_Strict):
@@ -227,6 +236,11 @@ class TrainConfig(_Strict):
                 f"precision.mixed=autocast with precision.zero_stage={self.precision.zero_stage}: DeepSpeed "
                 "applies torch autocast with its own loss scaler only without ZeRO partitioning. Fix: set "
                 "precision.zero_stage=0 (or auto), or precision.mixed=engine"
+            )
+        if self.logging.val_every_steps and not self.data.val_images:
+            raise ValueError(
+                f"logging.val_every_steps={self.logging.val_every_steps} needs held-out images. "
+                "Fix: set data.val_images (e.g. 64), or logging.val_every_steps=0"
             )
         if self.scaling.device == "cpu" and self.precision.compile:
             raise ValueError("precision.compile=true is for GPU training. Fix: set precision.compile=false")
@@ -298,8 +312,10 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> st
     return "invalid configuration:\n" + "\n".join(lines)
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read a YAML job file (optional), apply ``key.sub=value`` overrides and validate."""
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
+                schema: type[TrainConfig] = TrainConfig) -> TrainConfig:
+    """Read a YAML job file (optional), apply ``key.sub=value`` overrides and validate against
+    ``schema`` (``TrainConfig``, or a subclass that adds sections, like ``raydiff tune``'s)."""
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -312,7 +328,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
-    return validate_config(apply_overrides(tree, overrides))
+    return validate_config(apply_overrides(tree, overrides), schema)
 
 
 def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
@@ -323,11 +339,11 @@ def apply_overrides(tree: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return tree
 
 
-def validate_config(tree: dict[str, Any]) -> TrainConfig:
+def validate_config(tree: dict[str, Any], schema: type[TrainConfig] = TrainConfig) -> TrainConfig:
     try:
-        return TrainConfig.model_validate(tree)
+        return schema.model_validate(tree)
     except ValidationError as e:
-        raise ConfigError(_format_validation_error(e, TrainConfig)) from None
+        raise ConfigError(_format_validation_error(e, schema)) from None
 
 
 def config_to_dict(cfg: TrainConfig, *, reveal_secrets: bool = False) -> dict[str, Any]:
