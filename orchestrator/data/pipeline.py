@@ -10,6 +10,8 @@ contains no per-format branch:
   ``data.seed`` and grouped into Ray Data blocks, decoded in ``map_batches`` by the format.
   Bad samples are dropped and counted per kind (``decode.py``, ``counter.py``), so one broken
   file never stops a run.
+* ``load_validation_images``: the units ``split_units`` holds out (``data.val_images``),
+  decoded in order for the validation loss.
 * ``iter_samples``: every sample's raw bytes in order, for ``raydiff data verify``/``stats`` and
   the benchmark.
 """
@@ -29,6 +31,7 @@ from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.labels import LabelSpec
 
 if TYPE_CHECKING:
+    import pyarrow as pa
     import ray.data
 
     from orchestrator.config import DataConfig
@@ -105,21 +108,11 @@ def _decode_block(batch: dict[str, np.ndarray], fmt: DataFormat, ctx: DecodeCont
     yield from fmt.decode(batch, ctx)
 
 
-def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str | None = None) -> "ray.data.Dataset":
-    """A Ray Dataset of ``{"image": float32 [C, H, W] in [-1, 1], "label": int64}`` rows.
-
-    Work units (files, shards, row groups) are shuffled deterministically with ``cfg.seed``; no
-    random flip is applied (the trainer flips per batch, so decoded images can be cached across
-    epochs). Dropped and converted samples are counted in the named actor ``counter_name``
-    (read them with ``bad_sample_counts``).
-    """
-    import ray.data
-
+def _decode_setup(cfg: "DataConfig", info: DatasetInfo, counter_name: str | None) -> tuple[DataFormat, DecodeContext, "pa.Table"]:
+    """The format, the decode context and the unit table (stable order) of a dataset."""
     if info.source != cfg.source:
         raise DataError(f"DatasetInfo is for {storage.redact_uri(info.source)!r} but data.source={storage.redact_uri(cfg.source)!r}: call inspect_dataset(cfg) again")
     fmt = get_format(info.format)
-    if counter_name is not None:
-        counter(counter_name, create=True)  # owned by the caller (driver), not by a data task
     is_s3 = storage.parse_uri(cfg.source).is_s3
     try:
         fs, root = storage.filesystem_for(cfg.source, cfg.s3)
@@ -145,12 +138,47 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
         seed=cfg.seed,
         options=fmt.decode_options(cfg, info),
     )
-    units = fmt.units(cfg, info, fs, root)
-    order = np.random.default_rng(cfg.seed).permutation(units.num_rows)
-    per_block = max(1, fmt.units_per_block(cfg, units.num_rows))
+    return fmt, ctx, fmt.units(cfg, info, fs, root)
+
+
+def split_units(cfg: "DataConfig", info: DatasetInfo, num_units: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(training unit indices in shuffled order, held-out unit indices)``, both from one
+    permutation seeded with ``data.seed``. Whole units are held out (the cheap split for shards
+    and row groups): as many as ``data.val_images`` needs at the dataset's mean images per
+    unit; at least one unit always stays for training."""
+    order = np.random.default_rng(cfg.seed).permutation(num_units)
+    if not cfg.val_images:
+        return order, order[:0]
+    per_unit = info.num_samples / max(num_units, 1)
+    k = int(np.ceil(cfg.val_images / max(per_unit, 1e-9)))
+    if k >= num_units:
+        raise DataError(
+            f"data.val_images={cfg.val_images} would hold out all {info.num_samples} images of "
+            f"{storage.redact_uri(cfg.source)} ({num_units} work units). Fix: lower data.val_images "
+            f"(e.g. {max(1, info.num_samples // 10)})"
+        )
+    return order[k:], order[:k]
+
+
+def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str | None = None) -> "ray.data.Dataset":
+    """A Ray Dataset of ``{"image": float32 [C, H, W] in [-1, 1], "label": int64}`` rows.
+
+    Work units (files, shards, row groups) are shuffled deterministically with ``cfg.seed``; no
+    random flip is applied (the trainer flips per batch, so decoded images can be cached across
+    epochs). Units held out for validation (``data.val_images``) are left out. Dropped and
+    converted samples are counted in the named actor ``counter_name`` (read them with
+    ``bad_sample_counts``).
+    """
+    import ray.data
+
+    fmt, ctx, units = _decode_setup(cfg, info, counter_name)
+    if counter_name is not None:
+        counter(counter_name, create=True)  # owned by the caller (driver), not by a data task
+    order, _ = split_units(cfg, info, units.num_rows)
+    per_block = max(1, fmt.units_per_block(cfg, len(order)))
     # Each block is built with take() from its own shuffled rows, so no block references the
     # whole unit table.
-    blocks = [units.take(order[i : i + per_block]) for i in range(0, units.num_rows, per_block)]
+    blocks = [units.take(order[i : i + per_block]) for i in range(0, len(order), per_block)]
     return ray.data.from_arrow(blocks).map_batches(
         _decode_block,
         batch_size=None,  # one block = the units the format planned for one task
@@ -158,6 +186,25 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
         fn_kwargs={"fmt": fmt, "ctx": ctx},
         zero_copy_batch=True,
     )
+
+
+def load_validation_images(cfg: "DataConfig", info: DatasetInfo) -> dict[str, np.ndarray]:
+    """The held-out images, decoded here (a few hundred at most: no Ray Data job), in a fixed
+    order: ``{"image": float32 [N, C, H, W] in [-1, 1], "label": int64 [N]}`` with
+    N <= ``data.val_images``. Bad samples among them are skipped (not counted)."""
+    if not cfg.val_images:
+        raise DataError("data.val_images=0: nothing is held out. Fix: set data.val_images (e.g. 64)")
+    fmt, ctx, units = _decode_setup(cfg, info, None)
+    _, held = split_units(cfg, info, units.num_rows)
+    table = units.take(np.sort(held))  # sorted: the same order whatever the permutation's order
+    batch = {name: table.column(name).to_numpy(zero_copy_only=False) for name in table.column_names}
+    chunks = list(fmt.decode(batch, ctx))
+    images = np.concatenate([c["image"] for c in chunks])[: cfg.val_images]
+    labels = np.concatenate([c["label"] for c in chunks])[: cfg.val_images]
+    if len(images) == 0:
+        raise DataError(f"{storage.redact_uri(cfg.source)}: the {len(held)} held-out work units hold no "
+                        "decodable image. Fix: check `raydiff data verify`, or raise data.val_images")
+    return {"image": np.ascontiguousarray(images, dtype=np.float32), "label": labels.astype(np.int64)}
 
 
 def iter_samples(cfg: "DataConfig", info: DatasetInfo, *, threads: int = 8) -> Iterator[Sample]:
