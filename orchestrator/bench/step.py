@@ -162,7 +162,7 @@ def raydiff_step(cfg: TrainConfig, plan: Plan, batches: list[dict], device: torc
         state.step += 1
         window.add(out, out.t.shape[0], 0.0)
         if state.step % cfg.logging.every_steps == 0:
-            window.flush(ts.engine, state)
+            window.flush(ts.engine, state, ts.grad_norm)
 
     _reset_peak(device)
     rate, first = _timed(step, warmup=warmup, steps=steps, batch=x_batch(batches), device=device, t_build=t_build,

@@ -42,7 +42,7 @@ class MetricsWindow:
         self.samples += batch
         self.data_wait_s += data_wait_s
 
-    def flush(self, engine: Any, state: TrainState) -> dict[str, Any]:
+    def flush(self, engine: Any, state: TrainState, grad_norm: torch.Tensor | None = None) -> dict[str, Any]:
         """Collective: every rank calls it at the same steps; returns the same record on each."""
         now = time.perf_counter()
         seconds, self._start = max(now - self._start, 1e-9), now
@@ -56,7 +56,8 @@ class MetricsWindow:
         total = values[-2]
         loss = values[0] / max(total, 1.0)
         sums, counts = values[1 : 1 + self.bins], values[1 + self.bins : 1 + 2 * self.bins]
-        grad_norm = engine.get_global_grad_norm()
+        if grad_norm is None:
+            grad_norm = engine.get_global_grad_norm()
         rec = {
             "step": state.step,
             "samples_seen": state.samples_seen,

@@ -22,7 +22,7 @@ from orchestrator.config import TrainConfig
 from orchestrator.plan import Plan
 from orchestrator.sampling import schedule_from_config
 from orchestrator.train.checkpoints import build_denoiser
-from orchestrator.train.engine import build_engine
+from orchestrator.train.engine import build_engine, clips_outside_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -45,6 +45,10 @@ class TrainStep:
         self.engine = build_engine(cfg, plan, build_denoiser(cfg, num_classes))
         if cfg.precision.compile:
             self.engine.compile()
+        self.own_clip = clips_outside_engine(plan) and cfg.optim.grad_clip > 0
+        self._params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        # Pre-clipping gradient norm of the last step, a device tensor (read once per log interval).
+        self.grad_norm: torch.Tensor | None = None
         with self.gathered():
             self.ema = EMA(self.engine.module, decay=cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
         d = cfg.diffusion
@@ -91,6 +95,12 @@ class TrainStep:
         labels = batch["label"] if self.num_classes is not None else None
         out = self.objective.training_losses(self._forward, x0, labels, generator=g)
         self.engine.backward(out.loss)
+        if self.own_clip:
+            scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)
+            if scaler is not None:
+                # Clip the true gradients; the scaler then skips the step on inf/NaN as usual.
+                scaler.unscale_(self.engine.optimizer)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip, foreach=True)
         self.engine.step()
         with self.gathered():
             self.ema.update(self.engine.module)
