@@ -1,4 +1,4 @@
-"""Named model configurations (the CLI's ``--model`` choices)."""
+"""Named model configurations: the choices of `model.name` (and `raydiff bench step --model`)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """The built-in dataset: procedurally drawn coloured shapes, one class per (shape, colour) pair.
 
 Every class has its own colour *and* its own shape, so a generated sample can be checked
-objectively: a classifier trained on these real images (orchestrator/evaluate.py) must recognise
+objectively: a classifier trained on these real images (orchestrator/eval/judge.py) must recognise
 the class that the sample was conditioned on. Position, size, rotation, colour shade and the
 background vary per image so that the model has a distribution to learn, not ten templates.
 """
