@@ -99,13 +99,18 @@ def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
     return True
 
 
-def run_training(cfg: TrainConfig) -> TrainOutcome:
-    """Train as configured; resumes when ``{storage}/{name}`` already has checkpoints."""
+def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_checkpoint: str | None = None) -> TrainOutcome:
+    """Train as configured; resumes when ``{storage}/{name}`` already has checkpoints.
+
+    ``callbacks`` go to Ray Train's ``RunConfig`` (a Tune trial passes its reporting bridge);
+    ``init_checkpoint`` is a checkpoint directory URI to start from when the run has no
+    checkpoint of its own (a population-based-training trial taking over another's)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.data import build_train_dataset, inspect_dataset
+    from orchestrator.data.pipeline import load_validation_images
     from orchestrator.storage import check_writable, ray_storage
     from orchestrator.train.worker import WorkerArgs, train_worker
 
@@ -144,6 +149,9 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
             plan=plan.as_dict(),
             num_classes=num_classes,
             bad_counter=counter,
+            # A few hundred images at most, decoded here once and shared through the object store.
+            val_images=ray.put(load_validation_images(cfg.data, info)) if cfg.logging.val_every_steps else None,
+            init_checkpoint=init_checkpoint,
         )
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
@@ -166,6 +174,7 @@ def run_training(cfg: TrainConfig) -> TrainOutcome:
                 # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
                 # (and warn about it).
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu"}},
+                callbacks=list(callbacks) or None,
             ),
             datasets={"train": ds},
         )

@@ -44,13 +44,20 @@ class WorkerArgs:
     plan: dict[str, Any]
     num_classes: int | None
     bad_counter: str | None
+    # Object ref of the held-out images (data.load_validation_images) when validating.
+    val_images: Any = None
+    # Checkpoint directory URI to start from when the run has none of its own (a population-based
+    # training trial continuing from another trial's checkpoint), with this run's hyperparameters.
+    init_checkpoint: str | None = None
 
 
 class Worker:
-    def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, bad_counter: str | None):
+    def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, bad_counter: str | None,
+                 val_images: Any = None, init_checkpoint: str | None = None):
         import ray.train
 
         self.cfg, self.plan, self.num_classes, self.bad_counter = cfg, plan, num_classes, bad_counter
+        self.init_checkpoint = init_checkpoint
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_world = ctx.get_local_world_size()
@@ -66,6 +73,17 @@ class Worker:
         self.rundir = RunDir.for_config(cfg) if self.rank == 0 else None
         self.metrics_log = self.rundir.log(METRICS_LOG) if self.rundir is not None else None
         self._sample_model: torch.nn.Module | None = None
+        self.validator = None
+        if val_images is not None and cfg.logging.val_every_steps:
+            import ray
+
+            from orchestrator.train.validation import Validator
+
+            held = ray.get(val_images)
+            self.validator = Validator(held["image"], held["label"] if num_classes is not None else None,
+                                       self.train.objective, timesteps=cfg.logging.val_timesteps, seed=cfg.data.seed,
+                                       rank=self.rank, world=self.world, device=self.device,
+                                       batch_size=plan.micro_batch_size)
 
     # -- checkpoints ----------------------------------------------------------------------------
     def restore(self) -> None:
@@ -73,6 +91,14 @@ class Worker:
 
         ckpt = ray.train.get_checkpoint()
         if ckpt is None:
+            if self.init_checkpoint:
+                from orchestrator.train.warmstart import load_initial_checkpoint
+
+                self.state = load_initial_checkpoint(self.init_checkpoint, self.cfg.data.s3, engine=self.train.engine,
+                                                     ema=self.train.ema, cfg=self.cfg)
+                if self.rundir is not None:
+                    self.rundir.event({"event": "initialized", "checkpoint": self.init_checkpoint, "time": time.time(),
+                                       **self.state.as_dict()})
             return
         with ckpt.as_directory() as d:
             self.state = read_checkpoint(d, engine=self.train.engine, ema=self.train.ema)
@@ -112,9 +138,7 @@ class Worker:
     def write_grid(self) -> None:
         if self.rundir is None:
             return
-        if self._sample_model is None:
-            self._sample_model = build_denoiser(self.cfg, self.num_classes).to(self.device)
-        self.train.ema.copy_to(self._sample_model)
+        self._ema_model()
         threads = torch.get_num_threads()
         if self.device.type == "cpu":
             # The other ranks on this node wait in the next collective meanwhile: sampling may
@@ -125,6 +149,13 @@ class Worker:
         finally:
             torch.set_num_threads(threads)
         self.rundir.write_bytes(f"samples/step_{self.state.step:07d}.png", png)
+
+    def _ema_model(self) -> torch.nn.Module:
+        """The denoiser holding the current EMA weights (built once), for grids and validation."""
+        if self._sample_model is None:
+            self._sample_model = build_denoiser(self.cfg, self.num_classes).to(self.device).eval()
+        self.train.ema.copy_to(self._sample_model)
+        return self._sample_model
 
     # -- the loop -------------------------------------------------------------------------------
     def _batches(self, shard):
@@ -140,8 +171,8 @@ class Worker:
             device=self.device,
         )
 
-    def _log(self, window: MetricsWindow, bar) -> None:
-        rec = window.flush(self.train.engine, self.state)
+    def _log(self, window: MetricsWindow, bar, val: dict[str, Any] | None = None) -> None:
+        rec = {**window.flush(self.train.engine, self.state, self.train.grad_norm), **(val or {})}
         if self.bad_counter:
             from orchestrator.data import bad_sample_counts
 
@@ -186,20 +217,29 @@ class Worker:
                     if bar is not None:
                         bar.update(1)
                     last = s.step == cfg.optim.steps
+                    val = None
+                    if self.validator is not None and (s.step % cfg.logging.val_every_steps == 0 or last):
+                        val = self.validator.run(self._ema_model())  # collective, like the log flush
                     if s.step % cfg.logging.every_steps == 0 or last:
-                        self._log(window, bar)
+                        self._log(window, bar, val)
+                    elif val is not None and self.metrics_log is not None:
+                        self.metrics_log.write({"step": s.step, "samples_seen": s.samples_seen, **val, "time": time.time()})
                     if s.step % cfg.sampling.every_steps == 0 or last:
                         self.write_grid()
                     if first_step and self.rundir is not None:
                         # With the driver's "started" event: the time to the first step.
                         self.rundir.event({"event": "first_step", "step": s.step, "time": time.time()})
                     first_step = False
+                    report = {"step": s.step, "samples_seen": s.samples_seen, "epoch": s.epoch, "loss": window.last_loss}
+                    if val is not None:
+                        report["val_loss"] = val["val_loss"]
                     if s.step % cfg.checkpoint.every_steps == 0 or last:
-                        stall = self.save_and_report({"step": s.step, "samples_seen": s.samples_seen,
-                                                      "epoch": s.epoch, "loss": window.last_loss})
+                        stall = self.save_and_report(report)
                         if self.rundir is not None:
                             self.rundir.event({"event": "checkpoint", "step": s.step, "stall_s": round(stall, 3),
                                                "time": time.time()})
+                    elif val is not None:
+                        ray.train.report(report)  # a barrier like any report: every rank, same steps
                     if last:
                         break
                     t_wait = time.perf_counter()
@@ -224,4 +264,5 @@ def train_worker(args: dict[str, Any]) -> None:
     for name in ("DeepSpeed", "deepspeed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     wa = WorkerArgs(**args)
-    Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter).fit()
+    Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter, wa.val_images,
+           wa.init_checkpoint).fit()
