@@ -112,6 +112,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from orchestrator.data import build_train_dataset, inspect_dataset
     from orchestrator.data.pipeline import load_validation_images
     from orchestrator.storage import check_writable, ray_storage
+    from orchestrator.train.verify import prepare_resume, prune
     from orchestrator.train.worker import WorkerArgs, train_worker
 
     t_start = time.time()
@@ -135,6 +136,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.write_text("config.yaml", config_to_yaml(cfg))
         rundir.write_text("plan.json", json.dumps(plan.as_dict(), indent=2))
         log.warning("raydiff plan:\n%s", plan.describe(cfg, rundir.uri))
+        resume_from = prepare_resume(rundir)  # raydiff, not Ray's snapshot, picks the checkpoint
 
         counter = f"raydiff-bad-samples-{cfg.run.name}"
         ds = build_train_dataset(cfg.data, info, counter_name=counter)
@@ -152,6 +154,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             # A few hundred images at most, decoded here once and shared through the object store.
             val_images=ray.put(load_validation_images(cfg.data, info)) if cfg.logging.val_every_steps else None,
             init_checkpoint=init_checkpoint,
+            resume_from=resume_from,
         )
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
@@ -180,8 +183,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         )
         trainer.fit()
         # From storage, not Result.metrics: a run that was already complete reports nothing new.
-        from orchestrator.train.checkpoints import latest_checkpoint
+        from orchestrator.train.checkpoints import latest_checkpoint, list_checkpoints
 
+        # Ray keeps checkpoint.keep of this invocation's checkpoints; older invocations' are ours.
+        prune(rundir, list_checkpoints(rundir), cfg.checkpoint.keep)
         latest = latest_checkpoint(rundir)
         final_step = latest.step if latest is not None else 0
         ckpt_path = f"{rundir.uri}/{latest.name}" if latest is not None else None

@@ -15,7 +15,7 @@ from typing import Any
 
 from model.ema import EMA
 from orchestrator.config import S3Config, TrainConfig
-from orchestrator.train.checkpoints import read_checkpoint
+from orchestrator.train.checkpoints import read_checkpoint_uri
 from orchestrator.train.engine import lr_lambda
 from orchestrator.train.state import TrainState
 
@@ -44,12 +44,6 @@ def apply_hyperparameters(engine: Any, ema: EMA, cfg: TrainConfig) -> None:
 def load_initial_checkpoint(uri: str, s3: S3Config | None, *, engine: Any, ema: EMA, cfg: TrainConfig) -> TrainState:
     """Load checkpoint directory ``uri`` (local or ``s3://``) into ``engine`` and ``ema``, then
     apply ``cfg``'s hyperparameters; returns the saved training state (step, data position)."""
-    from ray.train import Checkpoint
-
-    from orchestrator.storage import ray_storage
-
-    path, fs = ray_storage(uri, s3)
-    with Checkpoint(path, filesystem=fs).as_directory() as d:
-        state = read_checkpoint(d, engine=engine, ema=ema)
+    state = read_checkpoint_uri(uri, s3, engine=engine, ema=ema)
     apply_hyperparameters(engine, ema, cfg)
     return state

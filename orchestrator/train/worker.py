@@ -19,16 +19,16 @@ import torch
 from orchestrator.config import TrainConfig, validate_config
 from orchestrator.plan import Plan
 from orchestrator.sampling import sample_grid
-from orchestrator.storage import RunDir, parse_uri, retry_counts
+from orchestrator.storage import RunDir, retry_counts
 from orchestrator.storage.rundir import METRICS_LOG
 from orchestrator.train.checkpoints import (
-    MoveIntoRun,
     build_denoiser,
     checkpoint_dir_name,
     read_checkpoint,
-    staging_dir,
+    read_checkpoint_uri,
     write_checkpoint,
 )
+from orchestrator.train.persist import PersistCheckpoint, staging_dir
 from orchestrator.train.metrics import MetricsWindow
 from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
@@ -49,15 +49,17 @@ class WorkerArgs:
     # Checkpoint directory URI to start from when the run has none of its own (a population-based
     # training trial continuing from another trial's checkpoint), with this run's hyperparameters.
     init_checkpoint: str | None = None
+    # The newest checkpoint of this run that verified (train/verify.py), chosen by the driver.
+    resume_from: str | None = None
 
 
 class Worker:
     def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, bad_counter: str | None,
-                 val_images: Any = None, init_checkpoint: str | None = None):
+                 val_images: Any = None, init_checkpoint: str | None = None, resume_from: str | None = None):
         import ray.train
 
         self.cfg, self.plan, self.num_classes, self.bad_counter = cfg, plan, num_classes, bad_counter
-        self.init_checkpoint = init_checkpoint
+        self.init_checkpoint, self.resume_from = init_checkpoint, resume_from
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_world = ctx.get_local_world_size()
@@ -87,26 +89,37 @@ class Worker:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def restore(self) -> None:
+        """Continue from, in order: the checkpoint Ray Train registered in this invocation (a
+        worker group restarted after a failure), the run's newest verified checkpoint (chosen by
+        the driver), or another run's checkpoint (``init_checkpoint``, population-based
+        training). With none of them the run starts at step 0."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is None:
-            if self.init_checkpoint:
-                from orchestrator.train.warmstart import load_initial_checkpoint
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                self.state = read_checkpoint(d, engine=self.train.engine, ema=self.train.ema)
+            self._record_resume(ckpt.path)
+        elif self.resume_from:
+            self.state = read_checkpoint_uri(self.resume_from, self.cfg.data.s3, engine=self.train.engine,
+                                             ema=self.train.ema)
+            self._record_resume(self.resume_from)
+        elif self.init_checkpoint:
+            from orchestrator.train.warmstart import load_initial_checkpoint
 
-                self.state = load_initial_checkpoint(self.init_checkpoint, self.cfg.data.s3, engine=self.train.engine,
-                                                     ema=self.train.ema, cfg=self.cfg)
-                if self.rundir is not None:
-                    self.rundir.event({"event": "initialized", "checkpoint": self.init_checkpoint, "time": time.time(),
-                                       **self.state.as_dict()})
+            self.state = load_initial_checkpoint(self.init_checkpoint, self.cfg.data.s3, engine=self.train.engine,
+                                                 ema=self.train.ema, cfg=self.cfg)
+            if self.rundir is not None:
+                self.rundir.event({"event": "initialized", "checkpoint": self.init_checkpoint, "time": time.time(),
+                                   **self.state.as_dict()})
+
+    def _record_resume(self, where: str) -> None:
+        if self.rundir is None:
             return
-        with ckpt.as_directory() as d:
-            self.state = read_checkpoint(d, engine=self.train.engine, ema=self.train.ema)
-        if self.rundir is not None:
-            print(f"raydiff: resumed from {ckpt.path} at step {self.state.step} "
-                  f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})", flush=True)
-            # Durable record too: console lines from workers can be lost when a driver dies.
-            self.rundir.event({"event": "resumed", "checkpoint": ckpt.path, "time": time.time(), **self.state.as_dict()})
+        print(f"raydiff: resumed from {where} at step {self.state.step} "
+              f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})", flush=True)
+        # Durable record too: console lines from workers can be lost when a driver dies.
+        self.rundir.event({"event": "resumed", "checkpoint": where, "time": time.time(), **self.state.as_dict()})
 
     def save_and_report(self, metrics: dict[str, Any]) -> float:
         """Write this rank's checkpoint and hand it to Ray Train, which persists it in the
@@ -123,14 +136,14 @@ class Worker:
         staged = staging_dir(run_uri, self.state.step, self.rank)
         write_checkpoint(staged, engine=self.train.engine, ema=self.train.ema, state=self.state, cfg=self.cfg,
                          num_classes=self.num_classes, rank=self.rank)
-        local = not parse_uri(run_uri).is_s3
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(staged),
             checkpoint_dir_name=checkpoint_dir_name(self.state.step),
             checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-            checkpoint_upload_fn=MoveIntoRun(parse_uri(run_uri).key) if local else None,
-            delete_local_checkpoint_after_upload=not local,
+            checkpoint_upload_fn=PersistCheckpoint(run_uri, self.cfg.data.s3, rank=self.rank, world=self.world,
+                                                   step=self.state.step),
+            delete_local_checkpoint_after_upload=False,  # PersistCheckpoint moves or removes the staged files
         )
         return time.perf_counter() - t0
 
@@ -265,4 +278,4 @@ def train_worker(args: dict[str, Any]) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     wa = WorkerArgs(**args)
     Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter, wa.val_images,
-           wa.init_checkpoint).fit()
+           wa.init_checkpoint, wa.resume_from).fit()
