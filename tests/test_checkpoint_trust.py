@@ -86,6 +86,9 @@ def test_damaged_or_deleted_checkpoints_fall_back_to_the_newest_good_one(ray_loc
     skipped = [e for e in run.events() if e["event"] == "checkpoint_skipped"]
     assert skipped[-1]["checkpoint"] == "checkpoint_00000004" and "mp_rank_00_model_states.pt" in skipped[-1]["problem"]
     assert (tmp_path / "trust" / "corrupt" / "checkpoint_00000004").is_dir()  # kept for inspection
+    # Steps 3-4 were redone: metrics.jsonl holds each step once, the redone values.
+    raw = [json.loads(line)["step"] for line in (tmp_path / "trust" / "metrics.jsonl").read_text().splitlines()]
+    assert raw == [1, 2, 3, 4, 5, 6]
     # Row: then delete the newest checkpoint folder by hand (Ray's snapshot still names it).
     shutil.rmtree(tmp_path / "trust" / "checkpoint_00000006")
     assert train(8) == 8

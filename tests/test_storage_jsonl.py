@@ -36,6 +36,18 @@ def test_local_log_appends_each_record_at_once(tmp_path):
     assert RunDir(str(tmp_path / "run")).metrics() == [{"step": 1}, {"step": 2}]
 
 
+def test_rewind_drops_the_redone_steps_of_a_local_log(tmp_path):
+    log = JsonlLog(str(tmp_path / "run"), "metrics.jsonl")
+    for step in range(1, 7):
+        log.write({"step": step})
+    log.write({"note": "no step"})
+    log.rewind(4)  # resumed from the checkpoint at step 4
+    log.write({"step": 5, "redone": True})
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(x) for x in lines] == [{"step": 1}, {"step": 2}, {"step": 3}, {"step": 4},
+                                              {"note": "no step"}, {"step": 5, "redone": True}]
+
+
 def test_s3_log_of_1000_steps_issues_o_steps_small_writes(s3_server, s3_faults):
     """Through the proxy in front of the local S3 server: logging every step of a 1,000-step run
     with a checkpoint (flush) every 100 steps writes ~10 objects whose bytes add up to the log

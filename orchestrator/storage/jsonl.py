@@ -66,6 +66,29 @@ class JsonlLog:
     def close(self) -> None:
         self.flush()
 
+    def rewind(self, step: int) -> None:
+        """A resumed run continues from ``step``: drop the records after it, so the log never
+        holds a step twice. Local files are rewritten once (atomically); object-store parts are
+        immutable and ``supersede`` drops the old branch when they are read."""
+        self._buffer = [line for line in self._buffer if _step_of(line) <= step]
+        if self.is_s3:
+            return
+        path = Path(parse_uri(self.uri).key)
+        if not path.is_file():
+            return
+        lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+        kept = [line for line in lines if _step_of(line) <= step]
+        if len(kept) != len(lines):
+            write_bytes(self.uri, "".join(kept).encode(), self.s3cfg)
+
+
+def _step_of(line: str) -> float:
+    try:
+        step = json.loads(line).get("step")
+    except (json.JSONDecodeError, AttributeError):
+        return float("inf")  # torn or foreign lines go with the superseded tail
+    return step if isinstance(step, int) else float("-inf")
+
 
 def _parse_lines(data: bytes) -> list[dict[str, Any]]:
     out = []

@@ -33,6 +33,7 @@ class MetricsWindow:
         self.bin_counts = torch.zeros(self.bins, device=self.device)
         self.samples = 0
         self.data_wait_s = 0.0
+        self.excluded_s = 0.0
 
     def add(self, out: LossOutput, batch: int, data_wait_s: float) -> None:
         self.loss_sum += out.per_sample.float().sum()
@@ -42,10 +43,15 @@ class MetricsWindow:
         self.samples += batch
         self.data_wait_s += data_wait_s
 
+    def exclude(self, seconds: float) -> None:
+        """Leave time spent outside training steps (sample grids, checkpoint writes) out of the
+        window's rates, so images/s measures the step and the data path."""
+        self.excluded_s += seconds
+
     def flush(self, engine: Any, state: TrainState, grad_norm: torch.Tensor | None = None) -> dict[str, Any]:
         """Collective: every rank calls it at the same steps; returns the same record on each."""
         now = time.perf_counter()
-        seconds, self._start = max(now - self._start, 1e-9), now
+        seconds, self._start = max(now - self._start - self.excluded_s, 1e-9), now
         buf = torch.cat([self.loss_sum.view(1), self.bin_sums, self.bin_counts,
                          torch.tensor([float(self.samples), self.data_wait_s], device=self.device)])
         world = 1

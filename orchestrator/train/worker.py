@@ -116,6 +116,8 @@ class Worker:
     def _record_resume(self, where: str) -> None:
         if self.rundir is None:
             return
+        if self.metrics_log is not None:
+            self.metrics_log.rewind(self.state.step)  # steps after the checkpoint are redone
         print(f"raydiff: resumed from {where} at step {self.state.step} "
               f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})", flush=True)
         # Durable record too: console lines from workers can be lost when a driver dies.
@@ -238,7 +240,9 @@ class Worker:
                     elif val is not None and self.metrics_log is not None:
                         self.metrics_log.write({"step": s.step, "samples_seen": s.samples_seen, **val, "time": time.time()})
                     if s.step % cfg.sampling.every_steps == 0 or last:
+                        t_grid = time.perf_counter()
                         self.write_grid()
+                        window.exclude(time.perf_counter() - t_grid)
                     if first_step and self.rundir is not None:
                         # With the driver's "started" event: the time to the first step.
                         self.rundir.event({"event": "first_step", "step": s.step, "time": time.time()})
@@ -248,6 +252,7 @@ class Worker:
                         report["val_loss"] = val["val_loss"]
                     if s.step % cfg.checkpoint.every_steps == 0 or last:
                         stall = self.save_and_report(report)
+                        window.exclude(stall)
                         if self.rundir is not None:
                             self.rundir.event({"event": "checkpoint", "step": s.step, "stall_s": round(stall, 3),
                                                "time": time.time()})
