@@ -25,7 +25,9 @@ class ConfigError(ValueError):
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: nan/inf fail every range check with a misleading message ("less than
+    # or equal to 1"); rejecting them first names the real problem.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class S3Config(_Strict):
@@ -50,13 +52,15 @@ class S3Config(_Strict):
 class DataConfig(_Strict):
     # "builtin" writes the procedurally generated demo dataset under the run directory.
     source: str = "builtin"
-    format: Literal["auto", "imagefolder", "webdataset", "parquet"] = "auto"
+    # latents: VAE latents from `raydiff data encode` (latent diffusion); data.channels is then
+    # the VAE's latent channels (4, the default for this format) and data.resolution the latent size.
+    format: Literal["auto", "imagefolder", "webdataset", "parquet", "latents"] = "auto"
     # For image folders without class sub-directories: a CSV/JSON file mapping paths to labels.
     labels_file: str | None = None
     image_column: str = "image"
     label_column: str | None = "label"
     resolution: int = Field(32, ge=8, le=1024)
-    channels: Literal[1, 3] = 3
+    channels: Literal[1, 3, 4] = 3
     center_crop: bool = True
     random_flip: bool = True
     # Use class labels when the dataset has them; false trains an unconditional model.
@@ -73,6 +77,22 @@ class DataConfig(_Strict):
     # 0 = nothing held out.
     val_images: int = Field(0, ge=0)
     s3: S3Config = S3Config()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _latent_channels_default(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("format") == "latents" and "channels" not in data:
+            data = {**data, "channels": 4}
+        return data
+
+    @model_validator(mode="after")
+    def _channels_fit_format(self) -> "DataConfig":
+        if (self.format == "latents") != (self.channels == 4):
+            fix = ("set data.channels=4 (the VAE's latent channels) or leave it unset" if self.format == "latents" else
+                   "set data.format=latents for latents from `raydiff data encode`, or data.channels=3 for images")
+            raise ValueError(f"data.format={self.format} with data.channels={self.channels}: 4 channels are VAE "
+                             f"latents, images have 1 or 3. Fix: {fix}")
+        return self
 
 
 class ModelConfig(_Strict):
@@ -194,6 +214,8 @@ class RunConfig(_Strict):
     # Local directory or s3://bucket/prefix; the run lives in {storage}/{name}.
     storage: str = "runs"
     max_failures: int = Field(2, ge=0)
+    # Rollbacks to the last good checkpoint after NaN/inf training (train/divergence.py).
+    max_rollbacks: int = Field(3, ge=0)
     # After training, score generated samples with a classifier trained on the real data.
     evaluate: bool = True
     eval_per_class: int = Field(10, ge=1)
@@ -222,6 +244,16 @@ class TrainConfig(_Strict):
     logging: LoggingConfig = LoggingConfig()
     seed: int = 0
 
+    @model_validator(mode="before")
+    @classmethod
+    def _latent_sampling_default(cls, data: Any) -> Any:
+        # Latents are not bounded to [-1, 1]: clipping x0 there (the pixel default) would wreck them.
+        if isinstance(data, dict) and isinstance(data.get("data"), dict) and data["data"].get("format") == "latents":
+            sampling = data.get("sampling") if isinstance(data.get("sampling"), dict) else {}
+            if "clip_sample" not in sampling:
+                data = {**data, "sampling": {**sampling, "clip_sample": False}}
+        return data
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":
         w = self.scaling.num_workers
@@ -241,6 +273,11 @@ class TrainConfig(_Strict):
             raise ValueError(
                 f"logging.val_every_steps={self.logging.val_every_steps} needs held-out images. "
                 "Fix: set data.val_images (e.g. 64), or logging.val_every_steps=0"
+            )
+        if self.data.format == "latents" and self.sampling.clip_sample:
+            raise ValueError(
+                "sampling.clip_sample=true with data.format=latents: it clips x0 to the pixel range [-1, 1], "
+                "and scaled VAE latents are not bounded to it. Fix: set sampling.clip_sample=false (or leave it unset)"
             )
         if self.scaling.device == "cpu" and self.precision.compile:
             raise ValueError("precision.compile=true is for GPU training. Fix: set precision.compile=false")
@@ -304,12 +341,41 @@ def _format_validation_error(err: ValidationError, model: type[BaseModel]) -> st
             allowed = _allowed_keys(model, loc)
             lines.append(f"  {key}: unknown key. Allowed keys here: {', '.join(allowed)}")
             continue
+        if e["type"] == "finite_number":
+            lines.append(f"  {key}: must be a finite number, got {e['input']}")
+            continue
         msg = e["msg"].removeprefix("Value error, ")
         if "input" in e and e["type"] != "value_error" and not isinstance(e["input"], dict):
             lines.append(f"  {key}={e['input']!r}: {msg}")
         else:
             lines.append(f"  {key}: {msg}" if key != "(root)" else f"  {msg}")
     return "invalid configuration:\n" + "\n".join(lines)
+
+
+def _read_config_file(p: Path) -> Any:
+    """The job file's parsed YAML; anything that is not a readable YAML text file is a one-line error."""
+    if p.is_dir():
+        raise ConfigError(f"config file {str(p)!r} is a directory. Fix: pass a YAML job file (see jobs/*.yaml)")
+    if not p.exists():
+        raise ConfigError(f"config file {str(p)!r} does not exist (see jobs/ for examples)")
+    if not p.is_file():  # a FIFO or a device would block or never end
+        raise ConfigError(f"config file {str(p)!r} is not a regular file. Fix: pass a YAML job file (see jobs/*.yaml)")
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"config file {str(p)!r} is not a text file (byte {e.start} is not UTF-8). Fix: pass a "
+                          "YAML job file (see jobs/*.yaml)") from None
+    except OSError as e:
+        raise ConfigError(f"config file {str(p)!r} cannot be read ({e.strerror or e}). Fix: check its "
+                          "permissions, or pass another file") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        # PyYAML's messages span several lines; keep the problem and where it is.
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"config file {str(p)!r} is not valid YAML: {problem}{where}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = (), *,
@@ -319,12 +385,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise ConfigError(f"config file {str(p)!r} does not exist (see jobs/ for examples)")
-        try:
-            loaded = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {str(p)!r} is not valid YAML: {e}") from None
+        loaded = _read_config_file(p) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
