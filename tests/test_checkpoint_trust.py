@@ -100,3 +100,23 @@ def test_damaged_or_deleted_checkpoints_fall_back_to_the_newest_good_one(ray_loc
     assert [r.step for r in list_checkpoints(run)] == [6, 8, 10]  # keep=3
     # Nothing non-finite was trained into the last checkpoint.
     verify_checkpoint(run, "checkpoint_00000010")
+
+
+@pytest.mark.slow
+def test_nan_at_a_step_rolls_back_and_training_completes(ray_local, builtin_cache, tmp_path, monkeypatch):
+    from orchestrator.train.divergence import FAULT_ENV
+
+    monkeypatch.setenv(FAULT_ENV, "5")  # the batch of step 5 is NaN
+    cfg = load_config(None, [f"run.storage={tmp_path}", "run.name=nan", "scaling.num_workers=1", "optim.batch_size=4",
+                             "checkpoint.every_steps=2", "run.evaluate=false", "sampling.every_steps=1000",
+                             "optim.steps=8", *[t for t in TINY if not t.startswith("optim.batch_size")]])
+    assert run_training(cfg).final_step == 8
+    run = RunDir(str(tmp_path / "nan"))
+    rollbacks = [e for e in run.events() if e["event"] == "rollback"]
+    assert [(e["from_step"], e["to_step"]) for e in rollbacks] == [(5, 4)]
+    assert "NaN" in rollbacks[0]["reason"]
+    m = run.metrics()
+    assert [r["step"] for r in m] == list(range(1, 9))  # step 5 redone, each step once
+    assert all(r["nonfinite"] == 0 for r in m) and all(r["loss"] == r["loss"] for r in m)  # no NaN kept
+    for ref in list_checkpoints(run):
+        verify_checkpoint(run, ref.name)  # no checkpoint holds NaN weights

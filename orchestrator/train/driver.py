@@ -99,6 +99,13 @@ def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
     return True
 
 
+def _fault_injection_env() -> dict[str, str]:
+    """Fault-injection switches of the test suite (train/divergence.py), passed to the workers."""
+    from orchestrator.train.divergence import FAULT_ENV
+
+    return {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
+
+
 def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_checkpoint: str | None = None) -> TrainOutcome:
     """Train as configured; resumes when ``{storage}/{name}`` already has checkpoints.
 
@@ -176,7 +183,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
                 # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
                 # (and warn about it).
-                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu"}},
+                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu",
+                                                 **_fault_injection_env()}},
                 callbacks=list(callbacks) or None,
             ),
             datasets={"train": ds},

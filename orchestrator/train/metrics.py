@@ -34,14 +34,20 @@ class MetricsWindow:
         self.samples = 0
         self.data_wait_s = 0.0
         self.excluded_s = 0.0
+        self.nonfinite = torch.zeros((), device=self.device)
 
     def add(self, out: LossOutput, batch: int, data_wait_s: float) -> None:
         self.loss_sum += out.per_sample.float().sum()
+        self.nonfinite += (~torch.isfinite(out.loss.detach())).float()
         s, c = loss_per_timestep_bin(out.t, out.per_sample, self.num_timesteps, self.bins)
         self.bin_sums += s
         self.bin_counts += c
         self.samples += batch
         self.data_wait_s += data_wait_s
+
+    def flag(self, nonfinite: torch.Tensor) -> None:
+        """Add a device-side count of non-finite things (weights) to the window."""
+        self.nonfinite += nonfinite
 
     def exclude(self, seconds: float) -> None:
         """Leave time spent outside training steps (sample grids, checkpoint writes) out of the
@@ -52,7 +58,7 @@ class MetricsWindow:
         """Collective: every rank calls it at the same steps; returns the same record on each."""
         now = time.perf_counter()
         seconds, self._start = max(now - self._start - self.excluded_s, 1e-9), now
-        buf = torch.cat([self.loss_sum.view(1), self.bin_sums, self.bin_counts,
+        buf = torch.cat([self.loss_sum.view(1), self.bin_sums, self.bin_counts, self.nonfinite.view(1),
                          torch.tensor([float(self.samples), self.data_wait_s], device=self.device)])
         world = 1
         if dist.is_available() and dist.is_initialized():
@@ -69,6 +75,8 @@ class MetricsWindow:
             "samples_seen": state.samples_seen,
             "epoch": state.epoch,
             "loss": loss,
+            # Non-finite losses and weights seen by all ranks in the window (train/divergence.py).
+            "nonfinite": int(values[-3]),
             "loss_per_t_bin": [s / c if c > 0 else None for s, c in zip(sums, counts)],
             "images_per_s": total / seconds,
             # Share of wall time the workers spent waiting for their next batch (mean over ranks).

@@ -46,7 +46,7 @@ class TrainStep:
         if cfg.precision.compile:
             self.engine.compile()
         self.own_clip = clips_outside_engine(plan) and cfg.optim.grad_clip > 0
-        self._params = [p for p in self.engine.module.parameters() if p.requires_grad]
+        self.params = [p for p in self.engine.module.parameters() if p.requires_grad]
         # Pre-clipping gradient norm of the last step, a device tensor (read once per log interval).
         self.grad_norm: torch.Tensor | None = None
         with self.gathered():
@@ -100,7 +100,7 @@ class TrainStep:
             if scaler is not None:
                 # Clip the true gradients; the scaler then skips the step on inf/NaN as usual.
                 scaler.unscale_(self.engine.optimizer)
-            self.grad_norm = torch.nn.utils.clip_grad_norm_(self._params, self.cfg.optim.grad_clip, foreach=True)
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.params, self.cfg.optim.grad_clip, foreach=True)
         self.engine.step()
         with self.gathered():
             self.ema.update(self.engine.module)

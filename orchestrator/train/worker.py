@@ -29,6 +29,7 @@ from orchestrator.train.checkpoints import (
     write_checkpoint,
 )
 from orchestrator.train.persist import PersistCheckpoint, staging_dir
+from orchestrator.train.divergence import DivergenceError, DivergenceGuard
 from orchestrator.train.metrics import MetricsWindow
 from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
@@ -71,6 +72,8 @@ class Worker:
             # match or two workers on two cores fight over 4 threads.
             torch.set_num_threads(max(1, int(plan.cpus_per_worker)))
         self.train = TrainStep(cfg, plan, num_classes, device=self.device, rank=self.rank)
+        self.guard = DivergenceGuard(cfg.run.max_rollbacks, cfg.precision.min_loss_scale,
+                                     engine_fp16=plan.precision == "fp16" and not plan.autocast)
         self.state = TrainState()
         self.rundir = RunDir.for_config(cfg) if self.rank == 0 else None
         self.metrics_log = self.rundir.log(METRICS_LOG) if self.rundir is not None else None
@@ -186,7 +189,7 @@ class Worker:
             device=self.device,
         )
 
-    def _log(self, window: MetricsWindow, bar, val: dict[str, Any] | None = None) -> None:
+    def _log(self, window: MetricsWindow, bar, val: dict[str, Any] | None = None) -> dict[str, Any]:
         rec = {**window.flush(self.train.engine, self.state, self.train.grad_norm), **(val or {})}
         if self.bad_counter:
             from orchestrator.data import bad_sample_counts
@@ -198,6 +201,76 @@ class Worker:
         if bar is not None:
             # tqdm_ray has no postfix: loss and images/s go in the description.
             bar.set_description(f"train {self.cfg.run.name} loss {rec['loss']:.4f} {rec['images_per_s']:.0f} img/s")
+        return rec
+
+    def _after_step(self, window: MetricsWindow, bar) -> bool:
+        """Logging, validation, grids and checkpoints due at this step; True when training is done.
+        Collectives (log flush, validation, report) happen on every rank at the same steps."""
+        import ray.train
+
+        cfg, s = self.cfg, self.state
+        last = s.step == cfg.optim.steps
+        ckpt_now = s.step % cfg.checkpoint.every_steps == 0 or last
+        val = None
+        if self.validator is not None and (s.step % cfg.logging.val_every_steps == 0 or last):
+            val = self.validator.run(self._ema_model())  # collective, like the log flush
+        # A log flush before every checkpoint: no checkpoint is written from diverged weights.
+        if s.step % cfg.logging.every_steps == 0 or ckpt_now:
+            window.flag(self.guard.weights_flag(self.train.params))
+            rec = self._log(window, bar, val)
+            reason = self.guard.reason(rec)
+            if reason is not None:
+                self._rollback(reason)
+                return False
+        elif val is not None and self.metrics_log is not None:
+            self.metrics_log.write({"step": s.step, "samples_seen": s.samples_seen, **val, "time": time.time()})
+        if s.step % cfg.sampling.every_steps == 0 or last:
+            t_grid = time.perf_counter()
+            self.write_grid()
+            window.exclude(time.perf_counter() - t_grid)
+        if self._first_step and self.rundir is not None:
+            # With the driver's "started" event: the time to the first step.
+            self.rundir.event({"event": "first_step", "step": s.step, "time": time.time()})
+        self._first_step = False
+        report = {"step": s.step, "samples_seen": s.samples_seen, "epoch": s.epoch, "loss": window.last_loss}
+        if val is not None:
+            report["val_loss"] = val["val_loss"]
+        if ckpt_now:
+            stall = self.save_and_report(report)
+            window.exclude(stall)
+            if self.rundir is not None:
+                self.rundir.event({"event": "checkpoint", "step": s.step, "stall_s": round(stall, 3), "time": time.time()})
+        elif val is not None:
+            ray.train.report(report)  # a barrier like any report: every rank, same steps
+        return last
+
+    def _rollback(self, reason: str) -> None:
+        """Reload the last good checkpoint; keep the data position (past the bad batches)."""
+        import ray.train
+
+        diverged_at = self.state.step
+        self.guard.admit(reason, diverged_at)
+        ckpt = ray.train.get_checkpoint()  # the newest persisted in this invocation
+        if ckpt is not None:
+            source = ckpt.path
+            with ckpt.as_directory() as d:
+                good = read_checkpoint(d, engine=self.train.engine, ema=self.train.ema)
+        elif self.resume_from:
+            source = self.resume_from
+            good = read_checkpoint_uri(self.resume_from, self.cfg.data.s3, engine=self.train.engine, ema=self.train.ema)
+        else:
+            raise DivergenceError(
+                f"training diverged at step {diverged_at} ({reason}) before the first checkpoint. Fix: lower "
+                "optim.lr or raise optim.warmup_steps (or checkpoint earlier with checkpoint.every_steps)"
+            )
+        self.state.step, self.state.samples_seen = good.step, good.samples_seen
+        if self.metrics_log is not None:
+            self.metrics_log.rewind(good.step)
+        if self.rundir is not None:
+            print(f"raydiff: {reason} at step {diverged_at}: rolled back to {source} (step {good.step}), "
+                  f"skipping the batches in between ({self.guard.rollbacks}/{self.guard.max_rollbacks})", flush=True)
+            self.rundir.event({"event": "rollback", "reason": reason, "from_step": diverged_at, "to_step": good.step,
+                               "checkpoint": source, "time": time.time()})
 
     def fit(self) -> None:
         import ray.train
@@ -212,7 +285,7 @@ class Worker:
             bar = tqdm(total=cfg.optim.steps, desc=f"train {cfg.run.name}")
             bar.update(self.state.step)  # tqdm_ray has no `initial`
         window = MetricsWindow(cfg.diffusion.loss_bins, self.train.objective.num_timesteps, self.device)
-        first_step = True
+        self._first_step = True
         try:
             while self.state.step < cfg.optim.steps:
                 batches = 0
@@ -223,6 +296,7 @@ class Worker:
                         t_wait = time.perf_counter()
                         continue  # fast-forward to the recorded data position after a resume
                     waited = time.perf_counter() - t_wait
+                    batch = self.guard.poison(batch, self.state.step + 1)
                     out = self.train.step(batch, self.state.step)
                     s = self.state
                     s.step += 1
@@ -231,34 +305,7 @@ class Worker:
                     window.add(out, out.t.shape[0], waited)
                     if bar is not None:
                         bar.update(1)
-                    last = s.step == cfg.optim.steps
-                    val = None
-                    if self.validator is not None and (s.step % cfg.logging.val_every_steps == 0 or last):
-                        val = self.validator.run(self._ema_model())  # collective, like the log flush
-                    if s.step % cfg.logging.every_steps == 0 or last:
-                        self._log(window, bar, val)
-                    elif val is not None and self.metrics_log is not None:
-                        self.metrics_log.write({"step": s.step, "samples_seen": s.samples_seen, **val, "time": time.time()})
-                    if s.step % cfg.sampling.every_steps == 0 or last:
-                        t_grid = time.perf_counter()
-                        self.write_grid()
-                        window.exclude(time.perf_counter() - t_grid)
-                    if first_step and self.rundir is not None:
-                        # With the driver's "started" event: the time to the first step.
-                        self.rundir.event({"event": "first_step", "step": s.step, "time": time.time()})
-                    first_step = False
-                    report = {"step": s.step, "samples_seen": s.samples_seen, "epoch": s.epoch, "loss": window.last_loss}
-                    if val is not None:
-                        report["val_loss"] = val["val_loss"]
-                    if s.step % cfg.checkpoint.every_steps == 0 or last:
-                        stall = self.save_and_report(report)
-                        window.exclude(stall)
-                        if self.rundir is not None:
-                            self.rundir.event({"event": "checkpoint", "step": s.step, "stall_s": round(stall, 3),
-                                               "time": time.time()})
-                    elif val is not None:
-                        ray.train.report(report)  # a barrier like any report: every rank, same steps
-                    if last:
+                    if self._after_step(window, bar):
                         break
                     t_wait = time.perf_counter()
                 else:
