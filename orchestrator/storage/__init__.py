@@ -15,6 +15,7 @@ Modules, one concern each:
 - ``files``: small-file operations and checks whose errors name the fix.
 - ``jsonl``: append-only logs that write new objects instead of rewriting old ones.
 - ``rundir``: the run directory view used by training, sampling and reports.
+- ``lease``: one writer per run (``lease.json`` with expiry; conditional writes on S3).
 - ``local_server``: a local S3 server (moto) for demos.
 
 Callers import from this package, never from the modules.
@@ -42,6 +43,7 @@ from orchestrator.storage.files import (
     write_bytes,
 )
 from orchestrator.storage.jsonl import JsonlLog, read_records, supersede
+from orchestrator.storage.lease import Lease, LeaseHeld, LeaseLost, acquire_lease, describe_holder, read_lease
 from orchestrator.storage.retry import TRANSIENT_CODES, RetryCounter, is_transient, retry_call, retry_counts
 from orchestrator.storage.rundir import RunDir
 from orchestrator.storage.uri import Location, StorageError, join, parse_uri, redact_uri
@@ -50,6 +52,7 @@ __all__ = [
     "FsHandle", "JsonlLog", "Location", "RetryCounter", "RunDir", "StorageError", "TRANSIENT_CODES",
     "check_readable", "check_writable", "delete", "exists", "explain_client_error", "filesystem_for",
     "is_transient", "join", "list_files", "listdir", "parse_uri", "ray_storage", "read_bytes",
+    "Lease", "LeaseHeld", "LeaseLost", "acquire_lease", "describe_holder", "read_lease",
     "read_records", "redact_uri", "resolve_credentials", "resolve_fs", "retry_call", "retry_counts",
     "s3_client", "s3_filesystem", "s3_filesystem_handle", "supersede", "write_bytes",
 ]
