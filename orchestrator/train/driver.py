@@ -106,8 +106,10 @@ def _fault_injection_env() -> dict[str, str]:
     return {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
 
 
-def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_checkpoint: str | None = None) -> TrainOutcome:
-    """Train as configured; resumes when ``{storage}/{name}`` already has checkpoints.
+def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_checkpoint: str | None = None,
+                 force: bool = False) -> TrainOutcome:
+    """Train as configured; resumes when ``{storage}/{name}`` already has checkpoints. Holds the
+    run's lease throughout (one writer per run; ``force`` takes over a live-looking one).
 
     ``callbacks`` go to Ray Train's ``RunConfig`` (a Tune trial passes its reporting bridge);
     ``init_checkpoint`` is a checkpoint directory URI to start from when the run has no
@@ -131,6 +133,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     check_writable(cfg.run.storage, cfg.data.s3)
     info = inspect_dataset(cfg.data)
     num_classes = info.num_classes if cfg.data.conditional else None
+    from orchestrator.storage import acquire_lease
+
+    # One writer per run, decided before Ray starts (orchestrator/storage/lease.py).
+    lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False
     try:
         plan = make_plan(cfg)
@@ -162,6 +168,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             val_images=ray.put(load_validation_images(cfg.data, info)) if cfg.logging.val_every_steps else None,
             init_checkpoint=init_checkpoint,
             resume_from=resume_from,
+            class_names=list(info.class_names) if num_classes is not None else None,
         )
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
@@ -214,3 +221,4 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     finally:
         if started:
             ray.shutdown()
+        lease.release()
