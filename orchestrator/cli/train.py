@@ -16,6 +16,9 @@ def register_train(sub) -> None:
     )
     p.add_argument("--config", "-c", help="job file (see jobs/*.yaml)")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and the plan, then exit")
+    p.add_argument("--force", action="store_true",
+                   help="take over the run's lease even while its holder looks alive (a holder you know is gone; "
+                        "expired leases and dead holders on this machine are taken over without it)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_train)
 
@@ -27,7 +30,7 @@ def cmd_train(args) -> int:
     if args.dry_run:
         print(dry_run_text(cfg), end="")
         return 0
-    outcome = run_training(cfg)
+    outcome = run_training(cfg, force=args.force)
     print(f"run directory: {outcome.run_uri}")
     print(f"final step: {outcome.final_step}; checkpoint: {outcome.checkpoint_path}")
     if outcome.bad_samples:
