@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from orchestrator.data.formats.base import DataFormat, DecodeContext
 from orchestrator.data.formats.imagefolder import IMAGE_EXTS, ImageFolder
+from orchestrator.data.formats.latents import Latents
 from orchestrator.data.formats.parquet import Parquet
 from orchestrator.data.formats.webdataset import MANIFEST_NAME, WebDataset
 from orchestrator.data.info import DataError
@@ -38,5 +39,6 @@ def get_format(name: str) -> DataFormat:
 register_format(ImageFolder())
 register_format(WebDataset())
 register_format(Parquet())
+register_format(Latents())
 
 __all__ = ["FORMATS", "IMAGE_EXTS", "MANIFEST_NAME", "DataFormat", "DecodeContext", "get_format", "register_format"]
