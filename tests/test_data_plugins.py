@@ -24,7 +24,7 @@ from orchestrator.data.formats.base import DataFormat, DecodeContext, count, ext
 def test_config_choices_are_the_registered_formats():
     choices = typing.get_args(DataConfig.model_fields["format"].annotation)
     assert set(choices) == {"auto", *FORMATS}
-    assert set(FORMATS) == {"imagefolder", "webdataset", "parquet"}
+    assert set(FORMATS) == {"imagefolder", "webdataset", "parquet", "latents"}
 
 
 class NpyFolder(DataFormat):
