@@ -1,6 +1,6 @@
-"""``raydiff data``: upload, ls, verify, stats, make-demo, serve-s3 (argparse and thin command
-functions; the work is in ``orchestrator/data/upload.py``, ``orchestrator/data/check.py`` and
-``orchestrator/storage/local_server.py``).
+"""``raydiff data``: upload, encode, ls, verify, stats, make-demo, serve-s3 (argparse and thin
+command functions; the work is in ``orchestrator/data/upload.py``, ``orchestrator/data/encode.py``,
+``orchestrator/data/check.py`` and ``orchestrator/storage/local_server.py``).
 
 S3 settings come from ``--endpoint-url/--region/--profile`` and the standard AWS environment
 (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``). There are deliberately no credential flags:
@@ -84,6 +84,16 @@ def cmd_upload(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_encode(args: argparse.Namespace, out=None) -> int:
+    from orchestrator.data.encode import encode
+
+    opts = {k: getattr(args, k) for k in ("format", "labels_file", "image_column", "label_column")}
+    encode(args.src, args.dest, vae=args.vae, resolution=args.resolution, batch_size=args.batch_size,
+           scaling_factor=args.scaling_factor, concurrency=args.concurrency, dtype=args.dtype, shard_rows=args.shard_rows,
+           data_options=opts, s3cfg=s3_config_from_args(args), progress=not args.no_progress, out=out)
+    return 0
+
+
 def cmd_ls(args: argparse.Namespace, out=None) -> int:
     out = out or sys.stdout
     files = storage.list_files(args.uri, s3_config_from_args(args))
@@ -145,6 +155,21 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true")
     add_s3_args(p)
     p.set_defaults(func=cmd_upload)
+
+    p = sub.add_parser("encode", help="encode a dataset's images to VAE latents for latent diffusion (data.format=latents)")
+    p.add_argument("src", metavar="SRC", help="any dataset raydiff reads (local or s3://)")
+    p.add_argument("dest", metavar="DEST", help="s3://bucket/prefix or a local directory")
+    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory (config.json + weights)")
+    p.add_argument("--resolution", type=int, default=256, help="image side before encoding (centre crop)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
+    p.add_argument("--scaling-factor", type=float, help="default: the VAE config's scaling_factor")
+    p.add_argument("--concurrency", type=int, help="VAE actors (default: one per GPU, or 1 on CPU)")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
+    p.add_argument("--shard-rows", type=int, default=4096, help="latents per Parquet shard")
+    p.add_argument("--no-progress", action="store_true")
+    _add_dataset_args(p)
+    add_s3_args(p)
+    p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("ls", help="list files under a local path or s3:// prefix")
     p.add_argument("uri", metavar="URI")
