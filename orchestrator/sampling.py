@@ -1,4 +1,11 @@
-"""Sample grids from EMA weights: used during training, by ``raydiff sample`` and by evaluation."""
+"""Sample grids from EMA weights: used during training, by ``raydiff sample`` and by evaluation.
+
+Latent models (``data.format=latents``) sample latents. ``sample_grid`` decodes them with the VAE
+that ``raydiff data encode`` recorded in the dataset's ``latents.json`` (loaded once per process
+on the sampling device); where that VAE is not on this machine, or is not the one that encoded
+the data, the grid shows latent channels 0-2 instead, with a warning. ``grid_png`` of latents
+(``raydiff sample``, the evaluation grid) shows those channels too.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +19,10 @@ from PIL import Image
 from model.samplers import sample
 from model.schedules import NoiseSchedule, make_schedule
 from orchestrator.config import SamplingConfig, TrainConfig
+
+
+def is_latent(cfg: TrainConfig) -> bool:
+    return cfg.data.format == "latents"
 
 
 def schedule_from_config(cfg: TrainConfig) -> NoiseSchedule:
@@ -38,7 +49,8 @@ def generate(
     device: torch.device | str = "cpu",
     scfg: SamplingConfig | None = None,
 ) -> torch.Tensor:
-    """``num`` images in [-1, 1] from ``model`` (put EMA weights in first)."""
+    """``num`` images in [-1, 1] from ``model`` (put EMA weights in first); latents, unclamped,
+    for a latent model."""
     scfg = scfg or cfg.sampling
     was_training = model.training
     model.eval()
@@ -58,7 +70,8 @@ def generate(
             kwargs["eta"] = scfg.eta
             kwargs["use_clipped_model_output"] = scfg.use_clipped_model_output
         shape = (num, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-        return sample(scfg.sampler, model, schedule_from_config(cfg), shape, **kwargs).clamp(-1, 1).cpu()
+        out = sample(scfg.sampler, model, schedule_from_config(cfg), shape, **kwargs)
+        return (out if is_latent(cfg) else out.clamp(-1, 1)).cpu()
     finally:
         model.train(was_training)
 
@@ -70,6 +83,10 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 
 def grid_png(images: torch.Tensor, columns: int, upscale: int = 2) -> bytes:
+    if images.shape[1] not in (1, 3):  # latents
+        from orchestrator.data.vae import latent_preview
+
+        images = latent_preview(images)
     arr = to_uint8(images)
     n, h, w, c = arr.shape
     rows = math.ceil(n / columns)
@@ -91,4 +108,8 @@ def sample_grid(model: torch.nn.Module, cfg: TrainConfig, *, device="cpu") -> by
     labels = grid_labels(getattr(model, "num_classes", None), cfg.sampling)
     num = cfg.sampling.per_class if labels is None else len(labels)
     images = generate(model, cfg, labels, num, seed=cfg.sampling.seed, device=device)
+    if is_latent(cfg):
+        from orchestrator.data.vae import latents_to_images
+
+        images = latents_to_images(images, cfg.data, device=device)
     return grid_png(images, cfg.sampling.per_class)
