@@ -42,15 +42,17 @@ def build_denoiser(cfg: TrainConfig, num_classes: int | None) -> torch.nn.Module
 
 
 def write_checkpoint(directory: str | Path, *, engine: Any, ema: EMA, state: TrainState, cfg: TrainConfig,
-                     num_classes: int | None, rank: int) -> None:
-    """Write this rank's part of a checkpoint into a local directory (every rank calls it)."""
+                     num_classes: int | None, rank: int, class_names: list[str] | None = None) -> None:
+    """Write this rank's part of a checkpoint into a local directory (every rank calls it).
+    ``class_names`` (the dataset's, index order) go to model.json for sampling by class name."""
     d = Path(directory)
     # ZeRO shards are per rank; Ray Train merges the ranks' directories into one.
     engine.save_checkpoint(str(d), tag=DS_TAG, client_state={"train_state": state.as_dict()})
     if rank == 0:
         torch.save(ema.state_dict(), d / EMA_FILE)
         (d / CONFIG_FILE).write_text(config_to_yaml(cfg))
-        (d / MODEL_FILE).write_text(json.dumps({"num_classes": num_classes, "world_size": engine.world_size}))
+        (d / MODEL_FILE).write_text(json.dumps({"num_classes": num_classes, "world_size": engine.world_size,
+                                                   "class_names": class_names}))
         (d / STATE_FILE).write_text(json.dumps(state.as_dict()))
 
 

@@ -52,15 +52,19 @@ class WorkerArgs:
     init_checkpoint: str | None = None
     # The newest checkpoint of this run that verified (train/verify.py), chosen by the driver.
     resume_from: str | None = None
+    # The dataset's class names (index order), saved in model.json; None for unconditional runs.
+    class_names: list[str] | None = None
 
 
 class Worker:
     def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, bad_counter: str | None,
-                 val_images: Any = None, init_checkpoint: str | None = None, resume_from: str | None = None):
+                 val_images: Any = None, init_checkpoint: str | None = None, resume_from: str | None = None,
+                 class_names: list[str] | None = None):
         import ray.train
 
         self.cfg, self.plan, self.num_classes, self.bad_counter = cfg, plan, num_classes, bad_counter
         self.init_checkpoint, self.resume_from = init_checkpoint, resume_from
+        self.class_names = class_names
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_world = ctx.get_local_world_size()
@@ -140,7 +144,7 @@ class Worker:
         run_uri = RunDir.for_config(self.cfg).uri
         staged = staging_dir(run_uri, self.state.step, self.rank)
         write_checkpoint(staged, engine=self.train.engine, ema=self.train.ema, state=self.state, cfg=self.cfg,
-                         num_classes=self.num_classes, rank=self.rank)
+                         num_classes=self.num_classes, rank=self.rank, class_names=self.class_names)
         ray.train.report(
             metrics,
             checkpoint=Checkpoint.from_directory(staged),
@@ -330,4 +334,4 @@ def train_worker(args: dict[str, Any]) -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     wa = WorkerArgs(**args)
     Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter, wa.val_images,
-           wa.init_checkpoint, wa.resume_from).fit()
+           wa.init_checkpoint, wa.resume_from, wa.class_names).fit()
