@@ -1,0 +1,51 @@
+"""``raydiff export``: a checkpoint as diffusers components (see orchestrator/eval/export.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from orchestrator.cli.sample import SAMPLE_OVERRIDES, add_checkpoint_args, checkpoint_uri, s3_from_overrides
+from orchestrator.config import ConfigError, apply_overrides, config_to_dict, validate_config
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a checkpoint's denoiser as diffusers components (EMA weights)",
+        description="Write OUT/unet (or OUT/transformer), OUT/scheduler, OUT/raydiff.json and a model "
+        "card OUT/README.md. Load them with UNet2DModel.from_pretrained(OUT/unet) / "
+        "DiTTransformer2DModel.from_pretrained(OUT/transformer) and DDIMScheduler.from_pretrained(OUT/scheduler).",
+    )
+    add_checkpoint_args(p)
+    p.add_argument("--format", choices=("diffusers",), default="diffusers")
+    p.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
+    p.add_argument("out", metavar="OUT", help="output directory (local)")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
+                   help="sampling.* (the exported scheduler's spacing, clipping) and data.s3.* overrides")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from orchestrator.eval.export import export_diffusers
+    from orchestrator.eval.loading import load_checkpoint
+    from orchestrator.sampling import is_latent
+
+    if "://" in args.out:
+        raise ConfigError(f"export OUT {args.out!r}: diffusers writes to a local directory. Fix: give a local path "
+                          "and upload it afterwards")
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not args.force)):
+        raise ConfigError(f"export OUT {args.out!r} exists and is not an empty directory. Fix: choose another OUT or "
+                          "pass --force")
+    s3 = s3_from_overrides(args.overrides, SAMPLE_OVERRIDES, "export")
+    uri, name = checkpoint_uri(args)
+    ck = load_checkpoint(uri, s3, raw=args.raw, name=name)
+    if is_latent(ck.cfg):
+        raise ConfigError(f"{ck.uri} is a latent model (data.format=latents): the export has no place for its VAE "
+                          "yet. Fix: sample it with `raydiff sample`, which decodes with the dataset's VAE")
+    cfg = validate_config(apply_overrides(config_to_dict(ck.cfg, reveal_secrets=True),
+                                          [o for o in args.overrides if o.startswith("sampling.")]))
+    meta = export_diffusers(ck.model, cfg, ck.class_names, out, source=ck.uri, step=ck.ref.step, weights=ck.weights)
+    print(f"exported {ck.uri} (step {ck.ref.step}, {ck.weights.upper()} weights) to {out}/{meta['backbone']} "
+          f"({meta['backbone_class']}) and {out}/scheduler")
+    return 0
