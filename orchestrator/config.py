@@ -165,6 +165,9 @@ class ScalingConfig(_Strict):
     num_workers: int = Field(2, ge=1, le=4096)
     device: Literal["auto", "cpu", "gpu"] = "auto"
     cpus_per_worker: float = Field(1.0, gt=0)
+    # GPU share of each worker on GPU runs: below 1, small models share a card (a sweep's
+    # trials side by side); Ray schedules by these fractions, it does not partition memory.
+    gpus_per_worker: float = Field(1.0, gt=0, le=1)
     # None: local Ray on this machine. "auto" or "ray://..." joins a running cluster.
     ray_address: str | None = None
     accelerator_type: str | None = None

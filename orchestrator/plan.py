@@ -26,7 +26,7 @@ class Plan:
     precision_reason: str
     num_workers: int
     cpus_per_worker: float
-    gpus_per_worker: int
+    gpus_per_worker: float
     micro_batch_size: int
     zero_stage: int
     zero_reason: str
@@ -41,7 +41,7 @@ class Plan:
         return "\n".join(
             [
                 f"run directory   : {run_uri}",
-                f"workers         : {self.num_workers} x ({self.cpus_per_worker:g} CPU, {self.gpus_per_worker} GPU)",
+                f"workers         : {self.num_workers} x ({self.cpus_per_worker:g} CPU, {self.gpus_per_worker:g} GPU)",
                 f"device          : {self.device} ({self.device_reason})",
                 f"precision       : {self.precision} ({self.precision_reason})",
                 f"mixed precision : {'torch autocast, fp32 weights' if self.autocast else 'DeepSpeed engine'} ({self.mixed_reason})",
@@ -181,7 +181,7 @@ def make_plan(cfg: TrainConfig) -> Plan:
         precision_reason=precision_reason,
         num_workers=cfg.scaling.num_workers,
         cpus_per_worker=cfg.scaling.cpus_per_worker,
-        gpus_per_worker=1 if device == "gpu" else 0,
+        gpus_per_worker=cfg.scaling.gpus_per_worker if device == "gpu" else 0,
         # The config rejects a batch that does not split evenly over the workers.
         micro_batch_size=cfg.optim.batch_size // cfg.scaling.num_workers,
         zero_stage=zero_stage,
