@@ -1,0 +1,178 @@
+"""One trial: a Tune function trainable that runs a full raydiff training run (Ray Train +
+DeepSpeed) and reports its validation loss to Tune.
+
+The pattern is Ray 2.60's for Train inside Tune: the trial function builds the run (here
+``orchestrator.train.driver.run_training``, with Ray already initialised) and a Train callback
+carries the workers' reports to Tune. Ray's ``TuneReportCallback`` forwards metrics only; this
+one (``ReportBridge``) also forwards the checkpoint, and the trial reports each result with a
+small Tune checkpoint that points at the run's latest Train checkpoint. Tune needs trial
+checkpoints for two things here:
+
+- ``Tuner.restore`` after the sweep driver died: an unfinished trial comes back with its last
+  pointer and reruns the same run name, which Ray Train resumes from its own latest checkpoint;
+- population-based training: exploiting copies the donor's pointer into the weaker trial, which
+  then starts a new run (``{trial}-x{step}-{donor}``) from the donor's checkpoint with its own,
+  perturbed hyperparameters (``init_checkpoint``; see train/warmstart.py).
+
+Each trial's runs live in the sweep directory: ``{run.storage}/{sweep}/{trial_id}`` (plus one
+run per PBT exploit).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+from ray.train.v2.api.callback import UserCallback
+
+from orchestrator.config import validate_config
+from orchestrator.storage import join
+from orchestrator.tune.space import trial_tree
+
+POINTER_FILE = "raydiff_pointer.json"
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """What every trial shares (handed to trials through the object store)."""
+
+    base: dict[str, Any]  # training tree, data resolved, secrets revealed: in memory only
+    sweep_uri: str
+    sweep: str
+    metric: str
+
+
+class ReportBridge(UserCallback):
+    """Runs in the Train controller: puts rank 0's metrics and the checkpoint path of every
+    report on the trial's queue. A bounded queue: training runs at most a report or two ahead
+    of Tune, so a PBT donor's checkpoint is still there when it is copied."""
+
+    def __init__(self, queue: Any):
+        self.queue = queue
+
+    def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
+        self.queue.put({"metrics": dict(metrics[0]),
+                        "checkpoint": os.path.basename(checkpoint.path.rstrip("/")) if checkpoint else None})
+
+
+def read_pointer(checkpoint: Any) -> dict[str, Any] | None:
+    if checkpoint is None:
+        return None
+    with checkpoint.as_directory() as d:
+        path = os.path.join(d, POINTER_FILE)
+        return json.loads(open(path).read()) if os.path.exists(path) else None
+
+
+def run_for(trial_id: str, pointer: dict[str, Any] | None) -> tuple[str, str | None]:
+    """``(run name, checkpoint to start from)`` for a trial given the Tune checkpoint it got.
+
+    No pointer: a new trial, run = trial id. Its own pointer: a restored trial, same run (Ray
+    Train resumes it). Another trial's pointer: PBT exploited it, a new run from the donor's
+    checkpoint, named after it so that a restore finds the same run again."""
+    if pointer is None:
+        return trial_id, None
+    if pointer["trial_id"] == trial_id:
+        return pointer["run"], None
+    return f"{trial_id}-x{pointer['checkpoint_step']}-{pointer['trial_id']}", pointer["checkpoint_uri"]
+
+
+class _Trial:
+    def __init__(self, spec: SweepSpec, trial_id: str, run: str, steps: int):
+        self.spec, self.trial_id, self.run, self.steps = spec, trial_id, run, steps
+        self.run_uri = join(spec.sweep_uri, run)
+        self.checkpoint: tuple[str, int] | None = None  # latest Train checkpoint (uri, step)
+        self.last: dict[str, Any] = {}
+
+    def pointer_checkpoint(self) -> Any:
+        from ray.tune import Checkpoint
+
+        if self.checkpoint is None:
+            return None
+        uri, step = self.checkpoint
+        d = tempfile.mkdtemp(prefix="raydiff-pointer-")
+        with open(os.path.join(d, POINTER_FILE), "w") as f:
+            json.dump({"trial_id": self.trial_id, "run": self.run, "checkpoint_uri": uri, "checkpoint_step": step}, f)
+        return Checkpoint.from_directory(d)
+
+    def report(self, metrics: dict[str, Any]) -> None:
+        import ray.tune
+
+        checkpoint = self.pointer_checkpoint()
+        try:
+            ray.tune.report({**metrics, "run": self.run}, checkpoint=checkpoint)
+        finally:
+            if checkpoint is not None:  # Tune has copied it into the trial directory by now
+                shutil.rmtree(checkpoint.path, ignore_errors=True)
+
+    def forward(self, item: dict[str, Any]) -> None:
+        m = item["metrics"]
+        if item["checkpoint"]:
+            self.checkpoint = (join(self.run_uri, item["checkpoint"]), int(m["step"]))
+        # Only results that carry the metric go to Tune (schedulers and searchers need it in
+        # every result); checkpoint-only reports just move the pointer.
+        if m.get(self.spec.metric) is not None:
+            self.last = {k: m[k] for k in ("step", "samples_seen", "epoch", "loss", "val_loss") if k in m}
+            if self.last["step"] < self.steps:
+                # The last step's result is reported once, after the run, as the final one.
+                self.report(self.last)
+
+
+def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
+    """The Tune function trainable (``tune.with_parameters(tune_trial, spec=...)``)."""
+    import ray.tune
+    from ray.util.queue import Empty, Queue
+
+    from orchestrator.train.driver import run_training
+    from orchestrator.tune.cleanup import PlacementGroupTracker
+
+    from ray.data import DataContext
+
+    # This process is the trial's training driver: no Ray Data progress bars in the sweep's output.
+    DataContext.get_current().enable_progress_bars = False
+    trial_id = ray.tune.get_context().get_trial_id()
+    run, init_checkpoint = run_for(trial_id, read_pointer(ray.tune.get_checkpoint()))
+    tree = trial_tree(spec.base, params)
+    tree["run"].update({"storage": spec.sweep_uri, "name": run})
+    cfg = validate_config(tree)
+    trial = _Trial(spec, trial_id, run, cfg.optim.steps)
+    queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
+    outcome: dict[str, Any] = {}
+
+    def fit() -> None:
+        try:
+            outcome["run"] = run_training(cfg, callbacks=(ReportBridge(queue), PlacementGroupTracker(spec.sweep)),
+                                          init_checkpoint=init_checkpoint)
+        except BaseException as e:  # noqa: BLE001 - re-raised in the trial's thread below
+            outcome["error"] = e
+
+    # Training runs in a helper thread so that this thread is free to report: ray.tune.report
+    # blocks until Tune asks for the next result, and is where Tune ends a stopped trial.
+    thread = threading.Thread(target=fit, name=f"raydiff-trial-{trial_id}", daemon=True)
+    thread.start()
+    while True:
+        try:
+            trial.forward(queue.get(timeout=1.0))
+        except Empty:
+            if not thread.is_alive():
+                break
+    while not queue.empty():  # reports put between the last get and the thread's end
+        trial.forward(queue.get_nowait())
+    thread.join()
+    if "error" in outcome:
+        raise outcome["error"]
+    out = outcome["run"]
+    final = dict(trial.last)
+    final["step"] = out.final_step
+    if out.checkpoint_path:
+        trial.checkpoint = (out.checkpoint_path, out.final_step)
+    if out.eval is not None:
+        final["sample_accuracy"] = out.eval["sample_accuracy"]
+    if spec.metric in final:
+        # done=True: Tune stops the trial on this result without asking the scheduler (PBT
+        # would otherwise pause a finished trial to perturb it).
+        trial.report({**final, "done": True})

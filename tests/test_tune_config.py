@@ -1,0 +1,156 @@
+"""The tune section: search spaces are validated against the training config before anything
+starts, with the key named; conversion to Ray Tune; trial run naming; the best job spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from orchestrator.config import ConfigError, SecretStr, load_config
+from orchestrator.tune import space as S
+from orchestrator.tune.config import load_tune_config
+from orchestrator.tune.results import best_job_spec, best_row
+from orchestrator.tune.trainable import run_for
+
+ROOT = Path(__file__).resolve().parents[1]
+BASE = ["data.val_images=16", "logging.val_every_steps=3", "optim.steps=12", "tune.asha.grace_period=3"]
+
+
+def job(*overrides: str):
+    return load_tune_config(None, [*BASE, *overrides])
+
+
+@pytest.mark.parametrize("override, key, words", [
+    ("tune.space.optim.lrr.choice=[1]", "tune.space.optim.lrr", "unknown key"),
+    ("tune.space.optimm.lr.choice=[1]", "tune.space.optimm.lr", "unknown key"),
+    ("tune.space.optim.lr.choice=[]", "tune.space.optim.lr", "non-empty"),
+    ("tune.space.optim.lr.uniform=[0.1, 0.01]", "tune.space.optim.lr", "must be < high"),
+    ("tune.space.optim.lr.loguniform=[0, 0.01]", "tune.space.optim.lr", "low > 0"),
+    ("tune.space.optim.lr.loguniform=[-1, 0.01]", "tune.space.optim.lr", "low > 0"),
+    ("tune.space.run.name.choice=[a, b]", "tune.space.run.name", "not searchable"),
+    ("tune.space.data.s3.region.choice=[eu]", "tune.space.data.s3.region", "not searchable"),
+    ("tune.space.data.val_images.choice=[8, 16]", "tune.space.data.val_images", "not searchable"),
+    ("tune.space.optim.choice=[1]", "tune.space.optim", "a section"),
+    ("tune.space.diffusion.weighting.choice=[uniform, bogus]", "tune.space.diffusion.weighting", "'bogus'"),
+    ("tune.space.optim.lr.loguniform=[1e-4, 3]", "tune.space.optim.lr", "less than or equal to 1"),
+    ("tune.space.optim.warmup_steps.uniform=[0, 10]", "tune.space.optim.warmup_steps", "not a float"),
+    ("tune.space.optim.lr.randint=[1, 3]", "tune.space.optim.lr", "integer keys"),
+    ("tune.space.optim.batch_size.choice=[8, 9]", "tune.space.optim.batch_size", "not divisible"),
+    ("tune.space.optim.lr.uniform=[0.1]", "tune.space.optim.lr", "[low, high]"),
+])
+def test_invalid_spaces_are_rejected_naming_the_key(override, key, words):
+    with pytest.raises(ConfigError) as e:
+        job(override, "scaling.num_workers=2", "optim.batch_size=8")
+    msg = str(e.value)
+    assert f"{key}:" in msg and words in msg, msg
+
+
+@pytest.mark.parametrize("overrides, words", [
+    (["tune.searcher=optuna", "tune.space.optim.lr.grid=[1e-4, 1e-3]"], "grid with tune.searcher=optuna"),
+    (["tune.searcher=grid", "tune.space.optim.lr.loguniform=[1e-4, 1e-3]"], "tune.searcher=grid"),
+    (["tune.scheduler=pbt", "tune.space.optim.lr.loguniform=[1e-4, 1e-3]"], "searcher=random"),
+    (["tune.scheduler=pbt", "tune.searcher=random", "tune.space.model.name.choice=[unet-tiny]",
+      "tune.pbt.mutate=[model.name]"], "cannot change"),
+    (["tune.scheduler=pbt", "tune.searcher=random", "tune.space.optim.lr.loguniform=[1e-4, 1e-3]",
+      "tune.pbt.perturbation_interval=3", "checkpoint.every_steps=6"], "perturbation_interval=3"),
+    (["logging.val_every_steps=0", "tune.space.optim.lr.loguniform=[1e-4, 1e-3]"], "needs a validation loss"),
+    (["tune.mode=max", "tune.space.optim.lr.loguniform=[1e-4, 1e-3]"], "tune.mode=min"),
+    (["tune.asha.grace_period=12", "tune.space.optim.lr.loguniform=[1e-4, 1e-3]"], "grace_period=12"),
+    (["tune.space={}"], "tune.space is empty"),
+])
+def test_inconsistent_sweeps_are_rejected(overrides, words):
+    with pytest.raises(ConfigError) as e:
+        job(*overrides)
+    assert words in str(e.value), str(e.value)
+
+
+def test_nested_and_dotted_keys_and_yaml_numbers(tmp_path):
+    f = tmp_path / "sweep.yaml"
+    f.write_text("tune:\n  space:\n    optim.lr: {loguniform: [1e-5, 3e-3]}\n"
+                 "    diffusion:\n      weighting: {choice: [uniform, p2]}\n"
+                 "    optim:\n      warmup_steps: {randint: [0, 10]}\n")
+    j = load_tune_config(f, BASE)
+    assert j.tune.space == {"optim.lr": {"loguniform": [1e-5, 3e-3]}, "diffusion.weighting": {"choice": ["uniform", "p2"]},
+                            "optim.warmup_steps": {"randint": [0, 10]}}
+    space = S.param_space(j.tune.space)
+    assert space["optim.warmup_steps"].upper == 11  # both ends included
+    assert space["optim.lr"].lower == 1e-5
+
+
+def test_every_training_leaf_outside_the_exclusions_is_searchable():
+    j = job("tune.space.optim.lr.loguniform=[1e-4, 1e-3]")
+    base = j.training_tree()
+
+    def leaves(tree, prefix=""):
+        for k, v in tree.items():
+            key = f"{prefix}{k}"
+            if isinstance(v, dict):
+                yield from leaves(v, key + ".")
+            else:
+                yield key, v
+
+    searchable = 0
+    for key, value in leaves(base):
+        if key in S.NOT_SEARCHABLE or key.startswith(tuple(S.NOT_SEARCHABLE_PREFIXES)):
+            continue
+        S.check_entry(key, {"choice": [value]}, base)  # the current value is always a legal choice
+        searchable += 1
+    assert searchable > 60
+
+
+def test_grid_counts_and_pbt_mutations():
+    j = job("tune.searcher=grid", "tune.num_samples=2", "tune.space.optim.lr.grid=[1e-4, 1e-3]",
+            "tune.space.diffusion.weighting.grid=[uniform, min_snr, p2]", "tune.scheduler=fifo")
+    assert j.num_trials() == 12
+    p = job("tune.scheduler=pbt", "tune.searcher=random", "checkpoint.every_steps=3", "tune.pbt.perturbation_interval=6",
+            "tune.space.optim.lr.loguniform=[1e-4, 1e-3]", "tune.space.model.name.choice=[unet-tiny, unet-small]",
+            "tune.space.diffusion.weighting.choice=[uniform, p2]")
+    assert p.pbt_keys() == ["optim.lr", "diffusion.weighting"]  # model.name cannot change mid-run
+    muts = S.pbt_mutations(p.tune.space, p.pbt_keys())
+    assert muts["diffusion.weighting"] == ["uniform", "p2"] and muts["optim.lr"].lower == 1e-4
+
+
+def test_trial_run_names_for_new_restored_and_exploited_trials():
+    assert run_for("t1", None) == ("t1", None)
+    own = {"trial_id": "t1", "run": "t1-x6-t2", "checkpoint_uri": "/s/t1-x6-t2/checkpoint_00000009", "checkpoint_step": 9}
+    assert run_for("t1", own) == ("t1-x6-t2", None)  # restored: same run, Ray Train resumes it
+    donor = {"trial_id": "t2", "run": "t2", "checkpoint_uri": "/s/t2/checkpoint_00000012", "checkpoint_step": 12}
+    assert run_for("t1", donor) == ("t1-x12-t2", "/s/t2/checkpoint_00000012")
+
+
+def test_best_spec_is_a_training_job_with_the_best_values(tmp_path):
+    j = job("tune.space.optim.lr.loguniform=[1e-4, 1e-3]", "tune.space.diffusion.weighting.choice=[uniform, p2]",
+            "data.s3.secret_access_key=hunter2")
+    table = pd.DataFrame([
+        {"trial": "a", "status": "completed", "step": 12, "val_loss": 0.30, "optim.lr": 3e-4, "diffusion.weighting": "p2"},
+        {"trial": "b", "status": "stopped early", "step": 3, "val_loss": 0.10, "optim.lr": 1e-4, "diffusion.weighting": "uniform"},
+        {"trial": "c", "status": "completed", "step": 12, "val_loss": 0.20, "optim.lr": 5e-4, "diffusion.weighting": "uniform"},
+    ])
+    row = best_row(table, "val_loss")
+    assert row["trial"] == "c"  # completed trials first: b's number is from 3 steps
+    text = best_job_spec(j, row)
+    assert "hunter2" not in text and "*****" not in text
+    f = tmp_path / "best.yaml"
+    f.write_text(text)
+    cfg = load_config(f)  # raydiff train --config reads it unchanged
+    assert cfg.optim.lr == 5e-4 and cfg.diffusion.weighting == "uniform"
+    assert cfg.run.name == "demo-best" and cfg.data.source == "builtin" and cfg.data.s3.secret_access_key is None
+    assert not isinstance(cfg.data.s3.secret_access_key, SecretStr)
+
+
+@pytest.mark.parametrize("name", ["tune-smoke.yaml", "tune-lr-weighting.yaml"])
+def test_shipped_sweeps_validate(name):
+    j = load_tune_config(ROOT / "jobs" / name)
+    assert j.num_trials() >= 4 and j.tune.metric == "val_loss"
+
+
+def test_cli_rejects_a_bad_space_before_starting(capsys):
+    from orchestrator.cli import main
+
+    rc = main(["tune", "--config", str(ROOT / "jobs" / "tune-smoke.yaml"), "tune.space.optim.lr.loguniform=[0, 1e-3]"])
+    assert rc == 2
+    assert "tune.space.optim.lr: loguniform needs low > 0" in capsys.readouterr().err
+    assert main(["tune", "--config", str(ROOT / "jobs" / "tune-smoke.yaml"), "--dry-run"]) == 0
+    assert "optim.lr: {loguniform:" in capsys.readouterr().out
