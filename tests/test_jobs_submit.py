@@ -1,0 +1,125 @@
+"""Ray Jobs end to end: a real head (`ray start --head` on this machine, token authentication on)
+runs jobs/local-smoke.yaml submitted with the real `ray job submit --working-dir .` CLI, then the
+same run resubmitted with `raydiff submit`, which resumes it. Checkpoints, metrics and the sample
+grid are read back from the run directory.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from orchestrator.cluster.local_head import LocalHead
+from orchestrator.storage import RunDir
+from orchestrator.train.checkpoints import list_checkpoints
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+RAYDIFF = str(Path(sys.executable).with_name("raydiff"))
+TOKEN = secrets.token_hex(16)
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    cache = tmp_path_factory.mktemp("builtin-cache")
+    h = LocalHead(num_cpus=3, env={"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": TOKEN,
+                                   "RAYDIFF_CACHE_DIR": str(cache), "RAY_DEDUP_LOGS": "0"})
+    h.start()
+    yield h
+    h.stop()
+
+
+@pytest.fixture(scope="module")
+def storage(tmp_path_factory):
+    return tmp_path_factory.mktemp("cluster-runs")
+
+
+def _client_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(extra)
+    return env
+
+
+def _job(head, submission_id: str) -> tuple[str, str]:
+    from ray.job_submission import JobSubmissionClient
+
+    c = JobSubmissionClient(head.dashboard_url, headers={"Authorization": f"Bearer {TOKEN}"})
+    return str(c.get_job_status(submission_id).value), c.get_job_logs(submission_id)
+
+
+def test_ray_job_submit_cli_runs_job_spec(head, storage):
+    sid = "smoke-cli-1"
+    r = subprocess.run(
+        [RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", ".", "--submission-id", sid,
+         "--", "raydiff", "train", "--config", "jobs/local-smoke.yaml", f"run.storage={storage}"],
+        cwd=ROOT, env=_client_env(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=TOKEN),
+        capture_output=True, text=True, timeout=540,
+    )
+    status, logs = _job(head, sid)
+    assert r.returncode == 0 and status == "SUCCEEDED", (r.stdout + r.stderr)[-3000:] + logs[-3000:]
+    assert "final step: 6" in logs
+
+    rundir = RunDir(str(storage / "local-smoke"))
+    assert [c.step for c in list_checkpoints(rundir)] == [3, 6]
+    assert [m["step"] for m in rundir.metrics()] == [1, 2, 3, 4, 5, 6]
+    grid = Image.open(io.BytesIO(rundir.read_bytes("samples/step_0000006.png")))
+    # 3 rows (classes) x 2 columns of 16x16 with 2 px padding, upscaled 2x.
+    assert grid.size == (2 * (2 * 18 + 2), 2 * (3 * 18 + 2))
+
+    # What --working-dir uploaded (unpacked on the head): the code and job specs, nothing of
+    # .venv, .git, run directories or GPU bundles.
+    pkgs = [p for p in Path(head.temp_dir).glob("session_2*/runtime_resources/working_dir_files/*") if p.is_dir()]
+    assert len(pkgs) == 1, pkgs
+    files = [p.relative_to(pkgs[0]).as_posix() for p in pkgs[0].rglob("*") if p.is_file()]
+    assert "jobs/local-smoke.yaml" in files and "orchestrator/cli/submit.py" in files
+    assert not [f for f in files if f.split("/")[0] in (".venv", ".git", "runs", ".gpu")]
+    assert sum((pkgs[0] / f).stat().st_size for f in files) < 5 << 20
+
+
+def test_raydiff_submit_without_token_is_refused_with_the_fix(head):
+    r = subprocess.run([RAYDIFF, "submit", "jobs/local-smoke.yaml", "--address", head.dashboard_url],
+                       cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "requires token authentication" in r.stderr and "RAY_AUTH_TOKEN" in r.stderr
+
+
+def test_raydiff_submit_resumes_the_run(head, storage):
+    # The token alone (no RAY_AUTH_MODE): raydiff sends it; Ray's own CLI would not.
+    r = subprocess.run(
+        [RAYDIFF, "submit", "jobs/local-smoke.yaml", f"run.storage={storage}", "optim.steps=9",
+         "--address", head.dashboard_url, "--submission-id", "smoke-raydiff-1", "--follow"],
+        cwd=ROOT, env=_client_env(RAY_AUTH_TOKEN=TOKEN), capture_output=True, text=True, timeout=540,
+    )
+    status, logs = _job(head, "smoke-raydiff-1")
+    assert r.returncode == 0 and status == "SUCCEEDED", (r.stdout + r.stderr)[-3000:] + logs[-3000:]
+    assert r.stdout.startswith("submitted smoke-raydiff-1: run local-smoke")
+    assert f"RAY_AUTH_MODE=token ray job logs --address {head.dashboard_url} --follow smoke-raydiff-1" in r.stdout
+    assert "job smoke-raydiff-1 SUCCEEDED" in r.stdout and "final step: 9" in r.stdout
+
+    rundir = RunDir(str(storage / "local-smoke"))
+    assert [(e["step"], e["samples_seen"]) for e in rundir.events() if e["event"] == "resumed"] == [(6, 48)]
+    assert [c.step for c in list_checkpoints(rundir)] == [6, 9]
+    assert [m["step"] for m in rundir.metrics()] == list(range(1, 10))
+    assert json.loads(rundir.read_text("plan.json"))["num_workers"] == 2
+
+
+def test_stopping_a_local_head_leaves_other_ray_clusters_running(head):
+    other = LocalHead(num_cpus=1, env={"RAY_AUTH_MODE": "disabled"}).start()
+    pids = [p.pid for p in other.processes()]
+    assert len(pids) > 3
+    other.stop()
+    import psutil
+
+    assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert not Path(other.temp_dir).exists()
+    # The module's head still serves and still has all of its processes.
+    assert head._jobs_api_up() and head.proc.poll() is None
