@@ -107,7 +107,7 @@ def _process_started(pid: int) -> float | None:
 
     try:
         return psutil.Process(pid).create_time()
-    except psutil.Error:
+    except psutil.Error:  # gone (or not ours to see)
         return None
 
 
@@ -181,7 +181,7 @@ class _LocalStore:
             raise StorageError(f"cannot read {self.path}: {e.strerror or e}. Fix: check the run directory's permissions") from None
 
     def write(self, data: bytes, *, expect: str | None, create: bool) -> bool:
-        # Under the lock: nothing changes between read and write, so the conditions hold.
+        # Under the lock nothing changes between read and write: the conditions hold.
         tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
         try:
             tmp.write_bytes(data)
@@ -254,13 +254,12 @@ def _store(run_uri: str, s3cfg: "S3Config | None"):
 
 
 def _parse(raw: bytes | None) -> dict[str, Any] | None:
-    if raw is None:
-        return None
+    """The record, ``{}`` for an unreadable one, None for no lease."""
     try:
-        rec = json.loads(raw)
+        rec = json.loads(raw) if raw is not None else None
     except ValueError:
         return {}
-    return rec if isinstance(rec, dict) else {}
+    return rec if isinstance(rec, dict) or rec is None else {}
 
 
 def read_lease(run_uri: str, s3cfg: "S3Config | None" = None) -> dict[str, Any] | None:
@@ -335,11 +334,6 @@ class Lease:
         self._thread.start()
         return self
 
-    def __enter__(self) -> "Lease":
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.release()
 
 
 def _terminate_on_loss(e: LeaseLost) -> None:
@@ -353,10 +347,7 @@ def acquire_lease(run: RunDir | str, s3cfg: "S3Config | None" = None, *, force: 
     """Take the run directory's lease (rules in the module docstring) and, with ``renew``, keep
     it renewed until ``release()``. ``takeover_submission`` defaults to ``RAYDIFF_LEASE_TAKEOVER``.
     Raises ``LeaseHeld`` naming the holder when it is live."""
-    if isinstance(run, RunDir):
-        run_uri, s3cfg = run.uri, run.s3
-    else:
-        run_uri = run
+    run_uri, s3cfg = (run.uri, run.s3) if isinstance(run, RunDir) else (run, s3cfg)
     ttl = _ttl(ttl_s)
     takeover_submission = takeover_submission or os.environ.get(TAKEOVER_ENV) or None
     store = _store(run_uri, s3cfg)
