@@ -10,6 +10,7 @@ import sys
 
 from orchestrator.bench.data import register_bench as register_bench_data
 from orchestrator.bench.step import register_bench as register_bench_step
+from orchestrator.cli.controller import register as register_controller
 from orchestrator.cli.data import register as register_data
 from orchestrator.cli.submit import register as register_submit
 from orchestrator.cli.train import register_sample, register_train
@@ -18,7 +19,7 @@ from orchestrator.config import ConfigError
 
 log = logging.getLogger("raydiff")
 
-_COMMANDS = (register_train, register_sample, register_data, register_tune, register_submit)
+_COMMANDS = (register_train, register_sample, register_data, register_tune, register_submit, register_controller)
 _BENCHES = (register_bench_data, register_bench_step)
 
 
