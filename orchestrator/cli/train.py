@@ -1,10 +1,8 @@
-"""``raydiff train`` and ``raydiff sample``."""
+"""``raydiff train``."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from orchestrator.config import ConfigError, load_config
+from orchestrator.config import load_config
 
 
 def register_train(sub) -> None:
@@ -45,39 +43,4 @@ def cmd_train(args) -> int:
             f"generated samples recognised as their class (chance {e['chance']:.1%}; the judge classifier "
             f"scores {e['classifier_val_accuracy']:.1%} on held-out real images)"
         )
-    return 0
-
-
-def register_sample(sub) -> None:
-    p = sub.add_parser("sample", help="sample a grid from a run's latest (or given) checkpoint")
-    p.add_argument("--run", required=True, help="run directory URI: runs/demo or s3://bucket/runs/demo")
-    p.add_argument("--out", default="samples.png", help="output PNG (local path)")
-    p.add_argument("--checkpoint", help="checkpoint directory name (default: the latest)")
-    p.add_argument("overrides", nargs="*", metavar="sampling.key=value",
-                   help="sampling.* and data.s3.* overrides, e.g. sampling.guidance_scale=4")
-    p.set_defaults(func=cmd_sample)
-
-
-def cmd_sample(args) -> int:
-    from orchestrator.train.checkpoints import list_checkpoints, load_ema_model
-    from orchestrator.config import apply_overrides, parse_override, validate_config
-    from orchestrator.storage import RunDir
-    from orchestrator.sampling import sample_grid
-
-    overrides = [parse_override(o) for o in args.overrides]
-    bad = [k for k, _ in overrides if not k.startswith(("sampling.", "data.s3."))]
-    if bad:
-        raise ConfigError(f"raydiff sample accepts only sampling.* and data.s3.* overrides, got: {', '.join(bad)}")
-    s3_cfg = load_config(None, [o for o in args.overrides if o.startswith("data.s3.")]).data.s3
-    rundir = RunDir(args.run, s3_cfg)
-    refs = list_checkpoints(rundir)
-    if args.checkpoint:
-        refs = [r for r in refs if r.name == args.checkpoint]
-    if not refs:
-        raise ConfigError(f"no checkpoint found in {args.run}" + (f" named {args.checkpoint}" if args.checkpoint else ""))
-    ref = refs[-1]  # sorted by step: the latest (or the one named)
-    model, cfg = load_ema_model(rundir, ref)
-    cfg = validate_config(apply_overrides(cfg.model_dump(), args.overrides))
-    Path(args.out).write_bytes(sample_grid(model, cfg))
-    print(f"wrote {args.out} from {args.run}/{ref.name} (step {ref.step})")
     return 0
