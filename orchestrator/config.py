@@ -52,8 +52,7 @@ class S3Config(_Strict):
 class DataConfig(_Strict):
     # "builtin" writes the procedurally generated demo dataset under the run directory.
     source: str = "builtin"
-    # latents: VAE latents from `raydiff data encode` (latent diffusion); data.channels is then
-    # the VAE's latent channels (4, the default for this format) and data.resolution the latent size.
+    # latents (from `raydiff data encode`): channels default to 4, resolution is the latent size.
     format: Literal["auto", "imagefolder", "webdataset", "parquet", "latents"] = "auto"
     # For image folders without class sub-directories: a CSV/JSON file mapping paths to labels.
     labels_file: str | None = None
@@ -77,22 +76,6 @@ class DataConfig(_Strict):
     # 0 = nothing held out.
     val_images: int = Field(0, ge=0)
     s3: S3Config = S3Config()
-
-    @model_validator(mode="before")
-    @classmethod
-    def _latent_channels_default(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("format") == "latents" and "channels" not in data:
-            data = {**data, "channels": 4}
-        return data
-
-    @model_validator(mode="after")
-    def _channels_fit_format(self) -> "DataConfig":
-        if (self.format == "latents") != (self.channels == 4):
-            fix = ("set data.channels=4 (the VAE's latent channels) or leave it unset" if self.format == "latents" else
-                   "set data.format=latents for latents from `raydiff data encode`, or data.channels=3 for images")
-            raise ValueError(f"data.format={self.format} with data.channels={self.channels}: 4 channels are VAE "
-                             f"latents, images have 1 or 3. Fix: {fix}")
-        return self
 
 
 class ModelConfig(_Strict):
@@ -249,12 +232,10 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="before")
     @classmethod
-    def _latent_sampling_default(cls, data: Any) -> Any:
-        # Latents are not bounded to [-1, 1]: clipping x0 there (the pixel default) would wreck them.
-        if isinstance(data, dict) and isinstance(data.get("data"), dict) and data["data"].get("format") == "latents":
-            sampling = data.get("sampling") if isinstance(data.get("sampling"), dict) else {}
-            if "clip_sample" not in sampling:
-                data = {**data, "sampling": {**sampling, "clip_sample": False}}
+    def _latent_defaults(cls, data: Any) -> Any:  # the VAE's 4 channels; no x0 clipping to [-1, 1]
+        d, s = (data.get("data"), data.get("sampling") or {}) if isinstance(data, dict) else (None, None)
+        if isinstance(d, dict) and d.get("format") == "latents" and isinstance(s, dict):
+            data = {**data, "data": {"channels": 4, **d}, "sampling": {"clip_sample": False, **s}}
         return data
 
     @model_validator(mode="after")
@@ -277,11 +258,11 @@ class TrainConfig(_Strict):
                 f"logging.val_every_steps={self.logging.val_every_steps} needs held-out images. "
                 "Fix: set data.val_images (e.g. 64), or logging.val_every_steps=0"
             )
-        if self.data.format == "latents" and self.sampling.clip_sample:
-            raise ValueError(
-                "sampling.clip_sample=true with data.format=latents: it clips x0 to the pixel range [-1, 1], "
-                "and scaled VAE latents are not bounded to it. Fix: set sampling.clip_sample=false (or leave it unset)"
-            )
+        d, clip = self.data, self.sampling.clip_sample
+        if (d.format == "latents") != (d.channels == 4) or (d.format == "latents" and clip):
+            raise ValueError(f"data.format={d.format} with data.channels={d.channels}, sampling.clip_sample={str(clip).lower()}: "
+                             "VAE latents (`raydiff data encode`) have 4 channels and exceed [-1, 1]; images have 1 or 3 "
+                             "channels. Fix: set data.format=latents and leave data.channels/sampling.clip_sample unset, or data.channels=3")
         if self.scaling.device == "cpu" and self.precision.compile:
             raise ValueError("precision.compile=true is for GPU training. Fix: set precision.compile=false")
         return self
