@@ -100,19 +100,19 @@ def _assert_same_set(stored: np.ndarray, stored_labels: np.ndarray, expected: np
 def test_config_latents_defaults_checks_and_dry_run(tmp_path, capsys):
     cfg = load_config(None, ["data.format=latents", "data.resolution=8"])
     assert (cfg.data.channels, cfg.sampling.clip_sample) == (4, False)
-    with pytest.raises(ConfigError, match=r"data.format=auto with data.channels=4.*Fix: set data.format=latents"):
-        load_config(None, ["data.channels=4"])
-    with pytest.raises(ConfigError, match=r"data.format=latents with data.channels=3.*Fix: set data.channels=4"):
-        load_config(None, ["data.format=latents", "data.channels=3"])
-    with pytest.raises(ConfigError, match=r"sampling.clip_sample=true with data.format=latents.*Fix: set sampling.clip_sample=false"):
-        load_config(None, ["data.format=latents", "sampling.clip_sample=true"])
-    assert DataConfig(source="x", format="latents").channels == 4  # `raydiff data verify --format latents`
+    fix = "Fix: set data.format=latents and leave data.channels/sampling.clip_sample unset, or data.channels=3"
+    for overrides, shown in ((["data.channels=4"], "data.format=auto with data.channels=4, "),
+                             (["data.format=latents", "data.channels=3"], "data.format=latents with data.channels=3, "),
+                             (["data.format=latents", "sampling.clip_sample=true"], "data.channels=4, sampling.clip_sample=true")):
+        with pytest.raises(ConfigError) as e:
+            load_config(None, overrides)
+        assert shown in str(e.value) and fix in str(e.value)
 
     assert main(["train", "--dry-run", "data.format=latents", "data.resolution=8", f"run.storage={tmp_path}"]) == 0
     text = capsys.readouterr().out
     assert "format: latents" in text and "channels: 4" in text and "clip_sample: false" in text
     assert main(["train", "--dry-run", "data.channels=4"]) == 2
-    assert "Fix: set data.format=latents" in capsys.readouterr().err
+    assert fix in capsys.readouterr().err
 
 
 def test_bad_vae_path_is_a_one_line_error(tmp_path, images_dir, capsys):
@@ -167,9 +167,9 @@ def test_latents_are_detected_and_train_batches_are_the_latents(encoded, ray_loc
     with pytest.raises(DataError, match=r"holds VAE latents of shape \[4, 8, 8\].*Fix: set data.format=latents data.channels=4"):
         build_train_dataset(DataConfig(source=dest, resolution=8), info)
     with pytest.raises(DataError, match=r"data.resolution=16.*Fix: set data.resolution=8 "):
-        build_train_dataset(DataConfig(source=dest, format="latents", resolution=16), info)
+        build_train_dataset(DataConfig(source=dest, format="latents", channels=4, resolution=16), info)
 
-    cfg = DataConfig(source=dest, format="latents", resolution=8)
+    cfg = DataConfig(source=dest, format="latents", channels=4, resolution=8)
     name = f"lat-{uuid.uuid4().hex}"
     rows = build_train_dataset(cfg, inspect_dataset(cfg), counter_name=name).take_batch(100, batch_format="numpy")
     assert rows["image"].shape == (30, *LATENT) and rows["image"].dtype == np.float32
@@ -193,7 +193,7 @@ def test_encode_to_s3_float16_and_read_back(s3_server, ray_local, vae_dir, image
     expected, labels = _expected(vae_dir, images_dir, 0.5)
     _assert_same_set(lat, lab, expected, labels, atol=2e-3)  # float16 rounding of values below ~2
 
-    cfg = DataConfig(source=dest, format="latents", resolution=8, s3=s3cfg)
+    cfg = DataConfig(source=dest, format="latents", channels=4, resolution=8, s3=s3cfg)
     info = inspect_dataset(cfg)
     rows = build_train_dataset(cfg, info).take_batch(100, batch_format="numpy")
     assert rows["image"].dtype == np.float32

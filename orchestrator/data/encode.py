@@ -84,6 +84,8 @@ def latent_stage(ds: "ray.data.Dataset", vae: VaeSpec, *, batch_size: int, concu
     CPU each (default: one actor)."""
     import ray
 
+    # With GPUs the decode tasks stay separate CPU tasks; on CPU Ray Data fuses them into the
+    # actors (equal resources), which then decode and encode in turn.
     gpus = int(ray.cluster_resources().get("GPU", 0))
     use_gpu = gpus > 0 if use_gpu is None else use_gpu
     n = concurrency or (max(gpus, 1) if use_gpu else 1)
@@ -207,11 +209,13 @@ def encode(src: str, dest: str, *, vae: str, resolution: int = 256, batch_size: 
         ray.init(include_dashboard=False, configure_logging=True, logging_level=logging.WARNING,
                  logging_config=ray.LoggingConfig(log_level="ERROR"))
     counter_name = f"raydiff-encode-{uuid.uuid4().hex[:12]}"
-    try:
-        from ray.data import DataContext
+    from ray.data import DataContext
 
+    ctx = DataContext.get_current()
+    bars = ctx.enable_progress_bars
+    try:
         if progress:
-            DataContext.get_current().enable_progress_bars = False  # one bar: ours
+            ctx.enable_progress_bars = False  # one bar: ours
         ds = build_train_dataset(cfg, info, counter_name=counter_name)
         ds = latent_stage(ds, spec, batch_size=batch_size, concurrency=concurrency, scaling_factor=scaling_factor,
                           dtype=dtype, counter_name=counter_name)
@@ -230,6 +234,7 @@ def encode(src: str, dest: str, *, vae: str, resolution: int = 256, batch_size: 
         bar.close()
         skipped = bad_sample_counts(counter_name)
     finally:
+        ctx.enable_progress_bars = bars
         h = counter(counter_name, create=False) if ray.is_initialized() else None
         if h is not None:
             ray.kill(h)
