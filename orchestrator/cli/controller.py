@@ -124,7 +124,7 @@ def cmd_run(args) -> int:
         jobs = [j for j in controller.run(stop) if j.name in names]
     finally:
         if head is not None:
-            local_head.stop(state, head, controller.log)
+            local_head.stop(head, controller.log)
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         lock.close()

@@ -113,7 +113,7 @@ def start_or_adopt(state: State, *, num_cpus: float, log: Callable[[str], None])
     return head
 
 
-def stop(state: State, head: LocalHead, log: Callable[[str], None]) -> None:
+def stop(head: LocalHead, log: Callable[[str], None]) -> None:
+    # The record stays: the next --local controller finds the head gone and moves its jobs.
     log(f"stopping the local Ray head at {head.dashboard_url}")
     head.stop()
-    state.set_meta(META_KEY, None)
