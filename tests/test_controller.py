@@ -211,3 +211,36 @@ def test_controller_resubmits_a_killed_driver_survives_its_own_kill_and_does_not
           f"first attempt start -> first step {firsts[0]['time'] - _events(run, 'started')[0]['time']:.1f}s")
     print(f"[controller] controller kill -9: unsupervised {t_adopted - t_ctl_kill:.1f}s (kill -> restarted controller "
           f"watching {NAME}-2); steps lost 0 (the job never stopped); attempts 2")
+
+
+def test_controller_stop_stops_the_ray_job_and_it_is_not_resubmitted(head, tmp_path, monkeypatch):
+    from ray.job_submission import JobSubmissionClient
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+    wd, storage = tmp_path / "wd", tmp_path / "runs"
+    wd.mkdir()
+    (wd / "long.yaml").write_text(_spec(storage, "ft-stop").replace(f"steps: {STEPS}", "steps: 100000"))
+    db, log = tmp_path / "controller.db", tmp_path / "controller.log"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYDIFF_CACHE_DIR": str(head.cache_dir)}
+    with open(log, "ab") as out:
+        controller = subprocess.Popen(
+            [sys.executable, "-m", "orchestrator", "controller", "run", "--address", head.dashboard_url, "--db", str(db),
+             "--working-dir", str(wd), "--poll-s", "1", "--backoff-s", "1", "long.yaml"],
+            cwd=wd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait("the job to run", lambda: "ft-stop: ft-stop-1 is running" in log.read_text(), 300, log)
+        stop = subprocess.run([sys.executable, "-m", "orchestrator", "controller", "stop", "ft-stop", "--db", str(db)],
+                              env=env, capture_output=True, text=True, timeout=300)
+        assert stop.returncode == 0, stop.stdout + stop.stderr
+        assert re.search(r"ft-stop\s+stopped\s+1\s+0/3\s+ft-stop-1", stop.stdout), stop.stdout
+        assert JobSubmissionClient(head.dashboard_url).get_job_status("ft-stop-1").value == "STOPPED"
+        assert controller.wait(120) == 1  # nothing left to watch; the job did not succeed
+    finally:
+        if controller.poll() is None:
+            os.kill(controller.pid, signal.SIGKILL)
+            controller.wait(30)
+    assert "submitted ft-stop-2" not in log.read_text()
+    state = State(db)
+    job, attempts = state.get("ft-stop"), state.attempts("ft-stop")
+    assert (job.status, job.reason) == ("stopped", "stopped by raydiff controller stop")
+    assert [(a.submission_id, a.ray_status) for a in attempts] == [("ft-stop-1", "STOPPED")]
