@@ -105,8 +105,14 @@ def cmd_run(args) -> int:
     controller = Controller(state, poll_s=args.poll_s, backoff_base_s=args.backoff_s, backoff_cap_s=args.backoff_cap_s,
                             entrypoint_num_cpus=args.entrypoint_num_cpus)
 
+    received: list[int] = []
+
     def _on_signal(signum, _frame) -> None:
-        controller.log(f"{signal.Signals(signum).name}: stopping the controller (jobs keep running on the cluster)")
+        # Only set a flag: printing here could re-enter a print the main thread is in. A second
+        # signal interrupts whatever the controller waits on (a Jobs API call that hangs).
+        received.append(signum)
+        if stop.is_set():
+            raise KeyboardInterrupt
         stop.set()
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
@@ -122,6 +128,9 @@ def cmd_run(args) -> int:
         if not state.jobs(active=True):
             controller.log("no active jobs to watch")
         jobs = [j for j in controller.run(stop) if j.name in names]
+        if received:
+            controller.log(f"{signal.Signals(received[0]).name}: stopping the controller"
+                           + (" and its local head (its jobs stop with it)" if head else " (jobs keep running on the cluster)"))
     finally:
         if head is not None:
             local_head.stop(head, controller.log)

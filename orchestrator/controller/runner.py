@@ -156,6 +156,11 @@ class Controller:
                         self._unreachable[job.address] = str(e)
                         self.log(f"{job.address} does not answer ({e}); jobs there keep their state, retrying "
                                  f"every {self.poll_s:g}s")
+                except RuntimeError as e:
+                    # An error answer from the Jobs API (a head under load or restarting): the
+                    # job keeps its state and is asked about again next round.
+                    self.log(f"{job.name}: the cluster answered with an error ({' '.join(str(e).split())[:300]}); "
+                             "retrying")
             stop.wait(self.poll_s)
         return [j for j in self.state.jobs() if names is None or j.name in names]
 
@@ -212,8 +217,14 @@ class Controller:
             self.state.update_attempt(sid, ended_at=time.time(), kind="user", reason=reason)
             self.log(f"{job.name}: not submitted, the job spec is now invalid (not retried): {e}")
             return self._set(job, status="failed", reason=reason)
-        self._call(job.address, "submit_job", entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
-                   submission_id=sid, metadata=sub.metadata, entrypoint_num_cpus=self.entrypoint_num_cpus)
+        try:
+            self._call(job.address, "submit_job", entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
+                       submission_id=sid, metadata=sub.metadata, entrypoint_num_cpus=self.entrypoint_num_cpus)
+        except (RuntimeError, ValueError) as e:
+            if "already exists" in str(e):  # our earlier request went through after all
+                return self._resume_submitting(job)
+            # Refused (runtime env upload, a head shutting down): an attempt that failed to start.
+            return self._failed(job, None, Verdict("infra", f"the cluster refused the submission: {' '.join(str(e).split())[:300]}"))
         after = f" (restart {job.restarts}/{job.max_restarts} after: {job.reason})" if previous and job.restarts else ""
         self.log(f"{job.name}: submitted {sid}{after}")
         return self.state.update(job.name, expect_status="submitting", status="submitted") or self.state.get(job.name)
