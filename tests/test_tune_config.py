@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+from pydantic import SecretStr
 
-from orchestrator.config import ConfigError, SecretStr, load_config
+from orchestrator.config import ConfigError, load_config
 from orchestrator.tune import space as S
 from orchestrator.tune.config import load_tune_config
 from orchestrator.tune.results import best_job_spec, best_row
@@ -154,3 +155,49 @@ def test_cli_rejects_a_bad_space_before_starting(capsys):
     assert "tune.space.optim.lr: loguniform needs low > 0" in capsys.readouterr().err
     assert main(["tune", "--config", str(ROOT / "jobs" / "tune-smoke.yaml"), "--dry-run"]) == 0
     assert "optim.lr: {loguniform:" in capsys.readouterr().out
+
+
+def test_pbt_explore_stays_inside_the_space():
+    space = {"optim.ema_decay": {"uniform": [0.9, 0.99]}, "optim.warmup_steps": {"randint": [0, 10]},
+             "diffusion.weighting": {"choice": ["uniform", "p2"]}}
+    out = S.clip_to_space({"optim.ema_decay": 0.95 * 1.2, "optim.warmup_steps": 12.6, "diffusion.weighting": "p2"}, space)
+    assert out == {"optim.ema_decay": 0.99, "optim.warmup_steps": 10, "diffusion.weighting": "p2"}
+
+
+def test_exploit_falls_back_to_the_donors_latest_checkpoint(tmp_path):
+    import json
+
+    from orchestrator.tune.trainable import donor_checkpoint
+
+    cfg = load_config(None, [])
+    donor = tmp_path / "t2"
+    for step in (9, 12):
+        d = donor / f"checkpoint_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "train_state.json").write_text(json.dumps({"step": step}))
+    (donor / "checkpoint_00000015").mkdir()  # an upload in progress: no train_state.json yet
+    assert donor_checkpoint(str(donor / "checkpoint_00000009"), cfg) == str(donor / "checkpoint_00000009")
+    # Rotated out by the donor's checkpoint.keep: its latest complete one instead.
+    assert donor_checkpoint(str(donor / "checkpoint_00000006"), cfg) == str(donor / "checkpoint_00000012")
+
+
+def test_asha_rungs_survive_a_restore():
+    """Tune saves callbacks' state, not the scheduler's: the rungs travel in AshaRungs."""
+    import pickle
+
+    from ray.tune.schedulers import ASHAScheduler
+
+    from orchestrator.tune.asha import AshaRungs
+
+    def fresh():
+        s = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=12, grace_period=3, reduction_factor=2)
+        return s, AshaRungs(s)
+
+    sched, cb = fresh()
+    rungs = dict(sched._brackets[0]._rungs)
+    rungs[3]["t1"], rungs[6]["t1"] = -0.9, -0.7
+    # What Tuner.restore does: unpickle scheduler and callback together, then set_state.
+    sched2, cb2 = pickle.loads(pickle.dumps(fresh()))
+    assert cb2.scheduler is sched2
+    cb2.set_state(pickle.loads(pickle.dumps(cb.get_state())))
+    assert dict(sched2._brackets[0]._rungs) == {12: {}, 6: {"t1": -0.7}, 3: {"t1": -0.9}}

@@ -77,7 +77,9 @@ def _searcher(job: TuneJob) -> Any:
         from ray.tune.search.optuna import OptunaSearch
 
         return OptunaSearch(seed=t.seed)
-    return BasicVariantGenerator(random_state=t.seed)
+    # Given a search algorithm, Tune applies max_concurrent_trials only to model-based searchers:
+    # the variant generator takes it itself (seen: all 4 grid trials started at once without it).
+    return BasicVariantGenerator(random_state=t.seed, max_concurrent=t.max_concurrent_trials)
 
 
 def _logical_cpus(job: TuneJob) -> int:
@@ -136,6 +138,7 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     from orchestrator.storage import check_writable, ray_storage
     from orchestrator.train.driver import resolve_data_config
     from orchestrator.tune import results as R
+    from orchestrator.tune.asha import AshaRungs
     from orchestrator.tune.cleanup import ReapPlacementGroups, get_registry
     from orchestrator.tune.trainable import SweepSpec, tune_trial
 
@@ -163,15 +166,19 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=S.param_space(t.space), storage_filesystem=fs)
         else:
+            scheduler = _scheduler(job)
+            callbacks: list[Any] = [ReapPlacementGroups(train_cfg.run.name)]
+            if t.scheduler == "asha":
+                callbacks.append(AshaRungs(scheduler))  # Tune does not save scheduler state
             tuner = tune.Tuner(
                 trainable,
                 param_space=S.param_space(t.space),
                 tune_config=tune.TuneConfig(metric=t.metric, mode=t.mode, num_samples=t.num_samples,
-                                            max_concurrent_trials=t.max_concurrent_trials, scheduler=_scheduler(job),
+                                            max_concurrent_trials=t.max_concurrent_trials, scheduler=scheduler,
                                             search_alg=_searcher(job), reuse_actors=False),
                 run_config=tune.RunConfig(name=TUNE_DIR, storage_path=storage_path, storage_filesystem=fs,
                                           failure_config=tune.FailureConfig(max_failures=t.max_failures),
-                                          callbacks=[ReapPlacementGroups(train_cfg.run.name)]),
+                                          callbacks=callbacks),
             )
         grid = tuner.fit()
         del registry

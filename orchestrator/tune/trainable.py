@@ -81,6 +81,23 @@ def run_for(trial_id: str, pointer: dict[str, Any] | None) -> tuple[str, str | N
     return f"{trial_id}-x{pointer['checkpoint_step']}-{pointer['trial_id']}", pointer["checkpoint_uri"]
 
 
+def donor_checkpoint(uri: str, cfg: Any) -> str:
+    """``uri``, or the donor run's latest checkpoint if ``uri`` is gone: the donor trains on while
+    Tune decides, and its run keeps only ``checkpoint.keep`` checkpoints. A later checkpoint of
+    the same (better) trial is what PBT means to copy, a step or two further on."""
+    from orchestrator.storage import RunDir, exists
+    from orchestrator.train.checkpoints import STATE_FILE, latest_checkpoint
+
+    if exists(join(uri, STATE_FILE), cfg.data.s3):
+        return uri
+    donor = RunDir(uri.rstrip("/").rsplit("/", 1)[0], cfg.data.s3)
+    latest = latest_checkpoint(donor)
+    if latest is None:
+        raise RuntimeError(f"PBT donor run {donor.uri} has no checkpoint left to continue from. "
+                           "Fix: raise checkpoint.keep")
+    return join(donor.uri, latest.name)
+
+
 class _Trial:
     def __init__(self, spec: SweepSpec, trial_id: str, run: str, steps: int):
         self.spec, self.trial_id, self.run, self.steps = spec, trial_id, run, steps
@@ -139,6 +156,8 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     tree = trial_tree(spec.base, params)
     tree["run"].update({"storage": spec.sweep_uri, "name": run})
     cfg = validate_config(tree)
+    if init_checkpoint is not None:
+        init_checkpoint = donor_checkpoint(init_checkpoint, cfg)
     trial = _Trial(spec, trial_id, run, cfg.optim.steps)
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
