@@ -164,8 +164,23 @@ def connect(address: str | None):
                           "with `ray dashboard CLUSTER.yaml` or `kubectl port-forward svc/HEAD-svc 8265:8265`)") from None
 
 
+def submit_job(client, *, wait_for_agent_s: float = 60.0, **kwargs: Any) -> str:
+    """``client.submit_job(**kwargs)``, retried while the head's job agent has not registered yet
+    (Ray answers HTTP 500 "No available agent to submit job" for a few seconds after a head
+    starts, e.g. right after `ray up`)."""
+    deadline = time.monotonic() + wait_for_agent_s
+    while True:
+        try:
+            return client.submit_job(**kwargs)
+        except RuntimeError as e:
+            if "No available agent" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(2)
+
+
 def submit(client, sub: Submission, *, entrypoint_num_cpus: float | None = None) -> str:
-    return client.submit_job(
+    return submit_job(
+        client,
         entrypoint=sub.entrypoint,
         runtime_env=sub.runtime_env,
         submission_id=sub.submission_id,

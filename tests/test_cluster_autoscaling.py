@@ -1,0 +1,168 @@
+"""Autoscaling on Ray's fake multi-node provider: a head that hosts nothing (0 CPUs), worker
+nodes of 1 CPU that the real autoscaler adds and removes (local raylets), data and runs in a
+local S3. Jobs go through Ray Jobs like on a cloud cluster.
+
+- A run with local paths is refused once it has connected (its workers need other nodes).
+- A 2-worker run makes the autoscaler add nodes; one training node is killed after the first
+  checkpoint; the run restarts its workers on a replacement node, resumes from the checkpoint and
+  finishes; afterwards the idle nodes are removed.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+from orchestrator.cluster.local_head import LocalHead
+from orchestrator.data.demo import write_demo_dataset
+from orchestrator.data.upload import upload
+from orchestrator.storage import RunDir
+from orchestrator.train.checkpoints import list_checkpoints
+
+pytestmark = pytest.mark.slow
+BUCKET = "raydiff-autoscaling"
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+@pytest.fixture(scope="module")
+def cluster(s3_server, tmp_path_factory):
+    s3_server.create_bucket(BUCKET)
+    demo = write_demo_dataset(tmp_path_factory.mktemp("demo"), images_per_class=4, resolution=16)
+    upload(str(demo), f"s3://{BUCKET}/shapes", shard_size=("samples", 20), s3cfg=s3_server.s3_config(),
+           progress=False, out=open(os.devnull, "w"))
+    head = LocalHead(
+        num_cpus=0,
+        worker_types={"cpu": {"resources": {"CPU": 1}, "max_workers": 3}},
+        # Long enough that the nodes that decoded the data survive until the trainer asks for them.
+        idle_timeout_s=20,
+        env={"RAY_AUTH_MODE": "disabled", "RAYDIFF_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))},
+    ).start()
+    yield head
+    head.stop()
+
+
+def _client(head):
+    from ray.job_submission import JobSubmissionClient
+
+    return JobSubmissionClient(head.dashboard_url)
+
+
+def _submit(head, sid: str, overrides: list[str]) -> str:
+    from orchestrator.cluster.submit import submit_job
+
+    return submit_job(
+        _client(head),
+        entrypoint="python -m orchestrator train --config jobs/local-smoke.yaml " + " ".join(overrides),
+        runtime_env={"working_dir": ".", "excludes": [".gpu/", "runs/"]},
+        submission_id=sid,
+    )
+
+
+def _nodes(head) -> dict[str, dict]:
+    from ray.util.state import list_nodes
+
+    return {n.node_id: {"state": n.state, "cpu": n.resources_total.get("CPU", 0), "head": n.is_head_node}
+            for n in list_nodes(address=head.dashboard_url, detail=True, raise_on_missing_output=False)}
+
+
+def _training_nodes(head) -> set[str]:
+    from ray.util.state import list_actors
+
+    actors = list_actors(address=head.dashboard_url, filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")],
+                         raise_on_missing_output=False)
+    return {a.node_id for a in actors}
+
+
+def _kill_node(head, node_id: str) -> None:
+    """SIGKILL the node's raylet (a fake node is a raylet on this machine): its workers die with it."""
+    import psutil
+
+    raylets = []
+    for p in head.processes():
+        try:
+            if p.name() == "raylet" and f"--node_id={node_id}" in p.cmdline():
+                raylets.append(p.pid)
+        except psutil.Error:
+            continue  # exited meanwhile
+    assert len(raylets) == 1, f"no raylet process for node {node_id}"
+    os.kill(raylets[0], signal.SIGKILL)
+
+
+def test_local_paths_refused_on_a_cluster_the_head_cannot_host(cluster, tmp_path):
+    sid = _submit(cluster, "local-paths", [f"run.storage={tmp_path}"])
+    c = _client(cluster)
+    deadline = time.time() + 300
+    while str(c.get_job_status(sid).value) not in TERMINAL and time.time() < deadline:
+        time.sleep(2)
+    logs = c.get_job_logs(sid)
+    assert str(c.get_job_status(sid).value) == "FAILED", logs[-3000:]
+    assert "this run spans several nodes (the driver's node has 0 CPUs" in logs
+    assert "data.source=builtin is written to the driver's disk" in logs
+    assert f"run.storage={str(tmp_path)!r} is a local path. Fix: run.storage=s3://" in logs
+    # Refused before the run wrote anything but its lease (taken before Ray starts, released).
+    written = [p.name for p in (tmp_path / "local-smoke").iterdir()] if (tmp_path / "local-smoke").exists() else []
+    assert not [n for n in written if n in ("config.yaml", "plan.json", "events.jsonl") or n.startswith("checkpoint")]
+
+
+def test_autoscaler_adds_nodes_replaces_a_lost_one_and_removes_idle_ones(cluster, s3_server):
+    run = "autoscaled"
+    s3 = [f"data.s3.endpoint_url={s3_server.endpoint_url}", f"data.s3.region={s3_server.region}"]
+    sid = _submit(cluster, "autoscaled-1", [
+        f"data.source=s3://{BUCKET}/shapes", f"run.storage=s3://{BUCKET}/runs", f"run.name={run}", *s3,
+        "scaling.cpus_per_worker=1", "optim.steps=40", "checkpoint.every_steps=4", "sampling.every_steps=40"])
+    c = _client(cluster)
+    rundir = RunDir(f"s3://{BUCKET}/runs/{run}", s3_server.s3_config())
+    seen: dict[str, dict] = {}
+    peak_alive_workers = 0
+    killed = None
+    timeline: list[tuple] = []  # (seconds, job status, alive nodes) at every change: the failure report
+    t0 = deadline = time.time()
+    deadline += 900
+    while time.time() < deadline:
+        status = str(c.get_job_status(sid).value)
+        nodes = _nodes(cluster)
+        seen.update(nodes)
+        alive = sorted(i[-2:] for i, n in nodes.items() if n["state"] == "ALIVE")
+        if not timeline or timeline[-1][1:] != (status, alive):
+            timeline.append((round(time.time() - t0), status, alive))
+        peak_alive_workers = max(peak_alive_workers, sum(1 for n in nodes.values() if n["state"] == "ALIVE" and not n["head"]))
+        if status in TERMINAL:
+            break
+        # Kill once the second checkpoint is written: the first is persisted and registered by then.
+        if killed is None and any(e["event"] == "checkpoint" and e["step"] >= 8 for e in rundir.events()):
+            training = _training_nodes(cluster)
+            if training:
+                killed = sorted(training)[0]
+                before_kill = set(seen)
+                _kill_node(cluster, killed)
+                timeline.append((round(time.time() - t0), "killed", killed[-2:]))
+        time.sleep(1)
+    logs = c.get_job_logs(sid)
+    print("timeline (s, job, alive nodes):", timeline)
+    assert status == "SUCCEEDED", f"{timeline}\n{logs[-4000:]}"
+    assert killed is not None, f"the run finished before a node could be killed: {timeline}"
+
+    head = [i for i, n in seen.items() if n["head"]]
+    assert len(head) == 1 and seen[head[0]]["cpu"] == 0  # the head could host no training worker
+    assert peak_alive_workers >= 2, timeline  # the autoscaler added a node per training worker
+    assert seen[killed]["state"] == "DEAD", timeline
+    replacements = set(seen) - before_kill
+    assert replacements, f"no node was added after the kill: {timeline}\n{rundir.events()}"
+
+    resumed = [e["step"] for e in rundir.events() if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0] % 4 == 0 and 4 <= resumed[0] < 40, (timeline, rundir.events())
+    assert [r.step for r in list_checkpoints(rundir)][-1] == 40
+    steps = [m["step"] for m in rundir.metrics()]
+    assert steps[-1] == 40 and set(steps) == set(range(1, 41))
+
+    # Idle nodes go away (idle_timeout 20 s): back to the head alone.
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        alive = [i for i, n in _nodes(cluster).items() if n["state"] == "ALIVE"]
+        if alive == head:
+            break
+        time.sleep(2)
+    assert alive == head, timeline
