@@ -156,6 +156,18 @@ class ScalingConfig(_Strict):
     # Lustre). Without it a run spanning several nodes refuses local paths (cluster/rules.py).
     shared_filesystem: bool = False
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _fixed_worker_count(cls, v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            raise ValueError(
+                f"a range of workers {list(v)} (elastic training) is not supported: "
+                "DeepSpeed ZeRO checkpoints hold one shard per rank and resuming at another world size "
+                "needs universal checkpoints. Fix: a fixed number, e.g. scaling.num_workers="
+                f"{max(v) if v else 2}; after a node loss the run restarts at that size from its checkpoint"
+            )
+        return v
+
 
 class CheckpointConfig(_Strict):
     every_steps: int = Field(200, ge=1)
