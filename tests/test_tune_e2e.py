@@ -41,7 +41,7 @@ def _job(tmp_path: Path, name: str, **tune) -> Path:
 
 
 def _env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # each sweep starts its own Ray
     env.update({"RAY_AUTH_MODE": "disabled", "RAYDIFF_CACHE_DIR": str(tmp_path / "cache"), "RAY_USAGE_STATS_ENABLED": "0",
                 "PYTHONPATH": os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])})
     return env

@@ -142,6 +142,10 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     from orchestrator.tune.cleanup import ReapPlacementGroups, get_registry
     from orchestrator.tune.trainable import SweepSpec, tune_trial
 
+    from orchestrator.cluster.rules import with_job_address
+
+    # Inside a Ray Job (ray job submit ... raydiff tune), join the job's cluster as train does.
+    job = job.model_copy(update={"scaling": with_job_address(job).scaling})
     train_cfg = resolve_data_config(job.training_config())  # builtin data written once, not per trial
     check_writable(train_cfg.run.storage, train_cfg.data.s3)
     sweep_uri = join(train_cfg.run.storage, train_cfg.run.name)
