@@ -20,6 +20,7 @@ from typing import Callable
 
 import pytest
 
+from orchestrator.cli import main as main_cli
 from orchestrator.cluster.local_head import LocalHead
 from orchestrator.controller.state import State
 from orchestrator.storage import RunDir
@@ -98,7 +99,7 @@ def _last_step(run: RunDir) -> int:
 
 
 def test_controller_resubmits_a_killed_driver_survives_its_own_kill_and_does_not_retry_user_errors(
-        head, tmp_path, monkeypatch):
+        head, tmp_path, monkeypatch, capsys):
     from ray.job_submission import JobSubmissionClient
 
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # the head runs without token authentication (loopback)
@@ -189,9 +190,10 @@ def test_controller_resubmits_a_killed_driver_survives_its_own_kill_and_does_not
     # An invalid config is never submitted.
     assert (bad_cfg.status, bad_cfg.attempts) == ("failed", 0)
     assert "optim.lr: must be a finite number, got nan" in bad_cfg.reason
-    status = subprocess.run([sys.executable, "-m", "orchestrator", "controller", "status", "--db", str(db), "--attempts"],
-                            capture_output=True, text=True, timeout=300)
-    assert status.returncode == 0 and re.search(rf"{NAME}\s+succeeded\s+2\s+1/2", status.stdout), status.stdout
+    assert main_cli(["controller", "status", "--db", str(db), "--attempts"]) == 0
+    table = capsys.readouterr().out
+    assert re.search(rf"{NAME}\s+succeeded\s+2\s+1/2\s+{NAME}-2", table), table
+    assert re.search(rf"{NAME}-1: FAILED \d+s, exit (137|-9), infra: the driver was killed by SIGKILL", table), table
 
     # The run: resumed from its last checkpoint at or before the kill, every step once, to the end.
     resumed = _events(run, "resumed")
@@ -206,7 +208,11 @@ def test_controller_resubmits_a_killed_driver_survives_its_own_kill_and_does_not
     assert takeovers[0]["holder"]["submission_id"] == f"{NAME}-2"
 
     recovery_s = firsts[1]["time"] - t_kill
-    print(f"\n[controller] driver kill: recovery (kill -> first step of attempt 2) {recovery_s:.1f}s; "
+    started2 = _events(run, "started")[1]["time"]
+    print(f"\n[controller] after the kill: failure recorded +{attempts[0].ended_at - t_kill:.1f}s, resubmitted "
+          f"+{attempts[1].submitted_at - t_kill:.1f}s, new driver took the lease and connected +{started2 - t_kill:.1f}s, "
+          f"resumed +{resumed[0]['time'] - t_kill:.1f}s, first step +{recovery_s:.1f}s")
+    print(f"[controller] driver kill: recovery (kill -> first step of attempt 2) {recovery_s:.1f}s; "
           f"steps lost {steps_before_kill - resumed_step} (trained to >= {steps_before_kill}, resumed at {resumed_step}); "
           f"first attempt start -> first step {firsts[0]['time'] - _events(run, 'started')[0]['time']:.1f}s")
     print(f"[controller] controller kill -9: unsupervised {t_adopted - t_ctl_kill:.1f}s (kill -> restarted controller "
