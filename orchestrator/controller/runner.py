@@ -25,7 +25,7 @@ import random
 import sys
 import threading
 import time
-from typing import Any, TextIO
+from typing import Any, Callable, TextIO
 
 from orchestrator.config import ConfigError
 from orchestrator.controller.policy import Verdict, backoff_s, classify
@@ -75,15 +75,15 @@ class Controller:
                 raise HeadUnreachable(str(e)) from None
         return client
 
-    def _call(self, address: str, fn: str, *args: Any, **kwargs: Any) -> Any:
-        """``client.fn(...)``; connection trouble becomes ``HeadUnreachable`` (and forgets the
-        client, which a restarted head would not accept)."""
+    def _call(self, address: str, fn: str | Callable[[Any], Any], *args: Any, **kwargs: Any) -> Any:
+        """``client.fn(...)`` (or ``fn(client)``); connection trouble becomes ``HeadUnreachable``
+        (and forgets the client, which a restarted head would not accept)."""
         import requests
         from ray.exceptions import AuthenticationError
 
         client = self.client(address)
         try:
-            result = getattr(client, fn)(*args, **kwargs)
+            result = fn(client) if callable(fn) else getattr(client, fn)(*args, **kwargs)
         except (requests.exceptions.ConnectionError, requests.exceptions.Timeout, AuthenticationError) as e:
             self._clients.pop(address, None)
             raise HeadUnreachable(f"{type(e).__name__}: {e}") from None
@@ -201,7 +201,7 @@ class Controller:
 
     def _send(self, job: Job) -> Job:
         """Submit the job's recorded submission id (status ``submitting``)."""
-        from orchestrator.cluster.submit import build_submission
+        from orchestrator.cluster.submit import build_submission, submit
 
         sid = job.submission_id
         env = dict(job.env)
@@ -218,8 +218,8 @@ class Controller:
             self.log(f"{job.name}: not submitted, the job spec is now invalid (not retried): {e}")
             return self._set(job, status="failed", reason=reason)
         try:
-            self._call(job.address, "submit_job", entrypoint=sub.entrypoint, runtime_env=sub.runtime_env,
-                       submission_id=sid, metadata=sub.metadata, entrypoint_num_cpus=self.entrypoint_num_cpus)
+            # submit() waits out a head whose job agent has not registered yet (just started).
+            self._call(job.address, lambda client: submit(client, sub, entrypoint_num_cpus=self.entrypoint_num_cpus))
         except (RuntimeError, ValueError) as e:
             if "already exists" in str(e):  # our earlier request went through after all
                 return self._resume_submitting(job)
