@@ -43,6 +43,8 @@ def test_local_paths_and_the_job_address(monkeypatch):
     assert rules.local_paths(s3) == []
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     assert rules.with_job_address(cfg).scaling.ray_address is None
+    monkeypatch.setenv("RAY_ADDRESS", "http://127.0.0.1:8265")  # set for `ray job` commands: not a job's cluster
+    assert rules.with_job_address(cfg).scaling.ray_address is None
     monkeypatch.setenv("RAY_ADDRESS", "10.0.0.1:6379")  # what Ray Jobs sets for an entrypoint
     assert rules.with_job_address(cfg).scaling.ray_address == "auto"
     pinned = load_config(None, ["scaling.ray_address=ray://head:10001"])
@@ -122,3 +124,9 @@ def test_submit_to_an_address_where_nothing_listens_exits_2_with_the_fix(capsys,
     monkeypatch.delenv("RAY_API_SERVER_ADDRESS", raising=False)
     assert main(["submit", "jobs/local-smoke.yaml"]) == 2
     assert "no cluster address" in capsys.readouterr().err
+
+
+def test_a_ranged_worker_count_is_refused_with_the_fix():
+    with pytest.raises(ConfigError, match=r"scaling.num_workers: a range of workers \[2, 8\] \(elastic training\) is not "
+                                          r"supported.*Fix: a fixed number, e.g. scaling.num_workers=8"):
+        load_config(None, ["scaling.num_workers=[2, 8]"])

@@ -85,11 +85,18 @@ def test_ray_job_submit_cli_runs_job_spec(head, storage):
     assert sum((pkgs[0] / f).stat().st_size for f in files) < 5 << 20
 
 
-def test_raydiff_submit_without_token_is_refused_with_the_fix(head):
-    r = subprocess.run([RAYDIFF, "submit", "jobs/local-smoke.yaml", "--address", head.dashboard_url],
-                       cwd=ROOT, env=_client_env(), capture_output=True, text=True, timeout=120)
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert "requires token authentication" in r.stderr and "RAY_AUTH_TOKEN" in r.stderr
+def test_raydiff_submit_without_token_is_refused_with_the_fix(head, monkeypatch, capsys):
+    from orchestrator.cli import main
+
+    for k in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.chdir(ROOT)
+    assert main(["submit", "jobs/local-smoke.yaml", "--address", head.dashboard_url]) == 2
+    err = capsys.readouterr().err
+    assert "requires token authentication and no token was given" in err and "RAY_AUTH_TOKEN" in err
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "not-the-token")
+    assert main(["submit", "jobs/local-smoke.yaml", "--address", head.dashboard_url]) == 2
+    assert "rejected the token sent" in capsys.readouterr().err
 
 
 def test_raydiff_submit_resumes_the_run(head, storage):

@@ -183,7 +183,9 @@ class LocalHead:
                 continue
         return list(found.values())
 
-    def stop(self, grace_s: float = 15, remove_temp: bool = True) -> None:
+    def stop(self, grace_s: float = 5, remove_temp: bool = True) -> None:
+        """SIGTERM the head (it drains for up to 30 s on its own), then after ``grace_s`` every
+        process it started, SIGKILL for those still there 5 s later. Nothing else is touched."""
         import psutil
 
         if self.proc is None:

@@ -28,7 +28,10 @@ from orchestrator.storage import parse_uri
 def with_job_address(cfg: TrainConfig) -> TrainConfig:
     """Inside a Ray Job the entrypoint joins the job's cluster even when the spec names none:
     ``ray.init`` would connect to ``RAY_ADDRESS`` anyway, and starting a local Ray there fails."""
-    if cfg.scaling.ray_address is not None or not os.environ.get("RAY_ADDRESS"):
+    address = os.environ.get("RAY_ADDRESS", "")
+    # An http(s) RAY_ADDRESS is a Jobs API address set for `ray job ...` commands, not a cluster
+    # this process runs in (Ray Jobs sets the GCS address, host:port).
+    if cfg.scaling.ray_address is not None or not address or address.startswith(("http://", "https://")):
         return cfg
     return cfg.model_copy(update={"scaling": cfg.scaling.model_copy(update={"ray_address": "auto"})})
 
