@@ -78,7 +78,7 @@ def fake_cluster_config(gcs_host: str, gcs_port: int, worker_types: dict[str, di
 
 class LocalHead:
     """``with LocalHead(num_cpus=4) as head: ...`` — ``head.dashboard_url`` for Ray Jobs,
-    ``head.address`` (``127.0.0.1:PORT``) for ``ray.init``."""
+    ``head.address`` (this machine's address and the GCS port) for ``ray.init``."""
 
     def __init__(self, *, num_cpus: float = 4, worker_types: dict[str, dict[str, Any]] | None = None,
                  idle_timeout_s: float = 10, env: dict[str, str] | None = None, temp_root: str | None = None):
@@ -119,7 +119,8 @@ class LocalHead:
         return cmd
 
     def environment(self) -> dict[str, str]:
-        env = dict(os.environ)
+        # Not another cluster's address: this head and its jobs must not join one.
+        env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
         # Job entrypoints (`raydiff ...`, `python -m orchestrator`) resolve in this environment.
         env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
         env.setdefault("RAY_USAGE_STATS_ENABLED", "0")
