@@ -156,6 +156,9 @@ def test_sample_from_s3_with_raw_weights(run, s3_server, tmp_path, capsys):
     assert f"s3://{bucket}/runs/r/checkpoint_00000009 (step 9, RAW" in capsys.readouterr().out
     raw = load_checkpoint(str(run), raw=True)
     assert out.read_bytes() == sample_grid(raw.model, raw.cfg)
+    # The older form (tests/test_s3_e2e.py, README): --run with key=value overrides.
+    assert main(["sample", "--run", f"s3://{bucket}/runs/r", "--out", str(out), "sampling.num_steps=3", *s3]) == 0
+    assert "(step 9, EMA weights, ddim 3 steps" in capsys.readouterr().out
 
 
 _ZERO2_CHECKPOINT = """
