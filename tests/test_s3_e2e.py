@@ -100,7 +100,16 @@ def test_s3_train_kill_resume_sample(s3_server, tmp_path):
         if now != seen:
             seen, quiet_since = now, time.time()
         time.sleep(1)
-    killed_at = _registered_step(client, bucket)
+    # raydiff, not Ray's snapshot, picks the resume point: the newest checkpoint whose every
+    # rank's manifest is complete and verifies (possibly newer than the one Ray registered).
+    from orchestrator.train.checkpoints import list_checkpoints
+    from orchestrator.train.verify import choose_resume_checkpoint
+
+    run_dir = RunDir(f"s3://{bucket}/runs/s3e2e", s3_server.s3_config())
+    verdict = choose_resume_checkpoint(run_dir, list_checkpoints(run_dir))
+    registered = _registered_step(client, bucket)
+    assert verdict.ref is not None and registered is not None and verdict.ref.step >= registered
+    killed_at = verdict.ref.step
     assert killed_at is not None and killed_at >= 4
 
     # 2) Same run name: resumes from the S3 checkpoint and finishes.
