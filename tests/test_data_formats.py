@@ -183,9 +183,18 @@ def test_serve_s3_persists_across_restarts(tmp_path):
         time.sleep(0.1)
     assert f"http://127.0.0.1:{port}" in out.getvalue() and "AWS_ACCESS_KEY_ID=testing" in out.getvalue()
     client.put_object(Bucket="demo", Key="a/b.txt", Body=b"kept")
+    # Keys that are not paths: a folder marker, and a key beside a "folder" of the same name.
+    client.put_object(Bucket="demo", Key="runs/", Body=b"")
+    client.put_object(Bucket="demo", Key="runs/x.txt", Body=b"x")
+    client.put_object(Bucket="demo", Key="clash", Body=b"file")
+    client.put_object(Bucket="demo", Key="clash/inner.txt", Body=b"inner")
     stop.set()
     t.join(30)
+    assert not t.is_alive()
     assert (tmp_path / "store" / "demo" / "a" / "b.txt").read_bytes() == b"kept"
+    assert (tmp_path / "store" / "demo" / "runs" / "x.txt").read_bytes() == b"x"
+    assert (tmp_path / "store" / "demo" / "clash").read_bytes() == b"file"
+    assert "not saved: s3://demo/clash/inner.txt" in out.getvalue()
     # A second server restores the object.
     port2 = free_port()
     stop2 = threading.Event()

@@ -35,14 +35,29 @@ def _restore(client, root: Path) -> int:
     return n
 
 
-def _snapshot(client, root: Path) -> int:
+def _snapshot(client, root: Path, out) -> int:
+    """Write every object to ``root/<bucket>/<key>``; returns the number of objects written.
+
+    S3 keys are not paths: a zero-byte "folder marker" key ending in ``/`` becomes a directory,
+    and a key that collides with a directory of another key's prefix (``a`` beside ``a/b``)
+    cannot be represented on a file system, so it is reported by name and left out instead of
+    aborting the save and losing every object after it.
+    """
     n = 0
     for b in client.list_buckets().get("Buckets", []):
         for page in client.get_paginator("list_objects_v2").paginate(Bucket=b["Name"]):
             for obj in page.get("Contents", []):
-                target = root / b["Name"] / obj["Key"]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                target.write_bytes(client.get_object(Bucket=b["Name"], Key=obj["Key"])["Body"].read())
+                key = obj["Key"]
+                target = root / b["Name"] / key
+                try:
+                    if key.endswith("/"):
+                        target.mkdir(parents=True, exist_ok=True)
+                        continue
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    target.write_bytes(client.get_object(Bucket=b["Name"], Key=key)["Body"].read())
+                except (FileExistsError, IsADirectoryError, NotADirectoryError):
+                    print(f"not saved: s3://{b['Name']}/{key} (the key clashes with a folder of the same name)", file=out, flush=True)
+                    continue
                 n += 1
     return n
 
@@ -90,6 +105,6 @@ def serve_s3(port: int, directory: str | None, buckets: list[str], *, stop: thre
     finally:
         if root:
             root.mkdir(parents=True, exist_ok=True)
-            n = _snapshot(client, root)
+            n = _snapshot(client, root, out)
             print(f"saved {n} objects to {root}", file=out, flush=True)
         server.stop()
