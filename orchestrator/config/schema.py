@@ -195,6 +195,23 @@ class SamplingConfig(_Strict):
     seed: int = 0
 
 
+class MlflowConfig(_Strict):
+    """Optional MLflow tracking (needs `pip install mlflow`); off unless enabled."""
+
+    enabled: bool = False
+    tracking_uri: str | None = None  # None: MLflow's own default (MLFLOW_TRACKING_URI or ./mlruns)
+    experiment: str = "raydiff"
+
+
+class WandbConfig(_Strict):
+    """Optional Weights & Biases tracking (needs `pip install wandb`); off unless enabled."""
+
+    enabled: bool = False
+    project: str = "raydiff"
+    entity: str | None = None
+    mode: Literal["online", "offline"] = "online"
+
+
 class LoggingConfig(_Strict):
     every_steps: int = Field(10, ge=1)
     progress: bool = True
@@ -203,6 +220,12 @@ class LoggingConfig(_Strict):
     val_every_steps: int = Field(0, ge=0)
     # Timesteps per held-out image, evenly spaced over [0, diffusion.num_timesteps).
     val_timesteps: int = Field(8, ge=1, le=1000)
+    # TensorBoard event files in {run}/tensorboard (orchestrator/tracking/); on object storage
+    # a new event file is uploaded every tensorboard_upload_s seconds and at checkpoints.
+    tensorboard: bool = True
+    tensorboard_upload_s: float = Field(120.0, gt=0)
+    mlflow: MlflowConfig = MlflowConfig()
+    wandb: WandbConfig = WandbConfig()
 
 
 class RunConfig(_Strict):
