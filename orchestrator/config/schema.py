@@ -215,6 +215,9 @@ class WandbConfig(_Strict):
 class LoggingConfig(_Strict):
     every_steps: int = Field(10, ge=1)
     progress: bool = True
+    # Without a terminal (job logs, CI, a file) progress is a plain line every this many seconds
+    # (and one per checkpoint) instead of a live bar (orchestrator/train/progress.py).
+    progress_every_s: float = Field(30.0, gt=0)
     # Validation loss (EMA weights, held-out images, fixed timesteps and noise) every N steps
     # and at the end; 0 = off. Needs data.val_images > 0.
     val_every_steps: int = Field(0, ge=0)
