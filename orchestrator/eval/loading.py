@@ -26,12 +26,12 @@ from orchestrator.storage import RunDir, join, list_files, parse_uri, read_bytes
 from orchestrator.train.checkpoints import (
     CONFIG_FILE,
     DS_TAG,
-    EMA_FILE,
     MODEL_FILE,
     STATE_FILE,
     CheckpointRef,
     build_denoiser,
     list_checkpoints,
+    load_ema_model,
 )
 
 if TYPE_CHECKING:
@@ -135,21 +135,15 @@ def _raw_state_dict(run: RunDir, ref: CheckpointRef) -> dict[str, torch.Tensor]:
 def load_checkpoint(uri: str, s3: "S3Config | None" = None, *, raw: bool = False,
                     name: str | None = None) -> LoadedCheckpoint:
     """The denoiser of checkpoint ``uri`` (run or checkpoint directory) with EMA or raw weights."""
-    from model.ema import EMA
-
     run, ref = resolve_checkpoint(uri, s3, name)
     meta = json.loads(run.read_text(posixpath.join(ref.name, MODEL_FILE)))
-    cfg = load_config_text(run.read_text(posixpath.join(ref.name, CONFIG_FILE)))
-    model = build_denoiser(cfg, meta["num_classes"])
     if raw:
+        cfg = load_config_text(run.read_text(posixpath.join(ref.name, CONFIG_FILE)))
+        model = build_denoiser(cfg, meta["num_classes"])
         model.load_state_dict(_raw_state_dict(run, ref))
+        model.eval()
     else:
-        state = torch.load(io.BytesIO(run.read_bytes(posixpath.join(ref.name, EMA_FILE))), map_location="cpu",
-                           weights_only=True)
-        ema = EMA(model)
-        ema.load_state_dict(state)
-        ema.copy_to(model)
-    model.eval()
+        model, cfg = load_ema_model(run, ref)
     return LoadedCheckpoint(model, cfg, _class_names(run, ref, meta), run, ref, "raw" if raw else "ema")
 
 
