@@ -15,6 +15,7 @@ from orchestrator.cli.data import register as register_data
 from orchestrator.cli.submit import register as register_submit
 from orchestrator.cli.eval import register as register_eval
 from orchestrator.cli.export import register as register_export
+from orchestrator.cli.report import register as register_report
 from orchestrator.cli.sample import register as register_sample
 from orchestrator.cli.train import register_train
 from orchestrator.cli.tune import register as register_tune
@@ -22,8 +23,8 @@ from orchestrator.config import ConfigError
 
 log = logging.getLogger("raydiff")
 
-_COMMANDS = (register_train, register_sample, register_export, register_eval, register_data, register_tune, register_submit,
-             register_controller)
+_COMMANDS = (register_train, register_sample, register_export, register_eval, register_report, register_data, register_tune,
+             register_submit, register_controller)
 _BENCHES = (register_bench_data, register_bench_step)
 
 
