@@ -45,6 +45,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from orchestrator.logs import configure
+
+    configure(args.verbose)  # library noise off unless --verbose; before anything starts Ray
     try:
         return int(args.func(args) or 0)
     except ConfigError as e:

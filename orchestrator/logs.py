@@ -1,0 +1,152 @@
+"""What library output reaches the user, decided in one place for the CLI and the training workers.
+
+By default raydiff prints its own lines only: the plan, progress, checkpoints, the summary and
+real warnings. Ray, Ray Data, Ray Train, DeepSpeed and torch.distributed messages that describe
+their internals (execution plans, worker-group start-up, ``TrainingReport(...)`` dumps,
+deprecations of calls that DeepSpeed makes, not the user) are filtered where they are made:
+logger levels, ``warnings`` filters and the libraries' own environment switches (read from the
+installed Ray 2.60, DeepSpeed 0.19 and torch sources). ``--verbose`` leaves everything on.
+
+Environment switches must be set before Ray starts: a local Ray's processes inherit this
+process's environment, and Ray Train passes its own ``RAY_TRAIN_*`` switches from the driver to
+its controller and workers. On a cluster the training workers get them through
+``worker_env`` (their runtime environment).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+import sys
+import warnings
+from typing import Iterator, Literal
+
+ProgressMode = Literal["bar", "lines", "off"]
+
+# (category, message regex) of warnings raised inside the libraries, about the libraries.
+FILTERED_WARNINGS: tuple[tuple[type[Warning], str], ...] = (
+    # DeepSpeed's ZeRO calls the deprecated collectives on every step (hundreds of repeats).
+    (FutureWarning, r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor|_all_gather_base"
+                    r"|_reduce_scatter_base)"),
+    # Ray's own internals using Ray's own deprecated options (ExecutionOptions.exclude_resources).
+    (DeprecationWarning, r".*ExecutionOptions\.exclude_resources"),
+)
+# Module prefixes whose RayDeprecationWarnings are Ray talking to itself.
+_RAY_DEPRECATION_MODULES = r"ray\..*"
+
+# Loggers that report library internals at INFO/WARNING.
+QUIET_LOGGERS: tuple[tuple[str, int], ...] = (
+    ("ray.data", logging.WARNING),
+    # "Progress bars disabled. To enable, ..." when raydiff turned them off on purpose.
+    ("ray.data._internal.progress", logging.ERROR),
+    ("ray.train", logging.WARNING),
+    ("ray.tune", logging.WARNING),
+    ("DeepSpeed", logging.WARNING),
+    ("deepspeed", logging.WARNING),
+    ("torch.distributed", logging.ERROR),
+)
+
+# Environment of every process Ray starts for a quiet run.
+_QUIET_ENV = {
+    # Ray Data reads this for its loggers in every process that runs a dataset (the training
+    # workers iterate their shards themselves).
+    "RAY_DATA_LOG_LEVEL": "WARNING",
+    # torch's C++ logging: the c10d "hostname of the client socket cannot be retrieved" and
+    # socket-retry warnings of every rank's rendezvous.
+    "TORCH_CPP_LOG_LEVEL": "ERROR",
+}
+# Ray's coloured "(pid=...)" prefixes of forwarded worker lines: plain text when not a terminal.
+_NO_COLOUR_ENV = {"RAY_COLOR_PREFIX": "0"}
+
+_verbose = False
+
+
+def is_verbose() -> bool:
+    return _verbose
+
+
+def stdout_is_terminal() -> bool:
+    try:
+        return sys.stdout.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stdout
+        return False
+
+
+def progress_mode(enabled: bool) -> ProgressMode:
+    """How training progress is shown, decided on the driver: the workers' stdout is never a
+    terminal, so they are told (``bar``: a live bar; ``lines``: a plain line every
+    ``logging.progress_every_s`` seconds and one per checkpoint, for files and job logs)."""
+    if not enabled:
+        return "off"
+    return "bar" if stdout_is_terminal() else "lines"
+
+
+def filter_warnings() -> None:
+    for category, message in FILTERED_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+    try:
+        from ray.util.annotations import RayDeprecationWarning
+    except ImportError:  # Ray is not installed where only the model code runs
+        return
+    warnings.filterwarnings("ignore", category=RayDeprecationWarning, module=_RAY_DEPRECATION_MODULES)
+
+
+def quiet_loggers() -> None:
+    for name, level in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(level)
+
+
+def worker_env(verbose: bool) -> dict[str, str]:
+    """Environment variables for Ray Train's workers (``worker_runtime_env``)."""
+    return {} if verbose else dict(_QUIET_ENV)
+
+
+def configure(verbose: bool) -> None:
+    """The CLI entry: the driver process and (through the environment) every process of a local
+    Ray it starts. Idempotent."""
+    global _verbose
+    _verbose = verbose
+    if not stdout_is_terminal():
+        for k, v in _NO_COLOUR_ENV.items():
+            os.environ.setdefault(k, v)
+    if verbose:
+        return
+    for k, v in _QUIET_ENV.items():
+        os.environ.setdefault(k, v)  # a user's explicit setting wins
+    filter_warnings()
+    quiet_loggers()
+
+
+def configure_worker(verbose: bool) -> None:
+    """Inside a Ray Train worker (a fresh process: the driver's filters do not reach it)."""
+    global _verbose
+    _verbose = verbose
+    if verbose:
+        return
+    filter_warnings()
+    quiet_loggers()
+
+
+def ray_train_log_level(verbose: bool) -> str:
+    """Ray Train's own ``LoggingConfig(log_level)``: its controller and workers log worker-group
+    start-up and every ``TrainingReport(...)`` at INFO."""
+    return "INFO" if verbose else "WARNING"
+
+
+@contextlib.contextmanager
+def library_prints(verbose: bool) -> Iterator[None]:
+    """Hold back what a library ``print``s to stdout inside the block (DeepSpeed announces its
+    JIT-built ops that way), logging it at INFO instead; errors still raise."""
+    if verbose:
+        yield
+        return
+    buf = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(buf):
+            yield
+    finally:
+        text = buf.getvalue().strip()
+        if text:
+            logging.getLogger("raydiff.libraries").info("%s", text)
