@@ -198,3 +198,16 @@ def write_report(run_uri: str, s3: "S3Config | None" = None, out: str | None = N
     dest = out or join(rundir.uri, REPORT_FILE)
     write_bytes(dest, report.png, s3)
     return dest, report
+
+
+def report_after_training(run_uri: str, s3: "S3Config | None") -> str | None:
+    """``raydiff train``'s closing report; a failure to draw it is reported, not raised: the run
+    itself succeeded, and ``raydiff report`` can draw it again."""
+    import logging
+
+    try:
+        return write_report(run_uri, s3)[0]
+    except Exception as e:  # noqa: BLE001 - see the docstring
+        logging.getLogger("raydiff").warning("raydiff: the run report could not be written (%s: %s); "
+                                             "retry with `raydiff report %s`", type(e).__name__, e, run_uri)
+        return None

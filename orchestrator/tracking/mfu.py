@@ -1,0 +1,75 @@
+"""Model FLOPs utilisation: the share of the GPUs' peak that the model's own arithmetic uses.
+
+FLOPs per training image are estimated as 3x the forward FLOPs of the denoiser at batch 1
+(backward costs about twice the forward: Kaplan et al. 2020, Sec. 2.1; PaLM, App. B), with the
+forward counted by ``torch.utils.flop_counter`` (2 FLOPs per multiply-add, convolutions,
+matmuls and attention) on the meta device, so nothing is computed. Peaks are NVIDIA's dense
+fp16/bf16 tensor-core figures; MFU is omitted on CPU, in fp32, and on GPUs not in the table,
+rather than guessed. The EMA update, data transfer and optimizer are not model FLOPs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from orchestrator.config import TrainConfig
+
+# (substring of torch.cuda.get_device_name(), dense fp16/bf16 FLOP/s); first match wins, so
+# the specific variants come before the family name.
+PEAK_HALF_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100 NVL", 835e12),
+    ("H100", 989e12),  # SXM
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+)
+
+
+def peak_flops(device_name: str, precision: str) -> float | None:
+    if precision not in ("fp16", "bf16"):
+        return None
+    for key, flops in PEAK_HALF_FLOPS:
+        if key in device_name:
+            return flops
+    return None
+
+
+def train_flops_per_image(cfg: "TrainConfig", num_classes: int | None) -> float:
+    """3x the denoiser's forward FLOPs for one image (see the module docstring)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from orchestrator.train.checkpoints import build_denoiser
+
+    with torch.device("meta"):
+        model = build_denoiser(cfg, num_classes)
+        c, r = cfg.data.channels, cfg.data.resolution
+        x = torch.zeros(1, c, r, r)
+        t = torch.zeros(1, dtype=torch.long)
+        y = torch.zeros(1, dtype=torch.long) if num_classes is not None else None
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(x, t, y)
+    return 3.0 * counter.get_total_flops()
+
+
+class MfuMeter:
+    """MFU from a record's global images/s, for ``world`` GPUs of one kind; ``None`` when not
+    defined here (see the module docstring)."""
+
+    def __init__(self, cfg: "TrainConfig", num_classes: int | None, *, device: torch.device, precision: str,
+                 world: int):
+        self.peak = None
+        if device.type == "cuda":
+            self.peak = peak_flops(torch.cuda.get_device_name(device), precision)
+        self.flops_per_image = train_flops_per_image(cfg, num_classes) if self.peak else 0.0
+        self.world = world
+
+    def __call__(self, images_per_s: float) -> float | None:
+        if not self.peak:
+            return None
+        return images_per_s * self.flops_per_image / (self.peak * self.world)

@@ -1,0 +1,100 @@
+"""The fan-out that rank 0 calls, and the package check that runs before Ray starts."""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+from typing import TYPE_CHECKING, Any, Protocol
+
+from orchestrator.config import ConfigError
+from orchestrator.storage import join
+from orchestrator.tracking.scalars import scalars_of
+
+if TYPE_CHECKING:
+    from orchestrator.config import TrainConfig
+
+log = logging.getLogger("raydiff.tracking")
+
+TENSORBOARD_DIR = "tensorboard"
+
+
+class Sink(Protocol):
+    name: str
+
+    def scalars(self, step: int, values: dict[str, float]) -> None: ...
+    def image(self, step: int, png: bytes) -> None: ...
+    def rewind(self, step: int) -> None: ...
+    def flush(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Tracker:
+    """Every enabled sink gets each metrics record and sample grid. A sink that fails (a
+    tracking server down, a full disk) is reported once and dropped: training goes on, and
+    metrics.jsonl stays the record of the run."""
+
+    def __init__(self, sinks: list[Sink]):
+        self.sinks = list(sinks)
+
+    def _each(self, method: str, *args: Any) -> None:
+        for sink in list(self.sinks):
+            try:
+                getattr(sink, method)(*args)
+            except Exception as e:  # noqa: BLE001 - any failure of an optional sink must not stop training
+                log.warning("raydiff: %s tracking failed (%s: %s); it is off for the rest of this run",
+                            sink.name, type(e).__name__, e)
+                self.sinks.remove(sink)
+                if method != "close":
+                    try:
+                        sink.close()
+                    except Exception:  # noqa: BLE001 - already reported
+                        pass
+
+    def log(self, record: dict[str, Any]) -> None:
+        """One metrics record (as written to metrics.jsonl); needs its ``step``."""
+        self._each("scalars", int(record["step"]), scalars_of(record))
+
+    def image(self, step: int, png: bytes) -> None:
+        self._each("image", step, png)
+
+    def rewind(self, step: int) -> None:
+        self._each("rewind", step)
+
+    def flush(self) -> None:
+        self._each("flush")
+
+    def close(self) -> None:
+        self._each("close")
+
+
+_PACKAGES = (("mlflow", "mlflow"), ("wandb", "wandb"))
+
+
+def check_tracking_packages(cfg: "TrainConfig") -> None:
+    """Enabled optional sinks need their package here (and on the workers: same environment)."""
+    for key, package in _PACKAGES:
+        if getattr(cfg.logging, key).enabled and importlib.util.find_spec(package) is None:
+            raise ConfigError(f"logging.{key}.enabled=true but the {package} package is not installed. "
+                              f"Fix: pip install {package} (in the environment of every node), or set "
+                              f"logging.{key}.enabled=false")
+
+
+def build_tracker(cfg: "TrainConfig", run_uri: str, *, resume_step: int, params: dict[str, Any]) -> Tracker:
+    """The sinks ``cfg.logging`` enables. ``params``: the run's config (secrets masked), logged
+    by MLflow and W&B."""
+    sinks: list[Sink] = []
+    lg = cfg.logging
+    if lg.tensorboard:
+        from orchestrator.tracking.tensorboard import TensorBoardSink
+
+        sinks.append(TensorBoardSink(join(run_uri, TENSORBOARD_DIR), cfg.data.s3, resume_step=resume_step,
+                                     upload_every_s=lg.tensorboard_upload_s))
+    if lg.mlflow.enabled:
+        from orchestrator.tracking.mlflow_sink import MlflowSink
+
+        sinks.append(MlflowSink(lg.mlflow, cfg.run.name, run_uri, params, resume_step=resume_step))
+    if lg.wandb.enabled:
+        from orchestrator.tracking.wandb_sink import WandbSink
+
+        sinks.append(WandbSink(lg.wandb, cfg.run.name, run_uri, params, resume_step=resume_step))
+    return Tracker(sinks)
