@@ -82,6 +82,7 @@ class Worker:
         self.rundir = RunDir.for_config(cfg) if self.rank == 0 else None
         self.metrics_log = self.rundir.log(METRICS_LOG) if self.rundir is not None else None
         self._sample_model: torch.nn.Module | None = None
+        self.tracker = self.mfu = None  # rank 0, from fit() once the start step is known
         self.validator = None
         if val_images is not None and cfg.logging.val_every_steps:
             import ray
@@ -141,6 +142,8 @@ class Worker:
         t0 = time.perf_counter()
         if self.metrics_log is not None:
             self.metrics_log.flush()  # the history reaches storage with every checkpoint
+        if self.tracker is not None:
+            self.tracker.flush()
         run_uri = RunDir.for_config(self.cfg).uri
         staged = staging_dir(run_uri, self.state.step, self.rank)
         write_checkpoint(staged, engine=self.train.engine, ema=self.train.ema, state=self.state, cfg=self.cfg,
@@ -171,6 +174,8 @@ class Worker:
         finally:
             torch.set_num_threads(threads)
         self.rundir.write_bytes(f"samples/step_{self.state.step:07d}.png", png)
+        if self.tracker is not None:
+            self.tracker.image(self.state.step, png)
 
     def _ema_model(self) -> torch.nn.Module:
         """The denoiser holding the current EMA weights (built once), for grids and validation."""
@@ -200,8 +205,15 @@ class Worker:
 
             rec["bad_samples"] = bad_sample_counts(self.bad_counter)
         rec["storage_retries"] = retry_counts.total
+        rec["ema_decay"] = self.train.ema.last_decay
+        if self.plan.precision == "fp16" and not self.plan.autocast:
+            rec["overflow_skipped_steps"] = self.train.engine.skipped_steps  # DeepSpeed's count, cumulative
+        if self.mfu is not None and self.mfu.peak:
+            rec["mfu"] = self.mfu(rec["images_per_s"])
         if self.metrics_log is not None:
             self.metrics_log.write(rec)
+        if self.tracker is not None:
+            self.tracker.log(rec)
         if bar is not None:
             # tqdm_ray has no postfix: loss and images/s go in the description.
             bar.set_description(f"train {self.cfg.run.name} loss {rec['loss']:.4f} {rec['images_per_s']:.0f} img/s")
@@ -228,6 +240,8 @@ class Worker:
                 return False
         elif val is not None and self.metrics_log is not None:
             self.metrics_log.write({"step": s.step, "samples_seen": s.samples_seen, **val, "time": time.time()})
+            if self.tracker is not None:
+                self.tracker.log({"step": s.step, **val})
         if s.step % cfg.sampling.every_steps == 0 or last:
             t_grid = time.perf_counter()
             self.write_grid()
@@ -270,6 +284,8 @@ class Worker:
         self.state.step, self.state.samples_seen = good.step, good.samples_seen
         if self.metrics_log is not None:
             self.metrics_log.rewind(good.step)
+        if self.tracker is not None:
+            self.tracker.rewind(good.step)
         if self.rundir is not None:
             print(f"raydiff: {reason} at step {diverged_at}: rolled back to {source} (step {good.step}), "
                   f"skipping the batches in between ({self.guard.rollbacks}/{self.guard.max_rollbacks})", flush=True)
@@ -281,6 +297,15 @@ class Worker:
 
         cfg = self.cfg
         self.restore()
+        if self.rundir is not None:
+            from orchestrator.config import config_to_dict
+            from orchestrator.tracking import build_tracker
+            from orchestrator.tracking.mfu import MfuMeter
+
+            self.tracker = build_tracker(cfg, self.rundir.uri, resume_step=self.state.step,
+                                         params=config_to_dict(cfg))
+            self.mfu = MfuMeter(cfg, self.num_classes, device=self.device, precision=self.plan.precision,
+                                world=self.world)
         shard = ray.train.get_dataset_shard("train")
         bar = None
         if self.rank == 0 and cfg.logging.progress:
@@ -324,6 +349,8 @@ class Worker:
         finally:
             if self.metrics_log is not None:
                 self.metrics_log.close()
+            if self.tracker is not None:
+                self.tracker.close()
             if bar is not None:
                 bar.close()
 
