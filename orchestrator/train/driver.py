@@ -125,6 +125,9 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from orchestrator.train.worker import WorkerArgs, train_worker
 
     t_start = time.time()
+    from orchestrator.tracking import check_tracking_packages
+
+    check_tracking_packages(cfg)  # MLflow / W&B enabled but not installed: say so before anything starts
     from orchestrator.cluster.rules import check_cluster_paths, with_job_address
 
     given = cfg = with_job_address(cfg)
@@ -217,6 +220,9 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         bad = bad_sample_counts(counter)
         if bad:
             rundir.write_text("bad_samples.json", json.dumps(bad, indent=2))
+        from orchestrator.report import report_after_training
+
+        report_after_training(rundir.uri, cfg.data.s3)  # {run}/report.png: curves and newest samples
         return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result, bad)
     finally:
         if started:
