@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 from orchestrator.config import load_config
 
 
@@ -17,6 +19,9 @@ def register_train(sub) -> None:
     p.add_argument("--force", action="store_true",
                    help="take over the run's lease even while its holder looks alive (a holder you know is gone; "
                         "expired leases and dead holders on this machine are taken over without it)")
+    # SUPPRESS: without the flag here, `raydiff -v train` keeps the top-level value.
+    p.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                   help="show Ray, Ray Data, DeepSpeed and torch messages and warnings (hidden by default)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value")
     p.set_defaults(func=cmd_train)
 
@@ -29,18 +34,13 @@ def cmd_train(args) -> int:
         print(dry_run_text(cfg), end="")
         return 0
     outcome = run_training(cfg, force=args.force)
-    print(f"run directory: {outcome.run_uri}")
-    print(f"final step: {outcome.final_step}; checkpoint: {outcome.checkpoint_path}")
-    if outcome.bad_samples:
-        from orchestrator.data import dropped
+    from orchestrator.train.status import summary_lines
 
-        kinds = ", ".join(f"{k}={v}" for k, v in sorted(outcome.bad_samples.items()))
-        print(f"data: {dropped(outcome.bad_samples)} bad samples skipped ({kinds})")
-    if outcome.eval is not None:
-        e = outcome.eval
-        print(
-            f"class recognition: {e['sample_accuracy']:.1%} of {e['samples_per_class'] * e['num_classes']} "
-            f"generated samples recognised as their class (chance {e['chance']:.1%}; the judge classifier "
-            f"scores {e['classifier_val_accuracy']:.1%} on held-out real images)"
-        )
+    if outcome.already_complete:
+        print(f"raydiff: run {outcome.run_uri} is already complete at step {outcome.final_step} "
+              f"(optim.steps={cfg.optim.steps}): nothing to train. To train further, raise optim.steps "
+              f"(e.g. optim.steps={2 * max(outcome.final_step, 1)}); for a new run, set run.name")
+    for line in summary_lines(outcome.run_uri, outcome.final_step, outcome.checkpoint_path, outcome.eval,
+                              outcome.bad_samples, cfg.data.s3):
+        print(line)
     return 0

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
+from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import Plan, local_logical_cpus, make_plan
 from orchestrator.storage import RunDir
 
@@ -59,7 +60,19 @@ def dry_run_text(cfg: TrainConfig) -> str:
     cfg = resolve_paths(cfg)
     plan = make_plan(cfg)
     return ("# resolved configuration\n" + config_to_yaml(cfg) + "\n# plan\n"
-            + plan.describe(cfg, RunDir.for_config(cfg).uri) + "\n")
+            + plan.describe(cfg, RunDir.for_config(cfg).uri) + "\n# run directory\n" + _run_text(cfg) + "\n")
+
+
+def _run_text(cfg: TrainConfig) -> str:
+    """Whether the run exists and where it would resume; storage that cannot be read is reported,
+    not raised: a dry run also checks job specs for clusters whose buckets are not reachable here."""
+    from orchestrator.storage import StorageError
+    from orchestrator.train.status import dry_run_lines
+
+    try:
+        return "\n".join(dry_run_lines(cfg))
+    except (StorageError, OSError) as e:
+        return f"run: {RunDir.for_config(cfg).uri} could not be read from here ({e})"
 
 
 @dataclass
@@ -69,6 +82,8 @@ class TrainOutcome:
     checkpoint_path: str | None
     eval: dict[str, Any] | None
     bad_samples: dict[str, int]
+    # The run had reached optim.steps and been evaluated before this call: nothing was started.
+    already_complete: bool = False
 
 
 def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
@@ -83,7 +98,10 @@ def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
     # Without the dashboard (CPU and memory a laptop run does not need) Ray Train's placement-group
     # cleaner cannot reach the state API and warns every few seconds; worker logs below ERROR
     # are therefore dropped unless --verbose. raydiff's own progress comes from rank 0 directly.
-    verbose = logging.getLogger("raydiff").isEnabledFor(logging.INFO)
+    verbose = is_verbose()
+    # Preemption (spot capacity taken back) does not happen to a Ray started on this machine;
+    # Ray Train's watcher for it only logs a core_worker error about its constructor arguments.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     ray.init(
         num_cpus=local_logical_cpus(plan),
         include_dashboard=False,
@@ -97,6 +115,16 @@ def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
 
         DataContext.get_current().enable_progress_bars = False
     return True
+
+
+def _complete_outcome(cfg: TrainConfig) -> TrainOutcome | None:
+    """The outcome of a run that is already complete (train/status.py), read without Ray."""
+    from orchestrator.train.status import read_status
+
+    st = read_status(cfg)
+    if not st.complete:
+        return None
+    return TrainOutcome(st.uri, st.latest.step, st.checkpoint_uri(), st.eval, st.bad_samples, already_complete=True)
 
 
 def _fault_injection_env() -> dict[str, str]:
@@ -116,6 +144,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     checkpoint of its own (a population-based-training trial taking over another's)."""
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import LoggingConfig as TrainLoggingConfig
     from ray.train.torch import TorchTrainer
 
     from orchestrator.data import build_train_dataset, inspect_dataset
@@ -131,6 +160,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from orchestrator.cluster.rules import check_cluster_paths, with_job_address
 
     given = cfg = with_job_address(cfg)
+    if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit
+        done = _complete_outcome(resolve_paths(cfg))
+        if done is not None:
+            return done
     cfg = resolve_data_config(cfg)
     # Fail on unreachable storage or data before anything expensive starts.
     check_writable(cfg.run.storage, cfg.data.s3)
@@ -172,6 +205,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             init_checkpoint=init_checkpoint,
             resume_from=resume_from,
             class_names=list(info.class_names) if num_classes is not None else None,
+            progress=progress_mode(cfg.logging.progress),
+            verbose=is_verbose(),
         )
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
@@ -194,8 +229,9 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
                 # (and warn about it).
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu",
-                                                 **_fault_injection_env()}},
+                                                 **worker_env(is_verbose()), **_fault_injection_env()}},
                 callbacks=list(callbacks) or None,
+                logging_config=TrainLoggingConfig(log_level=ray_train_log_level(is_verbose())),
             ),
             datasets={"train": ds},
         )
@@ -220,6 +256,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         bad = bad_sample_counts(counter)
         if bad:
             rundir.write_text("bad_samples.json", json.dumps(bad, indent=2))
+        from orchestrator.train.status import FINISHED_EVENT
+
+        # Read by train/status.py: a rerun of this run at these optim.steps starts nothing.
+        rundir.event({"event": FINISHED_EVENT, "step": final_step, "time": time.time()})
         from orchestrator.report import report_after_training
 
         report_after_training(rundir.uri, cfg.data.s3)  # {run}/report.png: curves and newest samples

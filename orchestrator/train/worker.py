@@ -54,17 +54,22 @@ class WorkerArgs:
     resume_from: str | None = None
     # The dataset's class names (index order), saved in model.json; None for unconditional runs.
     class_names: list[str] | None = None
+    # How rank 0 shows progress (orchestrator.logs.progress_mode, decided on the driver: a worker's
+    # stdout is never a terminal) and whether library messages stay on (--verbose).
+    progress: str = "off"
+    verbose: bool = False
 
 
 class Worker:
     def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, bad_counter: str | None,
                  val_images: Any = None, init_checkpoint: str | None = None, resume_from: str | None = None,
-                 class_names: list[str] | None = None):
+                 class_names: list[str] | None = None, progress: str = "off"):
         import ray.train
 
         self.cfg, self.plan, self.num_classes, self.bad_counter = cfg, plan, num_classes, bad_counter
         self.init_checkpoint, self.resume_from = init_checkpoint, resume_from
         self.class_names = class_names
+        self.progress_mode = progress
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_world = ctx.get_local_world_size()
@@ -215,8 +220,7 @@ class Worker:
         if self.tracker is not None:
             self.tracker.log(rec)
         if bar is not None:
-            # tqdm_ray has no postfix: loss and images/s go in the description.
-            bar.set_description(f"train {self.cfg.run.name} loss {rec['loss']:.4f} {rec['images_per_s']:.0f} img/s")
+            bar.logged(rec)
         return rec
 
     def _after_step(self, window: MetricsWindow, bar) -> bool:
@@ -258,6 +262,8 @@ class Worker:
             window.exclude(stall)
             if self.rundir is not None:
                 self.rundir.event({"event": "checkpoint", "step": s.step, "stall_s": round(stall, 3), "time": time.time()})
+            if bar is not None:
+                bar.checkpoint(s.step, f"{self.rundir.uri}/{checkpoint_dir_name(s.step)}", stall)
         elif val is not None:
             ray.train.report(report)  # a barrier like any report: every rank, same steps
         return last
@@ -308,11 +314,11 @@ class Worker:
                                 world=self.world)
         shard = ray.train.get_dataset_shard("train")
         bar = None
-        if self.rank == 0 and cfg.logging.progress:
-            from ray.experimental.tqdm_ray import tqdm
+        if self.rank == 0 and self.progress_mode != "off":
+            from orchestrator.train.progress import Progress
 
-            bar = tqdm(total=cfg.optim.steps, desc=f"train {cfg.run.name}")
-            bar.update(self.state.step)  # tqdm_ray has no `initial`
+            bar = Progress(self.progress_mode, name=cfg.run.name, total=cfg.optim.steps, start_step=self.state.step,
+                           every_s=cfg.logging.progress_every_s)
         window = MetricsWindow(cfg.diffusion.loss_bins, self.train.objective.num_timesteps, self.device)
         self._first_step = True
         try:
@@ -333,7 +339,7 @@ class Worker:
                     s.samples_seen += out.t.shape[0] * self.world
                     window.add(out, out.t.shape[0], waited)
                     if bar is not None:
-                        bar.update(1)
+                        bar.step(s.step)
                     if self._after_step(window, bar):
                         break
                     t_wait = time.perf_counter()
@@ -357,8 +363,11 @@ class Worker:
 
 def train_worker(args: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker=train_worker, ...)``)."""
-    for name in ("DeepSpeed", "deepspeed"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+    from orchestrator.logs import configure_worker, library_prints
+
     wa = WorkerArgs(**args)
-    Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter, wa.val_images,
-           wa.init_checkpoint, wa.resume_from, wa.class_names).fit()
+    configure_worker(wa.verbose)
+    with library_prints(wa.verbose):  # DeepSpeed print()s its JIT-built ops while the engine starts
+        worker = Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter, wa.val_images,
+                        wa.init_checkpoint, wa.resume_from, wa.class_names, wa.progress)
+    worker.fit()
