@@ -66,6 +66,7 @@ def render(metrics: list[dict[str, Any]], grid_png: bytes | None, *, title: str,
     """The report figure from metrics records and the newest grid (PNG bytes or None)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
+    import numpy as np
     from PIL import Image
 
     fig = Figure(figsize=FIG_INCHES, dpi=DPI)
@@ -170,8 +171,9 @@ def render(metrics: list[dict[str, Any]], grid_png: bytes | None, *, title: str,
     for name, a in axes.items():
         x0, y0, x1, y1 = a.get_window_extent().extents  # display units: origin bottom left
         boxes[name] = (int(x0), int(height - y1), int(x1), int(height - y0))
+    # The canvas is drawn already: encode its pixels instead of drawing again in savefig.
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI)
+    Image.fromarray(np.asarray(fig.canvas.buffer_rgba())[..., :3]).save(buf, format="PNG")
     return Report(buf.getvalue(), boxes, filled)
 
 
