@@ -15,6 +15,7 @@ its controller and workers. On a cluster the training workers get them through
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import io
 import logging
@@ -57,8 +58,10 @@ _QUIET_ENV = {
     # socket-retry warnings of every rank's rendezvous.
     "TORCH_CPP_LOG_LEVEL": "ERROR",
 }
-# Ray's coloured "(pid=...)" prefixes of forwarded worker lines: plain text when not a terminal.
-_NO_COLOUR_ENV = {"RAY_COLOR_PREFIX": "0"}
+# Without a terminal: Ray's "(pid=...)" prefixes of forwarded worker lines without colour codes,
+# and no "[repeated Nx across cluster]" summaries (Ray colours those unconditionally). Read when
+# Ray is imported, so set before that.
+_NO_COLOUR_ENV = {"RAY_COLOR_PREFIX": "0", "RAY_DEDUP_LOGS": "0"}
 
 _verbose = False
 
@@ -129,6 +132,16 @@ def configure_worker(verbose: bool) -> None:
     quiet_loggers()
 
 
+def configure_ray_process() -> None:
+    """Ray's ``worker_process_setup_hook`` for a quiet local Ray: every process Ray starts (Ray
+    Data's tasks and split coordinator, Ray Train's controller) gets the same filters."""
+    filter_warnings()
+    quiet_loggers()
+
+
+RAY_SETUP_HOOK = f"{__name__}.configure_ray_process"
+
+
 def ray_train_log_level(verbose: bool) -> str:
     """Ray Train's own ``LoggingConfig(log_level)``: its controller and workers log worker-group
     start-up and every ``TrainingReport(...)`` at INFO."""
@@ -138,15 +151,26 @@ def ray_train_log_level(verbose: bool) -> str:
 @contextlib.contextmanager
 def library_prints(verbose: bool) -> Iterator[None]:
     """Hold back what a library ``print``s to stdout inside the block (DeepSpeed announces its
-    JIT-built ops that way), logging it at INFO instead; errors still raise."""
+    JIT-built ops that way), logging it at INFO instead; errors still raise. ``print`` itself is
+    swapped too: in a Ray Train worker it is Ray's patched print, which logs instead of writing."""
     if verbose:
         yield
         return
     buf = io.StringIO()
+    current = builtins.print
+
+    def held(*objects: object, sep: str | None = " ", end: str | None = "\n", file=None, flush: bool = False) -> None:
+        if file is None or file is sys.stdout:
+            buf.write((sep if sep is not None else " ").join(map(str, objects)) + (end if end is not None else "\n"))
+        else:
+            current(*objects, sep=sep, end=end, file=file, flush=flush)
+
+    builtins.print = held
     try:
         with contextlib.redirect_stdout(buf):
             yield
     finally:
+        builtins.print = current
         text = buf.getvalue().strip()
         if text:
             logging.getLogger("raydiff.libraries").info("%s", text)

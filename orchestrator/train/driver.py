@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
-from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
+from orchestrator.logs import RAY_SETUP_HOOK, is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import Plan, local_logical_cpus, make_plan
 from orchestrator.storage import RunDir
 
@@ -109,6 +109,8 @@ def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
         configure_logging=True,
         logging_level=logging.INFO if verbose else logging.WARNING,
         logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
+        # Ray's own processes (Ray Data tasks, the split coordinator) get raydiff's filters too.
+        runtime_env=None if verbose else {"worker_process_setup_hook": RAY_SETUP_HOOK},
     )
     if not verbose:
         from ray.data import DataContext
