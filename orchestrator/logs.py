@@ -47,6 +47,8 @@ QUIET_LOGGERS: tuple[tuple[str, int], ...] = (
     ("DeepSpeed", logging.WARNING),
     ("deepspeed", logging.WARNING),
     ("torch.distributed", logging.ERROR),
+    # moto's web server (raydiff data serve-s3) logs every request at INFO.
+    ("werkzeug", logging.WARNING),
 )
 
 # Environment of every process Ray starts for a quiet run.

@@ -83,7 +83,8 @@ def upload(src: str, dest: str, *, shard_size: tuple[str, int] = ("bytes", 64 <<
     plan = plan_shards(info, sizes, shard_size[0], shard_size[1], seed)
     shards_meta, uploaded, skipped = [], 0, 0
     class_counts: Counter[str] = Counter()
-    bar = tqdm(total=len(plan), unit="shard", desc="upload", disable=not progress, file=sys.stderr)
+    # disable=None: no bar when stderr is not a terminal (a log file gets no redraws).
+    bar = tqdm(total=len(plan), unit="shard", desc="upload", disable=None if progress else True, file=sys.stderr)
     for n, idxs in enumerate(plan):
         samples = []
         for i in idxs:
