@@ -26,6 +26,13 @@ from model.ema import EMA
 from model.registry import build_model
 from orchestrator.config import TrainConfig, config_to_yaml, load_config_text
 from orchestrator.storage import RunDir
+from orchestrator.train.elastic import (
+    loading_universal,
+    needs_conversion,
+    saved_world_size,
+    universal_client_state,
+    universal_copy,
+)
 from orchestrator.train.state import TrainState
 
 DS_TAG = "ds"
@@ -47,19 +54,33 @@ def write_checkpoint(directory: str | Path, *, engine: Any, ema: EMA, state: Tra
     ``class_names`` (the dataset's, index order) go to model.json for sampling by class name."""
     d = Path(directory)
     # ZeRO shards are per rank; Ray Train merges the ranks' directories into one.
-    engine.save_checkpoint(str(d), tag=DS_TAG, client_state={"train_state": state.as_dict()})
+    engine.save_checkpoint(str(d), tag=DS_TAG, client_state={"train_state": state.as_dict(),
+                                                             **universal_client_state()})
     if rank == 0:
         torch.save(ema.state_dict(), d / EMA_FILE)
         (d / CONFIG_FILE).write_text(config_to_yaml(cfg))
         (d / MODEL_FILE).write_text(json.dumps({"num_classes": num_classes, "world_size": engine.world_size,
+                                                   "zero_stage": engine.zero_optimization_stage(),
                                                    "class_names": class_names}))
         (d / STATE_FILE).write_text(json.dumps(state.as_dict()))
 
 
 def read_checkpoint(directory: str | Path, *, engine: Any, ema: EMA) -> TrainState:
-    """Load a checkpoint directory into ``engine`` and ``ema``; returns the saved state."""
+    """Load a checkpoint directory into ``engine`` and ``ema``; returns the saved state. A
+    checkpoint sharded over another number of workers is re-sharded (train/elastic.py)."""
     d = Path(directory)
-    path, _ = engine.load_checkpoint(str(d), tag=DS_TAG)
+    if needs_conversion(d, DS_TAG, engine.dp_world_size):
+        import torch.distributed as dist
+
+        if engine.global_rank == 0:
+            # print, like the worker's resume line: Ray drops worker log records below ERROR.
+            print(f"raydiff: {d} was written by {saved_world_size(d)} workers, this run has {engine.dp_world_size}: "
+                  "re-sharding its optimizer state through DeepSpeed's universal checkpoint", flush=True)
+        with universal_copy(d, DS_TAG, local_rank=engine.local_rank, world=engine.dp_world_size,
+                            barrier=dist.barrier) as root, loading_universal(engine):
+            path, _ = engine.load_checkpoint(str(root), tag=DS_TAG)
+    else:
+        path, _ = engine.load_checkpoint(str(d), tag=DS_TAG)
     if path is None:
         raise RuntimeError(f"checkpoint {d} has no DeepSpeed state under tag {DS_TAG!r}")
     ema.load_state_dict(torch.load(d / EMA_FILE, map_location="cpu", weights_only=True))
