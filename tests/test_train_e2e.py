@@ -12,6 +12,7 @@ from orchestrator.train.checkpoints import list_checkpoints, load_ema_model
 from orchestrator.config import load_config
 from orchestrator.train.driver import run_training
 from orchestrator.storage import RunDir
+from tests.tb_events import read_dir, visible
 
 pytestmark = pytest.mark.slow
 
@@ -53,6 +54,13 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     assert [r["step"] for r in m] == [1, 2, 3, 4, 5, 6]
     assert all(r["loss"] > 0 and len(r["loss_per_t_bin"]) == 10 and r["images_per_s"] > 0 for r in m)
     assert m[-1]["samples_seen"] == 6 * 8
+    # TensorBoard events (tracking/tensorboard.py) hold the same records; the report was drawn.
+    tb = visible(read_dir(tmp_path / "e2e" / "tensorboard"))
+    assert {"train/loss", "loss_per_t_bin/00", "train/lr", "train/grad_norm", "train/ema_decay",
+            "precision/loss_scale", "perf/images_per_s", "perf/data_wait_share", "data/skipped_samples"} <= set(tb)
+    assert [(s, round(v, 5)) for s, v in tb["train/loss"]] == [(r["step"], round(r["loss"], 5)) for r in m]
+    assert [s for s, _ in tb["samples"]] == [6]
+    assert Image.open(io.BytesIO(rundir.read_bytes("report.png"))).size == (1500, 1200)
 
     # Same run name again with more steps: resumes from step 6 instead of starting over.
     cfg2 = load_config(None, [*common, "optim.steps=9", "run.evaluate=false"])
@@ -68,6 +76,7 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     assert [e["step"] for e in events if e["event"] == "first_step"] == [1, 7]
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [3, 6, 9]
     assert m2[-1]["samples_seen"] == 9 * 8
+    assert [s for s, _ in visible(read_dir(tmp_path / "e2e" / "tensorboard"))["train/loss"]] == list(range(1, 10))
     refs = list_checkpoints(rundir)
     assert [r.step for r in refs] == [6, 9]  # keep=2
     state = json.loads(rundir.read_text(f"{refs[-1].name}/train_state.json"))
