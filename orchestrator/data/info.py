@@ -24,6 +24,10 @@ class DatasetInfo:
     # parquet = parquet files. ``labels`` are raw class indices per file (imagefolder only).
     files: tuple[str, ...] = field(default=(), repr=False, compare=False)
     labels: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    # Samples per file where a file holds several and the count is known from the listing
+    # (webdataset: from the manifest or the one pass of ``inspect``); the exact data position
+    # (data/position.py) counts them.
+    unit_samples: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int | None:

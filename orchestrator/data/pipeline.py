@@ -6,8 +6,11 @@ contains no per-format branch:
 
 * ``inspect_dataset``: list the source once, pick the format (``data.format`` or, for ``auto``,
   the registered format whose ``detect`` scores highest) and let it count samples and classes.
-* ``build_train_dataset``: the format's work units (files, shards, row groups), shuffled with
-  ``data.seed`` and grouped into Ray Data blocks, decoded in ``map_batches`` by the format.
+* ``training_units`` / ``decode_dataset``: the format's work units (files, shards, row groups)
+  minus the held-out ones, grouped into Ray Data blocks and decoded in ``map_batches`` by the
+  format; ``orchestrator/data/reader.py`` reads them for training in the exact order of
+  ``orchestrator/data/position.py``. ``build_train_dataset``: all of them, shuffled with
+  ``data.seed``, for passes in no particular order.
   Bad samples are dropped and counted per kind (``decode.py``, ``counter.py``), so one broken
   file never stops a run.
 * ``load_validation_images``: the units ``split_units`` holds out (``data.val_images``),
@@ -105,7 +108,10 @@ def inspect_dataset(cfg: "DataConfig") -> DatasetInfo:
 
 
 def _decode_block(batch: dict[str, np.ndarray], fmt: DataFormat, ctx: DecodeContext) -> Iterator[dict[str, np.ndarray]]:
-    yield from fmt.decode(batch, ctx)
+    for chunk in fmt.decode(batch, ctx):
+        if "index" not in chunk:  # a format that does not place its samples: -1 (the reader refuses it)
+            chunk = {**chunk, "index": np.full(len(chunk["label"]), -1, np.int64)}
+        yield chunk
 
 
 def _decode_setup(cfg: "DataConfig", info: DatasetInfo, counter_name: str | None) -> tuple[DataFormat, DecodeContext, "pa.Table"]:
@@ -160,25 +166,27 @@ def split_units(cfg: "DataConfig", info: DatasetInfo, num_units: int) -> tuple[n
     return order[k:], order[:k]
 
 
-def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str | None = None) -> "ray.data.Dataset":
-    """A Ray Dataset of ``{"image": float32 [C, H, W] in [-1, 1], "label": int64}`` rows.
-
-    Work units (files, shards, row groups) are shuffled deterministically with ``cfg.seed``; no
-    random flip is applied (the trainer flips per batch, so decoded images can be cached across
-    epochs). Units held out for validation (``data.val_images``) are left out. Dropped and
-    converted samples are counted in the named actor ``counter_name`` (read them with
-    ``bad_sample_counts``).
-    """
-    import ray.data
+def training_units(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str | None = None
+                   ) -> tuple[DataFormat, DecodeContext, "pa.Table"]:
+    """The format, decode context and training units (held-out units left out) in their
+    canonical (listing) order, with ``_first``: the canonical id of each unit's first sample
+    (``orchestrator/data/position.py``)."""
+    import pyarrow as pa
 
     fmt, ctx, units = _decode_setup(cfg, info, counter_name)
-    if counter_name is not None:
-        counter(counter_name, create=True)  # owned by the caller (driver), not by a data task
     order, _ = split_units(cfg, info, units.num_rows)
-    per_block = max(1, fmt.units_per_block(cfg, len(order)))
-    # Each block is built with take() from its own shuffled rows, so no block references the
-    # whole unit table.
-    blocks = [units.take(order[i : i + per_block]) for i in range(0, len(order), per_block)]
+    table = units.take(np.sort(order))
+    if "samples" not in table.column_names:  # a plugin format without counts: one sample per unit
+        table = table.append_column("samples", pa.array(np.ones(table.num_rows, np.int64)))
+    counts = table.column("samples").to_numpy()
+    firsts = np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64)
+    return fmt, ctx, table.append_column("_first", pa.array(firsts, pa.int64()))
+
+
+def decode_dataset(fmt: DataFormat, ctx: DecodeContext, blocks: list["pa.Table"]) -> "ray.data.Dataset":
+    """Ray Data decode of unit blocks: one map task per block, in ``map_batches``."""
+    import ray.data
+
     return ray.data.from_arrow(blocks).map_batches(
         _decode_block,
         batch_size=None,  # one block = the units the format planned for one task
@@ -186,6 +194,29 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
         fn_kwargs={"fmt": fmt, "ctx": ctx},
         zero_copy_batch=True,
     )
+
+
+def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str | None = None) -> "ray.data.Dataset":
+    """A Ray Dataset of ``{"image": float32 [C, H, W] in [-1, 1], "label": int64, "index": int64}``
+    rows (``index``: the sample's canonical id, ``orchestrator/data/position.py``), for passes
+    over the data in no particular order (evaluation, encoding, benchmarks, the decoded cache).
+    Training reads through ``orchestrator.data.reader.TrainReader``, in its exact order.
+
+    Work units (files, shards, row groups) are shuffled deterministically with ``cfg.seed``; no
+    random flip is applied (the trainer flips per batch, so decoded images can be cached across
+    epochs). Units held out for validation (``data.val_images``) are left out. Dropped and
+    converted samples are counted in the named actor ``counter_name`` (read them with
+    ``bad_sample_counts``).
+    """
+    fmt, ctx, table = training_units(cfg, info, counter_name=counter_name)
+    if counter_name is not None:
+        counter(counter_name, create=True)  # owned by the caller (driver), not by a data task
+    order = np.random.default_rng(cfg.seed).permutation(table.num_rows)
+    per_block = max(1, fmt.units_per_block(cfg, len(order)))
+    # Each block is built with take() from its own shuffled rows, so no block references the
+    # whole unit table.
+    blocks = [table.take(order[i : i + per_block]) for i in range(0, len(order), per_block)]
+    return decode_dataset(fmt, ctx, blocks)
 
 
 def load_validation_images(cfg: "DataConfig", info: DatasetInfo) -> dict[str, np.ndarray]:

@@ -130,10 +130,10 @@ def _complete_outcome(cfg: TrainConfig) -> TrainOutcome | None:
 
 
 def _fault_injection_env() -> dict[str, str]:
-    """Fault-injection switches of the test suite (train/divergence.py), passed to the workers."""
-    from orchestrator.train.divergence import FAULT_ENV
+    """Fault-injection and recording switches of the test suite (train/faults.py), passed to the workers."""
+    from orchestrator.train.faults import forwarded_env
 
-    return {FAULT_ENV: os.environ[FAULT_ENV]} if os.environ.get(FAULT_ENV) else {}
+    return forwarded_env()
 
 
 def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_checkpoint: str | None = None,
@@ -150,6 +150,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from ray.train.torch import TorchTrainer
 
     from orchestrator.data import build_train_dataset, inspect_dataset
+    from orchestrator.data.reader import make_train_reader
     from orchestrator.data.pipeline import load_validation_images
     from orchestrator.storage import check_writable, ray_storage
     from orchestrator.train.verify import prepare_resume, prune
@@ -190,11 +191,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         resume_from = prepare_resume(rundir)  # raydiff, not Ray's snapshot, picks the checkpoint
 
         counter = f"raydiff-bad-samples-{cfg.run.name}"
-        ds = build_train_dataset(cfg.data, info, counter_name=counter)
         decoded_bytes = info.num_samples * cfg.data.channels * cfg.data.resolution**2 * 4
-        if decoded_bytes <= cfg.data.cache_max_bytes:
-            # Small enough to keep decoded in the object store: later epochs skip read + decode.
-            ds = ds.materialize()
+        # Each rank reads its exact slice of every epoch (data/reader.py); a decoded set small
+        # enough for the object store is decoded once here and later epochs skip read + decode.
+        reader = make_train_reader(cfg.data, info, counter_name=counter, cache=decoded_bytes <= cfg.data.cache_max_bytes)
 
         storage_path, storage_fs = ray_storage(cfg.run.storage, cfg.data.s3)
         args = WorkerArgs(
@@ -209,6 +209,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             class_names=list(info.class_names) if num_classes is not None else None,
             progress=progress_mode(cfg.logging.progress),
             verbose=is_verbose(),
+            reader=ray.put(reader),
         )
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
@@ -235,7 +236,6 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 callbacks=list(callbacks) or None,
                 logging_config=TrainLoggingConfig(log_level=ray_train_log_level(is_verbose())),
             ),
-            datasets={"train": ds},
         )
         trainer.fit()
         # From storage, not Result.metrics: a run that was already complete reports nothing new.
@@ -250,6 +250,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         if cfg.run.evaluate and num_classes is not None and latest is not None:
             from orchestrator.eval.judge import evaluate_run
 
+            ds = build_train_dataset(cfg.data, info).drop_columns(["index"])  # the judge's real images (a few thousand)
             eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
         from orchestrator.data import bad_sample_counts
 

@@ -30,6 +30,7 @@ from orchestrator.train.checkpoints import (
 )
 from orchestrator.train.persist import PersistCheckpoint, staging_dir
 from orchestrator.train.divergence import DivergenceError, DivergenceGuard
+from orchestrator.train.faults import exit_if_due
 from orchestrator.train.metrics import MetricsWindow
 from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
@@ -58,18 +59,22 @@ class WorkerArgs:
     # stdout is never a terminal) and whether library messages stay on (--verbose).
     progress: str = "off"
     verbose: bool = False
+    # Object ref of the training data's reader (orchestrator.data.reader.TrainReader): every rank
+    # reads its exact slice of each epoch through it.
+    reader: Any = None
 
 
 class Worker:
     def __init__(self, cfg: TrainConfig, plan: Plan, num_classes: int | None, bad_counter: str | None,
                  val_images: Any = None, init_checkpoint: str | None = None, resume_from: str | None = None,
-                 class_names: list[str] | None = None, progress: str = "off"):
+                 class_names: list[str] | None = None, progress: str = "off", reader: Any = None):
         import ray.train
 
         self.cfg, self.plan, self.num_classes, self.bad_counter = cfg, plan, num_classes, bad_counter
         self.init_checkpoint, self.resume_from = init_checkpoint, resume_from
         self.class_names = class_names
         self.progress_mode = progress
+        self.reader_ref = reader
         ctx = ray.train.get_context()
         self.rank, self.world = ctx.get_world_rank(), ctx.get_world_size()
         self.local_world = ctx.get_local_world_size()
@@ -132,7 +137,7 @@ class Worker:
         if self.metrics_log is not None:
             self.metrics_log.rewind(self.state.step)  # steps after the checkpoint are redone
         print(f"raydiff: resumed from {where} at step {self.state.step} "
-              f"(epoch {self.state.epoch}, batch {self.state.batch_in_epoch})", flush=True)
+              f"(epoch {self.state.epoch}, sample {self.state.samples_in_epoch or 0} of the epoch)", flush=True)
         # Durable record too: console lines from workers can be lost when a driver dies.
         self.rundir.event({"event": "resumed", "checkpoint": where, "time": time.time(), **self.state.as_dict()})
 
@@ -190,18 +195,20 @@ class Worker:
         return self._sample_model
 
     # -- the loop -------------------------------------------------------------------------------
-    def _batches(self, shard):
-        cfg = self.cfg
-        shuffle = cfg.data.local_shuffle_buffer
-        return shard.iter_torch_batches(
-            batch_size=self.plan.micro_batch_size,
-            drop_last=True,
-            prefetch_batches=cfg.data.prefetch_batches,
-            local_shuffle_buffer_size=shuffle or None,
-            local_shuffle_seed=(cfg.data.seed * 7919 + self.state.epoch) * 131 + self.rank if shuffle else None,
-            dtypes={"image": torch.float32, "label": torch.int64},
-            device=self.device,
-        )
+    def _batches(self, reader, global_batch: int):
+        """This rank's micro-batches for the rest of the current epoch, from the recorded data
+        position (orchestrator/data/position.py: exact to the sample, on any world size)."""
+        from orchestrator.train.faults import SampleRecorder
+
+        recorder = SampleRecorder(self.rank)
+        start = self.state.epoch_position(global_batch)
+        for i, sb in enumerate(reader.batches(self.state.epoch, start, global_batch=global_batch, world=self.world,
+                                              rank=self.rank, prefetch=self.cfg.data.prefetch_batches)):
+            if recorder:
+                recorder.record(epoch=self.state.epoch, step=self.state.step + 1, position=start + i * global_batch,
+                                ids=reader.sample_names(sb.ids))
+            yield {"image": torch.from_numpy(sb.image).to(self.device),
+                   "label": torch.from_numpy(sb.label).to(self.device)}
 
     def _log(self, window: MetricsWindow, bar, val: dict[str, Any] | None = None) -> dict[str, Any]:
         rec = {**window.flush(self.train.engine, self.state, self.train.grad_norm), **(val or {})}
@@ -312,7 +319,12 @@ class Worker:
                                          params=config_to_dict(cfg))
             self.mfu = MfuMeter(cfg, self.num_classes, device=self.device, precision=self.plan.precision,
                                 world=self.world)
-        shard = ray.train.get_dataset_shard("train")
+        reader = ray.get(self.reader_ref)
+        global_batch = self.plan.micro_batch_size * self.world
+        if reader.steps_per_epoch(global_batch) == 0:
+            raise RuntimeError(
+                f"the training data holds {reader.total} samples, fewer than one batch of optim.batch_size="
+                f"{global_batch}. Fix: lower optim.batch_size, or check `raydiff data ls` on data.source")
         bar = None
         if self.rank == 0 and self.progress_mode != "off":
             from orchestrator.train.progress import Progress
@@ -323,35 +335,28 @@ class Worker:
         self._first_step = True
         try:
             while self.state.step < cfg.optim.steps:
-                batches = 0
                 t_wait = time.perf_counter()
-                for batch in self._batches(shard):
-                    batches += 1
-                    if batches <= self.state.batch_in_epoch:
-                        t_wait = time.perf_counter()
-                        continue  # fast-forward to the recorded data position after a resume
+                for batch in self._batches(reader, global_batch):
                     waited = time.perf_counter() - t_wait
                     batch = self.guard.poison(batch, self.state.step + 1)
                     out = self.train.step(batch, self.state.step)
                     s = self.state
                     s.step += 1
+                    # Source samples, bad ones included: the position never shifts (data/reader.py).
+                    s.samples_in_epoch = s.epoch_position(global_batch) + global_batch
                     s.batch_in_epoch += 1
-                    s.samples_seen += out.t.shape[0] * self.world
+                    s.samples_seen += global_batch
                     window.add(out, out.t.shape[0], waited)
                     if bar is not None:
                         bar.step(s.step)
-                    if self._after_step(window, bar):
+                    done = self._after_step(window, bar)
+                    exit_if_due(s.step)
+                    if done:
                         break
                     t_wait = time.perf_counter()
                 else:
-                    if batches == 0:
-                        raise RuntimeError(
-                            f"the training dataset gave no full batch of {self.plan.micro_batch_size} per worker: "
-                            "it is empty after skipping bad samples, or smaller than optim.batch_size. "
-                            "Fix: check `raydiff data verify` on data.source, or lower optim.batch_size"
-                        )
                     self.state.epoch += 1
-                    self.state.batch_in_epoch = 0
+                    self.state.batch_in_epoch = self.state.samples_in_epoch = 0
         finally:
             if self.metrics_log is not None:
                 self.metrics_log.close()
@@ -369,5 +374,5 @@ def train_worker(args: dict[str, Any]) -> None:
     configure_worker(wa.verbose)
     with library_prints(wa.verbose):  # DeepSpeed print()s its JIT-built ops while the engine starts
         worker = Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter, wa.val_images,
-                        wa.init_checkpoint, wa.resume_from, wa.class_names, wa.progress)
+                        wa.init_checkpoint, wa.resume_from, wa.class_names, wa.progress, wa.reader)
     worker.fit()

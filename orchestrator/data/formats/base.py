@@ -8,9 +8,11 @@ the format: it lists the source, asks each registered format how well the listin
 
 Work units are the format's natural read granularity: one image file, one tar shard, one
 Parquet row group. They are rows of a small Arrow table with a stable string id in the ``unit``
-column; the pipeline shuffles units (seeded) and groups them into Ray Data blocks, and a task
-decodes whole units. A later change can therefore record a data position as "units consumed"
-and skip them on resume without re-reading anything.
+column and their sample count in ``samples``; the pipeline orders units (seeded) and groups them
+into Ray Data blocks, and a task decodes units. Sample ``j`` of a unit (in storage order) has
+the canonical id ``_first + j``, which every decoded row carries in ``index``: the training
+reader (``orchestrator/data/reader.py``) places samples by it, exactly, and can ask a task for
+only some samples of a unit (``_want``) without decoding the others.
 """
 
 from __future__ import annotations
@@ -113,8 +115,9 @@ class DataFormat(ABC):
 
     @abstractmethod
     def units(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str) -> "pa.Table":
-        """One row per work unit with a unique string ``unit`` column plus whatever ``decode``
-        needs, in a stable order (the pipeline shuffles it with ``data.seed``)."""
+        """One row per work unit with a unique string ``unit`` column, an int64 ``samples`` column
+        (the samples ``decode`` enumerates in the unit, known without reading it) plus whatever
+        ``decode`` needs, in a stable order (the pipeline shuffles it with ``data.seed``)."""
 
     def units_per_block(self, cfg: "DataConfig", num_units: int) -> int:
         """Units per Ray Data block (= per decode task). One, unless units are tiny."""
@@ -127,8 +130,10 @@ class DataFormat(ABC):
     @abstractmethod
     def decode(self, batch: dict[str, np.ndarray], ctx: DecodeContext) -> Iterator[dict[str, np.ndarray]]:
         """Read and decode a block of units (runs in ``map_batches``): yield chunks of
-        ``{"image": float32 [N, C, H, W] in [-1, 1], "label": int64 [N]}``, dropping bad samples
-        and reporting their kinds (``decode_chunks`` does both). Yield at least one chunk."""
+        ``{"image": float32 [N, C, H, W] in [-1, 1], "label": int64 [N], "index": int64 [N]}``
+        (``index``: canonical sample ids from ``sample_ids``, which also says which samples of a
+        unit are wanted), dropping bad samples and reporting their kinds (``decode_chunks`` does
+        both). Yield at least one chunk."""
 
     @abstractmethod
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
@@ -177,14 +182,18 @@ def count(counts: dict[str, int], kind: str) -> None:
     counts[kind] = counts.get(kind, 0) + 1
 
 
-def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, counts: dict[str, int]) -> dict[str, np.ndarray]:
+def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, counts: dict[str, int],
+                   ids: list[int] | np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Decode one chunk. A blob that is a ``str`` is a read failure recorded as its kind; bad
-    labels and undecodable images are dropped and counted in ``counts``."""
+    labels and undecodable images are dropped and counted in ``counts``. ``ids`` are the
+    samples' canonical ids (``sample_ids``), kept for the decoded rows in ``index``."""
     c = ctx.channels
     out = np.empty((len(blobs), ctx.resolution, ctx.resolution, c), dtype=np.uint8)
     labels = np.empty(len(blobs), dtype=np.int64)
+    kept = np.empty(len(blobs), dtype=np.int64)
+    ids = np.full(len(blobs), -1, np.int64) if ids is None else np.asarray(ids, np.int64)
     n = 0
-    for data, raw in zip(blobs, raw_labels):
+    for i, (data, raw) in enumerate(zip(blobs, raw_labels)):
         if isinstance(data, str):  # a read failure recorded as its kind
             count(counts, data)
             continue
@@ -196,22 +205,37 @@ def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, 
             else:
                 out[n] = arr
                 labels[n] = label
+                kept[n] = ids[i]
                 n += 1
                 if kind is not None:
                     count(counts, kind)
                 continue
         count(counts, bad)
-    return {"image": D.to_model_range(out[:n]), "label": labels[:n]}
+    return {"image": D.to_model_range(out[:n]), "label": labels[:n], "index": kept[:n]}
 
 
-def decode_chunks(blobs: list[Any], raw: list[Any], counts: dict[str, int], ctx: DecodeContext) -> Iterator[dict[str, np.ndarray]]:
+def decode_chunks(blobs: list[Any], raw: list[Any], counts: dict[str, int], ctx: DecodeContext,
+                  ids: list[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Decode in chunks and yield each: a shard or row group can hold thousands of images, and
     one decoded block for all of them would be hundreds of MB. Counts are reported per chunk."""
+    ids = [-1] * len(blobs) if ids is None else ids
     for i in range(0, max(len(blobs), 1), ctx.chunk):  # one (possibly empty) output even for no samples
-        out = decode_samples(blobs[i : i + ctx.chunk], raw[i : i + ctx.chunk], ctx, counts)
+        out = decode_samples(blobs[i : i + ctx.chunk], raw[i : i + ctx.chunk], ctx, counts, ids[i : i + ctx.chunk])
         report(counts, ctx.counter_name)
         counts.clear()
         yield out
+
+
+def sample_ids(batch: dict[str, np.ndarray], row: int, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(sample indices within unit, canonical ids)`` to decode for unit ``row`` of a block that
+    holds ``n`` samples in storage order. The pipeline adds ``_first`` (the canonical id of the
+    unit's first sample, ``orchestrator/data/position.py``) and may add ``_want`` (the sample
+    indices one training rank needs); without them every sample is wanted, with id -1."""
+    want = batch.get("_want")
+    js = np.arange(n, dtype=np.int64) if want is None or want[row] is None else np.asarray(want[row], np.int64)
+    js = js[js < n]  # a unit holding fewer samples than listed: the missing ones are holes
+    first = batch.get("_first")
+    return js, (js + int(first[row])) if first is not None else np.full(len(js), -1, np.int64)
 
 
 def stable_hash(s: str) -> int:

@@ -64,7 +64,8 @@ class ImageFolder(DataFormat):
 
         n = len(info.files)
         labels = np.asarray(info.labels, dtype=np.int64) if info.labels is not None else np.zeros(n, np.int64)
-        return pa.table({"unit": pa.array(info.files, pa.string()), "label": pa.array(labels)})
+        return pa.table({"unit": pa.array(info.files, pa.string()), "label": pa.array(labels),
+                         "samples": pa.array(np.ones(n, np.int64))})
 
     def units_per_block(self, cfg: "DataConfig", num_units: int) -> int:
         import ray
@@ -86,6 +87,8 @@ class ImageFolder(DataFormat):
 
     def _decode_files(self, batch: dict[str, np.ndarray], ctx: DecodeContext) -> dict[str, np.ndarray]:
         fs = ctx.filesystem()
+        # One sample per file: its canonical id is the unit's (-1 outside training).
+        ids = batch["_first"].tolist() if "_first" in batch else [-1] * len(batch["unit"])
         paths = [f"{ctx.root}/{rel}" for rel in batch["unit"]]
         raw = batch["label"].tolist()
         counts: dict[str, int] = {}
@@ -98,6 +101,7 @@ class ImageFolder(DataFormat):
                     count(counts, kind)
             paths = [paths[i] for i in keep]
             raw = [raw[i] for i in keep]
+            ids = [ids[i] for i in keep]
         retry = ctx.retry(counts)
         if ctx.parallel_reads > 1:
             # Object-store GETs are latency-bound: overlap them.
@@ -105,7 +109,7 @@ class ImageFolder(DataFormat):
                 blobs = list(ex.map(lambda q: read_one(fs, q, retry), paths))
         else:
             blobs = [read_one(fs, q, retry) for q in paths]
-        out = decode_samples(blobs, raw, ctx, counts)
+        out = decode_samples(blobs, raw, ctx, counts, ids)
         report(counts, ctx.counter_name)
         return out
 

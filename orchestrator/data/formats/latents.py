@@ -30,7 +30,7 @@ import numpy as np
 from orchestrator import storage
 from orchestrator.data import decode as D
 from orchestrator.data.counter import report
-from orchestrator.data.formats.base import DataFormat, DecodeContext, Listing, Sample, count
+from orchestrator.data.formats.base import DataFormat, DecodeContext, Listing, Sample, count, sample_ids
 from orchestrator.data.info import DataError, DatasetInfo
 
 if TYPE_CHECKING:
@@ -127,11 +127,12 @@ class Latents(DataFormat):
 
         m = read_manifest(cfg.source, cfg.s3)
         _check_fits(cfg, m)
-        rows = [(s["name"], g) for s in m["shards"] for g in range(len(s["row_groups"]))]
+        rows = [(s["name"], g, int(n)) for s in m["shards"] for g, n in enumerate(s["row_groups"])]
         return pa.table({
-            "unit": pa.array([f"{p}#{g}" for p, g in rows], pa.string()),
-            "path": pa.array([p for p, _ in rows], pa.string()),
-            "row_group": pa.array([g for _, g in rows], pa.int64()),
+            "unit": pa.array([f"{p}#{g}" for p, g, _ in rows], pa.string()),
+            "path": pa.array([p for p, _, _ in rows], pa.string()),
+            "row_group": pa.array([g for _, g, _ in rows], pa.int64()),
+            "samples": pa.array([n for _, _, n in rows], pa.int64()),
         })
 
     def units_per_block(self, cfg: "DataConfig", num_units: int) -> int:
@@ -150,7 +151,8 @@ class Latents(DataFormat):
         counts: dict[str, int] = {}
         images: list[np.ndarray] = []
         labels: list[np.ndarray] = []
-        for rel, rg in zip(batch["path"], batch["row_group"]):
+        indices: list[np.ndarray] = []
+        for row, (rel, rg) in enumerate(zip(batch["path"], batch["row_group"])):
             def read(rel: str = rel, rg: int = int(rg)) -> Any:
                 return pq.ParquetFile(fs.open_input_file(f"{ctx.root}/{rel}")).read_row_group(rg, columns=["latent", "label"])
 
@@ -163,21 +165,26 @@ class Latents(DataFormat):
             if lat.shape[1:] != shape:  # a shard from another encode copied in by hand
                 counts[D.CORRUPT] = counts.get(D.CORRUPT, 0) + len(lat)
                 continue
-            keep, labs = [], []
-            for i, raw in enumerate(t.column("label").to_pylist()):
-                label, bad = ctx.labels.check(raw)
+            js, row_ids = sample_ids(batch, row, len(lat))
+            keep, labs, kept_ids = [], [], []
+            raws = t.column("label").to_pylist()
+            for i, sid in zip(js.tolist(), row_ids.tolist()):
+                label, bad = ctx.labels.check(raws[i])
                 if bad is None:
                     keep.append(i)
                     labs.append(label)
+                    kept_ids.append(sid)
                 else:
                     count(counts, bad)
             images.append(lat[keep].astype(np.float32))
             labels.append(np.asarray(labs, np.int64))
+            indices.append(np.asarray(kept_ids, np.int64))
         report(counts, ctx.counter_name)
         out = np.concatenate(images) if images else np.zeros((0, *shape), np.float32)
         lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
+        idx = np.concatenate(indices) if indices else np.zeros(0, np.int64)
         for i in range(0, max(len(out), 1), ctx.chunk):  # at least one (possibly empty) chunk
-            yield {"image": out[i : i + ctx.chunk], "label": lab[i : i + ctx.chunk]}
+            yield {"image": out[i : i + ctx.chunk], "label": lab[i : i + ctx.chunk], "index": idx[i : i + ctx.chunk]}
 
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
         import pyarrow.parquet as pq

@@ -16,7 +16,7 @@ import numpy as np
 
 from orchestrator import storage
 from orchestrator.data import decode as D
-from orchestrator.data.formats.base import DataFormat, DecodeContext, Listing, Sample, count, decode_chunks, ext
+from orchestrator.data.formats.base import DataFormat, DecodeContext, Listing, Sample, count, decode_chunks, ext, sample_ids
 from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.labels import classes_from_values
 
@@ -102,15 +102,18 @@ class Parquet(DataFormat):
     def units(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str) -> "pa.Table":
         import pyarrow as pa
 
-        paths, groups = [], []
+        paths, groups, rows = [], [], []
         for rel in info.files:
-            for rg in range(_open(cfg, fs, root, rel).metadata.num_row_groups):
+            meta = _open(cfg, fs, root, rel).metadata
+            for rg in range(meta.num_row_groups):
                 paths.append(rel)
                 groups.append(rg)
+                rows.append(meta.row_group(rg).num_rows)
         return pa.table({
             "unit": pa.array([f"{p}#{g}" for p, g in zip(paths, groups)], pa.string()),
             "path": pa.array(paths, pa.string()),
             "row_group": pa.array(groups, pa.int64()),
+            "samples": pa.array(rows, pa.int64()),
         })
 
     def decode_options(self, cfg: "DataConfig", info: DatasetInfo) -> dict[str, Any]:
@@ -124,7 +127,8 @@ class Parquet(DataFormat):
         counts: dict[str, int] = {}
         blobs: list[Any] = []
         raw: list[Any] = []
-        for rel, rg in zip(batch["path"], batch["row_group"]):
+        ids: list[int] = []
+        for row, (rel, rg) in enumerate(zip(batch["path"], batch["row_group"])):
             def read(rel: str = rel, rg: int = int(rg)) -> Any:
                 pf = pq.ParquetFile(fs.open_input_file(f"{ctx.root}/{rel}"))
                 return pf.read_row_group(rg, columns=[image_col] + ([label_col] if label_col else []))
@@ -134,9 +138,13 @@ class Parquet(DataFormat):
             except Exception:  # noqa: BLE001 - a broken row group drops its rows, not the run
                 count(counts, D.READ_ERROR)
                 continue
+            js, row_ids = sample_ids(batch, row, t.num_rows)
+            if len(js) < t.num_rows:
+                t = t.take(js)
             blobs += [_cell_bytes(v) for v in t.column(image_col).to_pylist()]
             raw += t.column(label_col).to_pylist() if label_col else [None] * t.num_rows
-        yield from decode_chunks(blobs, raw, counts, ctx)
+            ids += row_ids.tolist()
+        yield from decode_chunks(blobs, raw, counts, ctx, ids)
 
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
         import pyarrow.parquet as pq

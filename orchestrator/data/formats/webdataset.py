@@ -20,7 +20,8 @@ import numpy as np
 
 from orchestrator import storage
 from orchestrator.data import decode as D
-from orchestrator.data.formats.base import DataFormat, DecodeContext, Listing, Sample, count, decode_chunks, ext, is_hidden, read_one, stable_hash
+from orchestrator.data.formats.base import (DataFormat, DecodeContext, Listing, Sample, count, decode_chunks, ext, is_hidden, read_one,
+                                            sample_ids, stable_hash)
 from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.labels import classes_from_values
 
@@ -146,14 +147,16 @@ class WebDataset(DataFormat):
                 sum(n for _, n in shards),
                 tuple(classes) if classes else None,
                 tuple(name for name, _ in shards),
+                unit_samples=tuple(n for _, n in shards),
             )
         tars = sorted(rel for rel, _ in files if ext(rel) == ".tar")
         if not tars:
             raise DataError(f"{storage.redact_uri(cfg.source)} holds no .tar shards. Fix: check data.format / data.source")
         # No manifest: open every shard once to count samples and collect label values.
         fs, root = storage.filesystem_for(cfg.source, cfg.s3)
-        n, values = 0, []
+        n, values, per_shard = 0, [], []
         for rel in tars:
+            per_shard.append(0)
             try:
                 with fs.open_input_stream(f"{root}/{rel}") as f:
                     data = f.read()
@@ -161,44 +164,55 @@ class WebDataset(DataFormat):
                     if _image_of(sample) is None:
                         continue
                     n += 1
+                    per_shard[-1] += 1
                     v = _raw_label_of(sample)
                     if v is not None and v != D.INVALID_LABEL:
                         values.append(v)
             except (tarfile.TarError, OSError) as e:
                 log.warning("shard %s is unreadable (%s); its samples will be counted as read errors", rel, type(e).__name__)
         classes = classes_from_values(values, f"labels in {storage.redact_uri(cfg.source)}")[0] if values else None
-        return DatasetInfo(cfg.source, self.name, n, classes, tuple(tars))
+        return DatasetInfo(cfg.source, self.name, n, classes, tuple(tars), unit_samples=tuple(per_shard))
 
     def units(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str) -> "pa.Table":
         import pyarrow as pa
 
-        return pa.table({"unit": pa.array(info.files, pa.string())})
+        counts = info.unit_samples if info.unit_samples is not None else (0,) * len(info.files)
+        return pa.table({"unit": pa.array(info.files, pa.string()), "samples": pa.array(counts, pa.int64())})
 
     def decode(self, batch: dict[str, np.ndarray], ctx: DecodeContext) -> Iterator[dict[str, np.ndarray]]:
         fs = ctx.filesystem()
         blobs: list[Any] = []
         raw: list[Any] = []
+        ids: list[int] = []
         counts: dict[str, int] = {}
-        for rel in batch["unit"]:
+        for row, rel in enumerate(batch["unit"]):
+            n = int(batch["samples"][row]) if "samples" in batch else 0
+            js, row_ids = sample_ids(batch, row, n) if "_first" in batch else (None, None)
             data = read_one(fs, f"{ctx.root}/{rel}", ctx.retry(counts))
             if isinstance(data, str):
-                count(counts, data)
+                counts[data] = counts.get(data, 0) + (len(js) if js is not None else 1)
                 continue
             try:
-                samples = [s for _k, s in iter_tar_samples(data)]
+                # Sample j = the j-th key with an image, in file order (what the counts count).
+                samples = [s for _k, s in iter_tar_samples(data) if _image_of(s) is not None]
             except tarfile.TarError:
-                count(counts, D.CORRUPT)
+                counts[D.CORRUPT] = counts.get(D.CORRUPT, 0) + (len(js) if js is not None else 1)
                 continue
-            # Shuffle within the shard too (deterministically), shards are often written in class order.
-            order = np.random.default_rng([ctx.seed, stable_hash(rel)]).permutation(len(samples))
-            for i in order:
-                s = samples[i]
-                img = _image_of(s)
-                if img is None:
-                    continue  # a key without an image (stray metadata file), not a sample
-                blobs.append(img)
-                raw.append(_raw_label_of(s))
-        yield from decode_chunks(blobs, raw, counts, ctx)
+            if js is None:
+                # Shuffle within the shard too (deterministically), shards are often written in
+                # class order. (The training reader orders samples itself, by id.)
+                js = np.random.default_rng([ctx.seed, stable_hash(rel)]).permutation(len(samples))
+                row_ids = np.full(len(js), -1, np.int64)
+            elif len(js) and int(js.max()) >= len(samples):
+                # Fewer samples than the manifest says: the missing ones are holes, counted as corrupt.
+                counts[D.CORRUPT] = counts.get(D.CORRUPT, 0) + int((js >= len(samples)).sum())
+            for j, sid in zip(js.tolist(), row_ids.tolist()):
+                if j >= len(samples):
+                    continue
+                blobs.append(_image_of(samples[j]))
+                raw.append(_raw_label_of(samples[j]))
+                ids.append(sid)
+        yield from decode_chunks(blobs, raw, counts, ctx, ids)
 
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
         for shard in info.files:
