@@ -3,7 +3,8 @@
 A small CNN is trained on the *real* training images (held-out accuracy reported, so the judge
 itself is shown to work), then classifies samples generated from the EMA weights conditioned
 on each class. The score is the fraction recognised as the class they were conditioned on;
-chance is 1/num_classes.
+chance is 1/num_classes. Colour alone separates most built-in classes, so beside it the shape
+judge (shape_judge.py, blind to colour) reports the fraction whose *shape* is recognised.
 """
 
 from __future__ import annotations
@@ -88,6 +89,10 @@ class EvalResult:
     guidance_scale: float
     sampler: str
     num_steps: int
+    shape_accuracy: float
+    shape_per_class_accuracy: list[float]
+    shape_judge_val_accuracy: float
+    shape_threshold: float
 
 
 def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: RunDir, ref: CheckpointRef) -> dict:
@@ -100,7 +105,11 @@ def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: Ru
         imgs.append(batch["image"])
         labs.append(batch["label"])
     images, labels = torch.cat(imgs), torch.cat(labs)
+    # Imported here: shape_judge builds on this module's SmallClassifier.
+    from orchestrator.eval.shape_judge import SHAPE_THRESHOLD, ShapeJudge
+
     clf, val_acc = train_classifier(images, labels, num_classes, seed=cfg.seed)
+    shape = ShapeJudge.train(images, labels, num_classes, seed=cfg.seed)
 
     model, _ = load_ema_model(rundir, ref)
     k = cfg.run.eval_per_class
@@ -110,6 +119,7 @@ def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: Ru
     with torch.no_grad():
         pred = torch.cat([clf(samples[i : i + 256]).argmax(1) for i in range(0, len(samples), 256)])
     hit = (pred == gen_labels).float()
+    shape_acc, shape_per_class = shape.score(samples, gen_labels)
     res = EvalResult(
         step=ref.step,
         num_classes=num_classes,
@@ -121,6 +131,10 @@ def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: Ru
         guidance_scale=cfg.sampling.guidance_scale,
         sampler=cfg.sampling.sampler,
         num_steps=cfg.sampling.num_steps,
+        shape_accuracy=shape_acc,
+        shape_per_class_accuracy=shape_per_class,
+        shape_judge_val_accuracy=shape.val_accuracy,
+        shape_threshold=SHAPE_THRESHOLD,
     )
     out = asdict(res)
     if class_names:

@@ -1,0 +1,288 @@
+"""``raydiff bench quality``: which training and sampling choices make better samples, at fixed compute.
+
+Small models are trained side by side in this process on the built-in shapes (same network,
+steps, batch, learning-rate schedule and seed set for every arm; see quality_run.py) and scored
+against training progress by KID/FID with features of a CNN trained on the real images, the
+class judge, the shape judge and the held-out validation loss. Arms, each changing one thing
+from the base (linear schedule, eps prediction, uniform weighting, label dropout 0.1):
+
+- weighting: uniform (base) vs ``min_snr`` (γ = 5) vs ``p2`` (γ = 1, k = 1);
+- schedule: linear (base) vs cosine;
+- prediction: eps (base) vs v;
+- label dropout 0.1 (base) vs 0, each sampled with guidance 1, 2 and 4;
+- sampler, on the base models: DDIM at 10/20/50/100 steps vs ancestral DDPM at 1000.
+
+Output: a table on stdout (mean ± std over seeds; a difference to the base arm smaller than
+twice its standard error is marked "~" = within noise), every measurement as CSV, and a PNG of
+the curves and the sampler sweep. ``--quick`` is the CI setting (16x16 images, a few steps,
+one seed): it checks that the bench runs, its numbers mean little.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import math
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One training configuration; the fields are raydiff's ``diffusion.*`` keys."""
+
+    name: str
+    schedule: str = "linear"
+    prediction: str = "eps"
+    weighting: str = "uniform"
+    label_dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class SamplerSpec:
+    """One way of sampling a trained model; the fields are raydiff's ``sampling.*`` keys."""
+
+    name: str
+    sampler: str = "ddim"
+    num_steps: int = 20
+    guidance_scale: float = 1.0
+    spacing: str = "trailing"
+    clip_sample: bool = True
+    use_clipped_model_output: bool = False
+
+
+@dataclass(frozen=True)
+class Setting:
+    model: str = "unet-tiny"
+    resolution: int = 32
+    images_per_class: int = 300
+    steps: int = 600
+    batch: int = 64
+    lr: float = 1e-3
+    warmup_steps: int = 50
+    min_lr_ratio: float = 0.1
+    ema_decay: float = 0.999
+    eval_every: int = 200
+    eval_per_class: int = 20
+    val_per_class: int = 10
+    curve_sampler: SamplerSpec = SamplerSpec("ddim-20")
+    seeds: tuple[int, ...] = (0,)
+
+
+BASE = Arm("base")
+ARMS: tuple[Arm, ...] = (
+    BASE,
+    Arm("min-snr", weighting="min_snr"),
+    Arm("p2", weighting="p2"),
+    Arm("cosine", schedule="cosine"),
+    Arm("v-pred", prediction="v"),
+    Arm("dropout-0", label_dropout=0.0),
+)
+METRICS = ("kid", "fid", "class_acc", "shape_acc", "val_loss")
+# Lower is better for these (the plot says which way is better).
+LOWER_BETTER = {"kid", "fid", "val_loss"}
+
+FULL = Setting()
+QUICK = Setting(resolution=16, images_per_class=24, steps=24, batch=16, warmup_steps=4, eval_every=12,
+                eval_per_class=3, val_per_class=2, curve_sampler=SamplerSpec("ddim-10", num_steps=10))
+
+
+def sampler_sweep() -> list[tuple[str, SamplerSpec]]:
+    """(arm name, sampler) pairs scored on the final models."""
+    steps = (10, 20, 50, 100)
+    out = [("base", SamplerSpec(f"ddim-{n}", num_steps=n)) for n in steps]
+    out.append(("base", SamplerSpec("ddpm-1000", sampler="ddpm", num_steps=1000)))
+    for arm in ("base", "dropout-0"):
+        for g in (2.0, 4.0):
+            out.append((arm, SamplerSpec(f"ddim-20-g{g:g}", num_steps=20, guidance_scale=g)))
+    return out
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    a = np.asarray(values, dtype=np.float64)
+    return float(a.mean()), float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+
+
+def within_noise(a: list[float], b: list[float]) -> str:
+    """'~' if the means differ by less than 2 standard errors of their difference, '' if more,
+    '?' with one seed (no spread to compare with)."""
+    if len(a) < 2 or len(b) < 2:
+        return "?"
+    se = math.sqrt(np.var(a, ddof=1) / len(a) + np.var(b, ddof=1) / len(b))
+    return "~" if abs(np.mean(a) - np.mean(b)) < 2 * se else ""
+
+
+def run_bench(s: Setting, arms: tuple[Arm, ...], sweep: list[tuple[str, SamplerSpec]], *, log=print) -> list[dict]:
+    """Every measurement as a row: kind ('curve' or 'sampler'), arm, sampler, seed, step, metrics."""
+    # Imported here: the CLI loads this module for every command, the network stack only to run it.
+    from orchestrator.bench.quality_run import Scorer, Trained, demo_images, draw_samples, train_arm
+
+    data = demo_images(s.images_per_class, s.resolution, seed=0)
+    val = demo_images(s.val_per_class, s.resolution, seed=1)  # held out: another seed
+    scorer = Scorer.build(*data, val)
+    log(f"judges: class {scorer.features.val_accuracy:.1%}, shape {scorer.shape.val_accuracy:.1%} held-out accuracy "
+        f"on real images")
+    rows: list[dict] = []
+    for seed in s.seeds:
+        models: dict[str, Trained] = {}
+        for arm in arms:
+            tr = train_arm(arm, s, data, scorer, seed, log=log)
+            models[arm.name] = tr
+            for r in tr.curve:
+                rows.append({"kind": "curve", "arm": arm.name, "sampler": s.curve_sampler.name, "seed": seed,
+                             **r, "train_s": round(tr.seconds, 1)})
+        for arm_name, spec in sweep:
+            if arm_name not in models:
+                continue
+            tr = models[arm_name]
+            t0 = time.perf_counter()
+            samples, labels = draw_samples(tr.model, tr.arm, spec, s.eval_per_class, seed=1000 + seed)
+            secs = time.perf_counter() - t0
+            row = {"kind": "sampler", "arm": arm_name, "sampler": spec.name, "seed": seed, "step": s.steps,
+                   **scorer.score_samples(samples, labels), "sample_s": round(secs, 1)}
+            rows.append(row)
+            log(f"  {arm_name} seed {seed} {spec.name}: " + ", ".join(f"{k} {row[k]:.4g}" for k in METRICS if k in row))
+    return rows
+
+
+def _fmt(vals: list[float]) -> str:
+    m, sd = mean_std(vals)
+    digits = 4 if abs(m) < 1 else 2
+    return f"{m:.{digits}f}" if math.isnan(sd) else f"{m:.{digits}f}±{sd:.{digits}f}"
+
+
+def summary_table(rows: list[dict], steps: int) -> str:
+    """Final-step curve rows per arm, then sampler rows; mean±std over seeds; '~' within noise of
+    the base arm (or of DDPM-1000 for samplers, of guidance 1 for guidance)."""
+    def group(kind: str) -> dict[tuple[str, str], list[dict]]:
+        out: dict[tuple[str, str], list[dict]] = {}
+        for r in rows:
+            if r["kind"] == kind and r["step"] == steps:
+                out.setdefault((r["arm"], r["sampler"]), []).append(r)
+        return out
+
+    lines = []
+    head = f"{'arm':<10} {'sampler':<14} " + " ".join(f"{m:>20}" for m in METRICS)
+    for kind, title in (("curve", "training arms (final step; ~ = within noise of base)"),
+                        ("sampler", "sampling (~ = within noise of the reference row: ddpm-1000 / ddim-20)")):
+        g = group(kind)
+        if not g:
+            continue
+        lines += [title, head]
+        for (arm, sampler), rs in g.items():
+            if kind == "curve":
+                ref = g.get(("base", sampler), [])
+            elif sampler.startswith("ddim-20-g"):
+                ref = [r for r in rows if r["kind"] == "curve" and r["arm"] == arm and r["step"] == steps]
+            else:
+                ref = g.get(("base", "ddpm-1000"), [])
+            cells = []
+            for m in METRICS:
+                vals = [r[m] for r in rs if m in r]
+                if not vals:
+                    cells.append(f"{'-':>20}")
+                    continue
+                mark = within_noise(vals, [r[m] for r in ref if m in r]) if ref and rs is not ref else ""
+                cells.append(f"{_fmt(vals) + (' ' + mark if mark else ''):>20}")
+            lines.append(f"{arm:<10} {sampler:<14} " + " ".join(cells))
+        lines.append("")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    keys: list[str] = []
+    for r in rows:
+        keys += [k for k in r if k not in keys]
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=keys)
+    w.writeheader()
+    w.writerows(rows)
+    path.write_text(buf.getvalue())
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    curves = [r for r in rows if r["kind"] == "curve"]
+    for ax, metric in zip(axes[:2], ("kid", "shape_acc")):
+        for arm in dict.fromkeys(r["arm"] for r in curves):
+            steps = sorted({r["step"] for r in curves if r["arm"] == arm})
+            stats = [mean_std([r[metric] for r in curves if r["arm"] == arm and r["step"] == st]) for st in steps]
+            m = np.array([a for a, _ in stats])
+            sd = np.nan_to_num(np.array([b for _, b in stats]))
+            ax.plot(steps, m, marker="o", label=arm)
+            ax.fill_between(steps, m - sd, m + sd, alpha=0.15)
+        ax.set_xlabel("training step")
+        ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_BETTER else " (higher is better)"))
+        ax.set_yscale("log" if metric == "kid" else "linear")
+        ax.legend(fontsize=8)
+    ax = axes[2]
+    sampl = [r for r in rows if r["kind"] == "sampler" and r["arm"] == "base" and "-g" not in r["sampler"]]
+    names = list(dict.fromkeys(r["sampler"] for r in sampl))
+    for metric, color in (("kid", "C0"), ("shape_acc", "C1")):
+        stats = [mean_std([r[metric] for r in sampl if r["sampler"] == n]) for n in names]
+        axm = ax if metric == "kid" else ax.twinx()
+        axm.errorbar(range(len(names)), [a for a, _ in stats], yerr=np.nan_to_num([b for _, b in stats]),
+                     marker="o", color=color, label=metric, capsize=3)
+        axm.set_ylabel(metric, color=color)
+    ax.set_xticks(range(len(names)), names)
+    ax.set_title("sampler (base arm)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def cmd_bench_quality(args: argparse.Namespace) -> int:
+    s = QUICK if args.quick else FULL
+    if args.steps:
+        s = replace(s, steps=args.steps, eval_every=min(s.eval_every, args.steps))
+    if args.seeds:
+        s = replace(s, seeds=tuple(range(args.seeds)))
+    if args.eval_every:
+        s = replace(s, eval_every=args.eval_every)
+    arms = ARMS if not args.arms else tuple(a for a in ARMS if a.name in args.arms.split(","))
+    unknown = set(args.arms.split(",")) - {a.name for a in ARMS} if args.arms else set()
+    if unknown:
+        print(f"raydiff: --arms {args.arms}: unknown {sorted(unknown)}; choose from {[a.name for a in ARMS]}",
+              file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    print(f"setting: {asdict(s)}", flush=True)
+    rows = run_bench(s, arms, sampler_sweep(), log=lambda m: print(m, flush=True))
+    table = summary_table(rows, s.steps)
+    print(table)
+    write_csv(rows, out / "quality.csv")
+    (out / "quality.txt").write_text(table)
+    plot(rows, out / "quality.png")
+    print(f"wrote {out / 'quality.csv'}, {out / 'quality.txt'} and {out / 'quality.png'} "
+          f"({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
+def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
+    p = bench_subparsers.add_parser(
+        "quality", help="sample quality vs training progress for weighting, schedule, prediction, guidance, sampler")
+    p.add_argument("--quick", action="store_true", help="reduced CI setting: 16x16, a few steps, one seed")
+    p.add_argument("--seeds", type=int, default=0, help="number of seeds (default: 1)")
+    p.add_argument("--steps", type=int, default=0, help="training steps per arm (default 600; quick 24)")
+    p.add_argument("--eval-every", type=int, default=0, help="score every N steps (default 200; quick 12)")
+    p.add_argument("--arms", default="", help="comma-separated subset of " + ",".join(a.name for a in ARMS))
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
+    p.add_argument("--out", default="bench-quality", help="folder for quality.csv, quality.txt and quality.png")
+    p.set_defaults(func=cmd_bench_quality)
+    return p

@@ -1,0 +1,80 @@
+"""Issue 13: the shape judge, the quality bench's helpers, and `raydiff bench quality --quick`."""
+
+from __future__ import annotations
+
+import csv
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from orchestrator.bench.quality import ARMS, within_noise
+from orchestrator.bench.quality_run import demo_images
+from orchestrator.eval.judge import train_classifier
+from orchestrator.eval.shape_judge import ShapeJudge, shape_view
+
+
+@pytest.fixture(scope="module")
+def shapes():
+    torch.set_num_threads(1)
+    train = demo_images(40, 32, seed=0)
+    held_out = demo_images(6, 32, seed=1)
+    return train, held_out
+
+
+def test_shape_view_is_colour_and_brightness_free():
+    x = torch.rand(4, 3, 8, 8) * 2 - 1
+    v = shape_view(x)
+    assert v.shape == (4, 1, 8, 8)
+    assert torch.allclose(v.mean(dim=(1, 2, 3)), torch.zeros(4), atol=1e-5)
+    # Same grey structure, another brightness and contrast: same view.
+    assert torch.allclose(shape_view(0.5 * x - 0.2), v, atol=1e-2)
+    # A flat image stays flat (no NaN from a zero std).
+    assert torch.isfinite(shape_view(torch.zeros(1, 3, 8, 8))).all()
+
+
+def test_shape_judge_sees_shape_not_colour(shapes):
+    (images, labels), (val, val_labels) = shapes
+    judge = ShapeJudge.train(images, labels, 10, epochs=6, seed=0)
+    clf, _ = train_classifier(images, labels, 10, seed=0)
+    acc, per_class = judge.score(val, val_labels)
+    assert judge.val_accuracy > 0.75 and acc > 0.75, (judge.val_accuracy, acc)
+    assert len(per_class) == 10
+    # Recoloured shapes (channels rotated: red circles become green, ...) keep their shape score.
+    recoloured = val[:, [1, 2, 0]]
+    assert judge.score(recoloured, val_labels)[0] > acc - 0.15
+    # Blobs of the right colour: blurring keeps colour (the class judge still scores them) but
+    # removes the shape, which the shape judge must no longer recognise.
+    blobs = F.avg_pool2d(val, 7, 1, 3, count_include_pad=False)
+    with torch.no_grad():
+        class_on_blobs = float((clf(blobs).argmax(1) == val_labels).float().mean())
+    shape_on_blobs = judge.score(blobs, val_labels)[0]
+    assert class_on_blobs > 0.6, class_on_blobs
+    assert shape_on_blobs < class_on_blobs - 0.2, (shape_on_blobs, class_on_blobs)
+    # Pure noise is not recognised above chance by much.
+    noise = torch.randn(60, 3, 32, 32, generator=torch.Generator().manual_seed(0)).clamp(-1, 1)
+    assert judge.score(noise, val_labels)[0] < 0.3
+
+
+def test_within_noise():
+    assert within_noise([1.0, 1.1, 0.9], [1.05, 0.95, 1.0]) == "~"
+    assert within_noise([1.0, 1.01, 0.99], [2.0, 2.01, 1.99]) == ""
+    assert within_noise([1.0], [2.0, 2.1]) == "?"
+
+
+@pytest.mark.slow
+def test_bench_quality_quick(tmp_path, capsys):
+    from orchestrator.cli import main
+
+    assert main(["bench", "quality", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "training arms" in out and "ddpm-1000" in out
+    rows = list(csv.DictReader((tmp_path / "quality.csv").open()))
+    curve_arms = {r["arm"] for r in rows if r["kind"] == "curve"}
+    assert curve_arms == {a.name for a in ARMS}
+    samplers = {r["sampler"] for r in rows if r["kind"] == "sampler"}
+    assert {"ddim-10", "ddim-20", "ddim-50", "ddim-100", "ddpm-1000", "ddim-20-g2", "ddim-20-g4"} <= samplers
+    for r in rows:
+        assert 0 <= float(r["shape_acc"]) <= 1 and 0 <= float(r["class_acc"]) <= 1
+        assert float(r["fid"]) >= 0 and float(r["val_loss"] or 0) >= 0
+    assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
