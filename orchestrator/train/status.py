@@ -90,7 +90,16 @@ def summary_lines(run_uri: str, final_step: int, checkpoint_uri: str | None, eva
         lines.append(f"data: {dropped(bad_samples)} bad samples skipped ({kinds})")
     if eval_result is not None and "sample_accuracy" in eval_result:
         lines.append(eval_line(eval_result))
+        if "shape_accuracy" in eval_result:
+            lines.append(shape_line(eval_result))
     return lines
+
+
+def shape_line(e: dict[str, Any]) -> str:
+    verdict = "recognisable" if e["shape_accuracy"] >= e["shape_threshold"] else "NOT recognisable"
+    return (f"shape recognition: {e['shape_accuracy']:.1%} of samples show their class's shape, colour ignored "
+            f"(threshold {e['shape_threshold']:.0%}: shapes {verdict}; the shape judge scores "
+            f"{e['shape_judge_val_accuracy']:.1%} on held-out real images)")
 
 
 def eval_line(e: dict[str, Any]) -> str:
