@@ -199,7 +199,7 @@ class MlflowConfig(_Strict):
     """Optional MLflow tracking (needs `pip install mlflow`); off unless enabled."""
 
     enabled: bool = False
-    tracking_uri: str | None = None  # None: MLflow's own default (MLFLOW_TRACKING_URI or ./mlruns)
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else MLflow's own local default
     experiment: str = "raydiff"
 
 
