@@ -49,6 +49,8 @@ QUIET_LOGGERS: tuple[tuple[str, int], ...] = (
     ("torch.distributed", logging.ERROR),
     # moto's web server (raydiff data serve-s3) logs every request at INFO.
     ("werkzeug", logging.WARNING),
+    # "Found credentials in environment variables." from every process that opens S3.
+    ("botocore", logging.WARNING),
 )
 
 # Environment of every process Ray starts for a quiet run.
@@ -101,6 +103,13 @@ def filter_warnings() -> None:
 def quiet_loggers() -> None:
     for name, level in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    try:
+        # Ray Train's worker context logs every "Reporting training result ...: TrainingReport(...)"
+        # at INFO on a logger named after its file, outside the "ray.train" tree.
+        from ray.train.v2._internal.execution import context as train_context
+    except ImportError:
+        return
+    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
 
 
 def worker_env(verbose: bool) -> dict[str, str]:
@@ -108,11 +117,20 @@ def worker_env(verbose: bool) -> dict[str, str]:
     return {} if verbose else dict(_QUIET_ENV)
 
 
+# Ray Train's print patch sends a worker's print() to the root logger, which Ray's own logging
+# set-up gives a second console handler: every raydiff line of rank 0 (progress, resume) came out
+# twice. Unpatched, print() writes to the worker's stdout, which Ray forwards once. Ray Train passes
+# this switch from the driver to its controller and workers.
+_RAY_TRAIN_ENV = {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+
+
 def configure(verbose: bool) -> None:
     """The CLI entry: the driver process and (through the environment) every process of a local
     Ray it starts. Idempotent."""
     global _verbose
     _verbose = verbose
+    for k, v in _RAY_TRAIN_ENV.items():
+        os.environ.setdefault(k, v)
     if not stdout_is_terminal():
         for k, v in _NO_COLOUR_ENV.items():
             os.environ.setdefault(k, v)

@@ -1,0 +1,249 @@
+"""README.md's ```bash blocks, executed so that the walk-throughs cannot drift from the code.
+
+Every command of every block is either run as written or listed in ``NOT_RUN`` with the reason
+(a full `make demo`, a cloud cluster, a VAE that is not on this machine, ...); those are still
+checked: each `raydiff` command's flags are parsed by raydiff's own parser and each `raydiff
+train`/`tune` runs its `--dry-run`, so a renamed flag or key fails here.
+
+How the blocks run: `raydiff ...` commands run in this process through the CLI's `main` (the
+same entry point as the `raydiff` script; one interpreter start instead of one per command on a
+slow 2-core machine), except `raydiff train` runs, which are real subprocesses with stdout and
+stderr to a file (no terminal): that log is checked for clean progress output. `export` and
+`NAME=value` lines set variables, `$NAME` expands as in bash. A command ending in `&` is started
+in the background and waited for: `raydiff data serve-s3 --port 9000` gets a free port instead of
+9000 (the only rewrite; other tests and engineers share this machine), and is stopped at the end.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+
+# Command prefix -> why it is not executed here (checked by parsing / --dry-run instead).
+NOT_RUN = {
+    "make demo": "installs into .venv and trains the full demo (about 8 min on 2 cores)",
+    "make test": "runs this whole test suite",
+    "raydiff train --config jobs/demo.yaml": "a full demo-sized training run (checked with --dry-run)",
+    "raydiff sample --run runs/demo": "needs the demo run (the same flags run in the sampling block)",
+    "raydiff sample --checkpoint runs/demo": "needs a finished demo run in runs/demo",
+    "raydiff export --checkpoint runs/demo": "needs a finished demo run in runs/demo",
+    "raydiff eval --checkpoint runs/demo": "FID/KID at 9 settings x 1000 samples (tests/test_fid.py runs it small)",
+    "raydiff data encode": "needs a VAE directory (/models/sd-vae-ft-mse); tests/test_latents.py encodes with a tiny one",
+    "raydiff train data.source=s3://my-bucket/shapes-latents": "needs the encoded latents (checked with --dry-run)",
+    "raydiff tune --config jobs/tune-smoke.yaml": "4 trials, minutes (checked with --dry-run; tests/test_tune_e2e.py runs a sweep)",
+    "raydiff tune --config jobs/tune-lr-weighting.yaml": "a GPU sweep (checked with --dry-run)",
+    "RAY_AUTH_MODE=token ray job submit": "needs a Ray cluster (HEAD); the entrypoint is checked with --dry-run",
+    "raydiff submit": "needs a Ray cluster (HEAD:8265); tests/test_jobs_submit.py submits to a local head",
+    "raydiff controller": "needs a Ray cluster or starts one; tests/test_controller*.py run it",
+}
+# The block that runs end to end (slow test), by its first command.
+S3_BLOCK = "raydiff data serve-s3"
+
+
+def bash_blocks(text: str) -> list[list[str]]:
+    """Each ```bash block as a list of commands (continuation lines joined, comments kept)."""
+    blocks = []
+    for body in re.findall(r"^```bash\n(.*?)^```", text, flags=re.S | re.M):
+        cmds, cur = [], ""
+        for line in body.splitlines():
+            cur += line.rstrip()
+            if cur.endswith("\\"):
+                cur = cur[:-1] + " "
+                continue
+            if cur.strip():
+                cmds.append(cur.strip())
+            cur = ""
+        blocks.append(cmds)
+    return blocks
+
+
+def words(cmd: str, env: dict[str, str]) -> list[str]:
+    """bash's word splitting of an unquoted command after $NAME expansion (what the README uses)."""
+    expanded = re.sub(r"\$(\w+)|\$\{(\w+)\}", lambda m: env.get(m.group(1) or m.group(2), ""), cmd)
+    return shlex.split(expanded, comments=True)
+
+
+def not_run_reason(cmd: str) -> str | None:
+    return next((why for prefix, why in NOT_RUN.items() if cmd.startswith(prefix)), None)
+
+
+def _raydiff_argv(cmd_words: list[str]) -> list[str] | None:
+    """The raydiff arguments of a command (also inside `ray job submit ... -- raydiff ...`)."""
+    if "raydiff" not in cmd_words:
+        return None
+    return cmd_words[cmd_words.index("raydiff") + 1 :]
+
+
+def _with_dry_run(argv: list[str]) -> list[str] | None:
+    if argv and argv[0] in ("train", "tune"):
+        return argv if "--dry-run" in argv else [argv[0], "--dry-run", *argv[1:]]
+    return None
+
+
+def test_readme_blocks_are_all_run_or_listed_with_a_reason_and_parse(tmp_path, monkeypatch, capsys):
+    """Fast: every command is known; every raydiff command parses; train/tune commands dry-run."""
+    from orchestrator.cli import build_parser, main
+
+    monkeypatch.chdir(ROOT)  # job files are relative to the checkout
+    monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    blocks = bash_blocks(README.read_text())
+    assert len(blocks) >= 8
+    assert any(b and b[0].startswith(S3_BLOCK) for b in blocks), "the S3 walk-through block is gone"
+    env = {"S3": "http://127.0.0.1:9000", "TRY": ""}
+    used = set()
+    for block in blocks:
+        runs = block and block[0].startswith(S3_BLOCK)
+        for cmd in block:
+            if re.match(r"^(export\s+)?\w+=", cmd) and not cmd.startswith(("RAY_AUTH_MODE",)):
+                for assignment in shlex.split(cmd.removeprefix("export "), comments=True):
+                    k, _, v = assignment.partition("=")
+                    env[k] = " ".join(words(v, env))
+                continue
+            why = not_run_reason(cmd)
+            cheap = "--dry-run" in cmd  # runs here, as written
+            assert runs or why or cheap, f"README command neither run by tests/test_readme.py nor listed in NOT_RUN: {cmd}"
+            if why:
+                used.add(next(p for p in NOT_RUN if cmd.startswith(p)))
+            argv = _raydiff_argv(words(cmd, env))
+            if argv is None:
+                assert cmd.startswith("make "), cmd
+                target = cmd.split()[1]
+                p = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
+                assert p.returncode == 0, p.stderr
+                assert target != "demo" or "raydiff train" in p.stdout, p.stdout
+                continue
+            argv = [a for a in argv if a != "&"]
+            try:
+                build_parser().parse_args(argv)
+            except SystemExit as e:
+                pytest.fail(f"README command does not parse ({e}): {cmd}")
+            dry = _with_dry_run(argv)
+            if dry is not None and why:
+                assert main(dry) == 0, f"{' '.join(dry)}: {capsys.readouterr().err}"
+            elif cheap and not runs:
+                # Cheap commands outside the S3 walk-through (dry runs) run here, as written.
+                assert main(argv) == 0, f"{cmd}: {capsys.readouterr().err}"
+    assert used == set(NOT_RUN), f"NOT_RUN entries that match no README command: {set(NOT_RUN) - used}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, f"background command exited with {proc.returncode}"
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise AssertionError(f"nothing listens on 127.0.0.1:{port} after {timeout} s")
+
+
+ANSI = re.compile(r"\x1b\[")
+# Library lines the default output must not contain (orchestrator/logs.py filters them).
+FILTERED = ("FutureWarning", "RayDeprecationWarning", "TrainingReport(", "PreemptionWatcher",
+            "Starting execution of Dataset", "Execution plan of Dataset", "Attempting to start training worker group",
+            "[c10d]", "Progress bars disabled", "repeated", "INFO streaming_executor")
+
+
+def check_clean_log(log: str) -> None:
+    assert not ANSI.search(log), "ANSI escape codes in a log without a terminal"
+    assert "\r" not in log, "bar redraws (carriage returns) in a log without a terminal"
+    for needle in FILTERED:
+        assert needle not in log, f"filtered library output in the log: {needle!r}\n{log}"
+    assert log.count("raydiff: training s3-try: step 1/20") == 1, log  # once: not also through a logger
+    assert re.search(r"raydiff: checkpoint at step 20/20, loss [0-9.]+: s3://my-bucket/runs/s3-try/checkpoint_00000020", log), log
+    assert re.search(r"raydiff: step 20/20 \(100%\), loss [0-9.]+, \d+ img/s", log), log
+
+
+@pytest.mark.slow
+def test_s3_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
+    """The S3 block against its own local server: upload, list, verify, stats, a 20-step run with
+    its log checked, the rerun of the complete run (summary, no Ray) and the dry run."""
+    import ray
+
+    from orchestrator.cli import main
+
+    (block,) = [b for b in bash_blocks(README.read_text()) if b and b[0].startswith(S3_BLOCK)]
+    port = _free_port()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # a throwaway loopback-only Ray
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    shapes = tmp_path / "shapes"  # /tmp/shapes is shared by everyone on this machine
+    env: dict[str, str] = {}
+    background: list[subprocess.Popen] = []
+    train_runs = 0
+    try:
+        for cmd in block:
+            cmd = cmd.replace("--port 9000", f"--port {port}").replace("127.0.0.1:9000", f"127.0.0.1:{port}")
+            cmd = cmd.replace("/tmp/shapes", str(shapes))
+            if re.match(r"^(export\s+)?\w+=", cmd):
+                for assignment in shlex.split(cmd.removeprefix("export "), comments=True):
+                    k, _, v = assignment.partition("=")
+                    env[k] = " ".join(words(v, env))
+                    if cmd.startswith("export "):
+                        monkeypatch.setenv(k, env[k])
+                continue
+            argv = words(cmd, env)
+            assert argv[0] == "raydiff", cmd
+            if argv[-1] == "&":
+                log = open(tmp_path / "serve.log", "w")
+                background.append(subprocess.Popen([sys.executable, "-m", "orchestrator", *argv[1:-1]],
+                                                   stdout=log, stderr=subprocess.STDOUT, cwd=tmp_path,
+                                                   env={**os.environ, "PYTHONPATH": str(ROOT)}))
+                _wait_port(port, background[-1])
+                continue
+            if argv[1] == "train" and "--dry-run" not in argv and train_runs == 0:
+                train_runs += 1
+                log_file = tmp_path / "train.log"
+                t0 = time.monotonic()
+                with open(log_file, "w") as f:
+                    p = subprocess.run([sys.executable, "-m", "orchestrator", *argv[1:]], stdout=f,
+                                       stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=tmp_path,
+                                       env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=600)
+                log = log_file.read_text()
+                assert p.returncode == 0, log
+                print(f"20-step S3 run: {time.monotonic() - t0:.0f} s")
+                check_clean_log(log)
+                continue
+            t0 = time.monotonic()
+            capsys.readouterr()
+            rc = main(argv[1:])
+            out = capsys.readouterr()
+            assert rc == 0, f"{cmd}\n{out.out}\n{out.err}"
+            if argv[1] == "train" and "--dry-run" not in argv:
+                # The complete run: its summary, without Ray, in seconds.
+                assert not ray.is_initialized()
+                assert "run s3://my-bucket/runs/s3-try is already complete at step 20" in out.out, out.out
+                assert "checkpoint: s3://my-bucket/runs/s3-try/checkpoint_00000020" in out.out
+                assert "sample grids: s3://my-bucket/runs/s3-try/samples/ (latest step_0000020.png)" in out.out
+                assert time.monotonic() - t0 < 30, "the rerun of a complete run took too long"
+            elif "--dry-run" in argv:
+                assert ("would resume from s3://my-bucket/runs/s3-try/checkpoint_00000020 at step 20 and train to "
+                        "step 40") in out.out, out.out
+            elif argv[1:3] == ["data", "verify"]:
+                assert "200 of 200 samples readable" in out.out
+        assert train_runs == 1
+    finally:
+        for proc in background:
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
