@@ -179,6 +179,9 @@ def test_mfu_estimate():
         model(torch.randn(1, 3, 16, 16), torch.tensor([5]), torch.tensor([1]))
     assert fc.get_flop_counts()["Global"][torch.ops.aten.bmm] > 0  # attention counted
     assert train_flops_per_image(cfg, 10) == 3 * fc.get_total_flops() > 0
+    # DiT-S/2 on 32x32 latents: Peebles & Xie 2023 give 6.06 Gflops (multiply-adds) per forward.
+    dit = load_config(None, ["model.name=dit-s2", "data.format=latents", "data.resolution=32"])
+    assert train_flops_per_image(dit, 1000) / 3 / 2 == pytest.approx(6.06e9, rel=0.01)
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops("NVIDIA H100 PCIe", "fp16") == 756e12
     assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None  # no half-precision peak applies

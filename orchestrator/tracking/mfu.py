@@ -10,6 +10,7 @@ rather than guessed. The EMA update, data transfer and optimizer are not model F
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 
 import torch
@@ -66,7 +67,14 @@ class MfuMeter:
         self.peak = None
         if device.type == "cuda":
             self.peak = peak_flops(torch.cuda.get_device_name(device), precision)
-        self.flops_per_image = train_flops_per_image(cfg, num_classes) if self.peak else 0.0
+        self.flops_per_image = 0.0
+        if self.peak:
+            try:
+                self.flops_per_image = train_flops_per_image(cfg, num_classes)
+            except Exception as e:  # noqa: BLE001 - a model the counter cannot trace: no MFU, training goes on
+                logging.getLogger("raydiff.tracking").warning("raydiff: MFU is not reported: counting %s's FLOPs "
+                                                              "failed (%s: %s)", cfg.model.name, type(e).__name__, e)
+                self.peak = None
         self.world = world
 
     def __call__(self, images_per_s: float) -> float | None:
