@@ -15,6 +15,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -46,7 +47,10 @@ def write_manifest(directory: str | Path, *, rank: int, world: int, step: int) -
     for f in sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(MANIFEST_PREFIX)):
         with open(f, "rb") as fh:
             files[f.relative_to(d).as_posix()] = {"size": f.stat().st_size, "sha256": sha256_stream(fh.read)}
-    manifest = {"rank": rank, "world_size": world, "step": step, "files": files}
+    # Which process wrote this rank's part (PersistCheckpoint runs in the worker process): for
+    # operators matching a checkpoint to a worker's logs, and for the worker-kill test.
+    manifest = {"rank": rank, "world_size": world, "step": step, "pid": os.getpid(), "host": socket.gethostname(),
+                "files": files}
     (d / manifest_name(rank)).write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -141,6 +141,28 @@ def prune(rundir: RunDir, refs: list[CheckpointRef], keep: int, protect: str | N
     return doomed
 
 
+def checkpoint_step(uri: str) -> int | None:
+    """The step in a checkpoint directory's name (``checkpoint_<step>``, train/checkpoints.py)."""
+    name = posixpath.basename(uri.rstrip("/"))
+    head, _, digits = name.partition("_")
+    return int(digits) if head == "checkpoint" and digits.isdigit() else None
+
+
+def newer_good_checkpoint(rundir: RunDir, known: str | None) -> str | None:
+    """When a worker group restarts inside a run: the URI of the newest checkpoint in the run
+    directory that is newer than ``known`` (the one Ray Train hands back, or the driver's
+    choice) and verifies; None when there is none. Ray counts a checkpoint only once its
+    controller has registered every rank's report, which lags persisting: a worker killed in
+    between leaves a complete checkpoint that ``ray.train.get_checkpoint()`` does not return
+    (seen: a kill just after the first checkpoint restarted the run from step 0)."""
+    from orchestrator.train.checkpoints import list_checkpoints
+
+    after = checkpoint_step(known) if known else None
+    refs = [r for r in list_checkpoints(rundir) if after is None or r.step > after]
+    verdict = choose_resume_checkpoint(rundir, refs)
+    return join(rundir.uri, verdict.ref.name) if verdict.ref is not None else None
+
+
 def prepare_resume(rundir: RunDir) -> str | None:
     """Before a run starts: the URI of the checkpoint to resume from (None: start fresh). Bad
     newer checkpoints are set aside and recorded in events.jsonl; Ray's snapshot is dropped."""

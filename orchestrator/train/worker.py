@@ -107,14 +107,20 @@ class Worker:
 
     # -- checkpoints ----------------------------------------------------------------------------
     def restore(self) -> None:
-        """Continue from, in order: the checkpoint Ray Train registered in this invocation (a
-        worker group restarted after a failure), the run's newest verified checkpoint (chosen by
-        the driver), or another run's checkpoint (``init_checkpoint``, population-based
-        training). With none of them the run starts at step 0."""
+        """Continue from, in order: a verified checkpoint persisted after the one Ray Train
+        registered (a worker group restarted between persisting and registering), the checkpoint
+        Ray Train registered in this invocation (a worker group restarted after a failure), the
+        run's newest verified checkpoint (chosen by the driver), or another run's checkpoint
+        (``init_checkpoint``, population-based training). With none of them the run starts at
+        step 0."""
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
+        newer = self._newer_persisted(ckpt.path if ckpt is not None else self.resume_from)
+        if newer is not None:
+            self.state = read_checkpoint_uri(newer, self.cfg.data.s3, engine=self.train.engine, ema=self.train.ema)
+            self._record_resume(newer)
+        elif ckpt is not None:
             with ckpt.as_directory() as d:
                 self.state = read_checkpoint(d, engine=self.train.engine, ema=self.train.ema)
             self._record_resume(ckpt.path)
@@ -130,6 +136,20 @@ class Worker:
             if self.rundir is not None:
                 self.rundir.event({"event": "initialized", "checkpoint": self.init_checkpoint, "time": time.time(),
                                    **self.state.as_dict()})
+        elif self.metrics_log is not None:
+            self.metrics_log.rewind(0)  # a worker group restarted before any checkpoint redoes every step
+
+    def _newer_persisted(self, known: str | None) -> str | None:
+        """A checkpoint persisted after ``known`` that Ray Train has not registered (train/verify.py),
+        chosen by rank 0 and broadcast so that every rank loads the same one."""
+        import torch.distributed as dist
+
+        from orchestrator.train.verify import newer_good_checkpoint
+
+        choice = [newer_good_checkpoint(RunDir.for_config(self.cfg), known) if self.rank == 0 else None]
+        if self.world > 1:
+            dist.broadcast_object_list(choice, src=0)
+        return choice[0]
 
     def _record_resume(self, where: str) -> None:
         if self.rundir is None:
