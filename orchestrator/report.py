@@ -125,6 +125,8 @@ def render(metrics: list[dict[str, Any]], grid_png: bytes | None, *, title: str,
     axes["images_per_s"].set_title("throughput")
     line("lr", "lr", "learning rate", empty="no learning rate recorded")
     axes["lr"].set_title("learning rate")
+    if "lr" in filled:
+        axes["lr"].ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))  # 1e-4 as an offset, not 0.00010
     line("grad_norm", "grad_norm", "norm", log=True, empty="no gradient norm recorded")
     axes["grad_norm"].set_title("gradient norm (before clipping)")
 
@@ -164,7 +166,8 @@ def render(metrics: list[dict[str, Any]], grid_png: bytes | None, *, title: str,
             a.set_xlabel("step")
             a.grid(True, alpha=0.3)
     fig.suptitle(title, fontsize=13)
-    fig.tight_layout()
+    # Fixed margins instead of tight_layout, which measured every label and took half the drawing time.
+    fig.subplots_adjust(left=0.06, right=0.95, bottom=0.05, top=0.93, wspace=0.32, hspace=0.3)
     fig.canvas.draw()
     height = fig.bbox.height
     boxes = {}
