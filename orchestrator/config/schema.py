@@ -64,6 +64,8 @@ class DataConfig(_Strict):
     conditional: bool = True
     builtin_images_per_class: int = Field(300, ge=1)
     seed: int = 0
+    # Samples per window of the epoch's seeded shuffle (orchestrator/data/position.py): it mixes
+    # samples of neighbouring shards; 0 or 1 keeps each unit's samples in stored order.
     local_shuffle_buffer: int = Field(512, ge=0)
     prefetch_batches: int = Field(2, ge=0)
     # Keep decoded images in Ray's object store across epochs when they fit this budget.
