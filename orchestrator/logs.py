@@ -171,8 +171,9 @@ def ray_train_log_level(verbose: bool) -> str:
 @contextlib.contextmanager
 def library_prints(verbose: bool) -> Iterator[None]:
     """Hold back what a library ``print``s to stdout inside the block (DeepSpeed announces its
-    JIT-built ops that way), logging it at INFO instead; errors still raise. ``print`` itself is
-    swapped too: in a Ray Train worker it is Ray's patched print, which logs instead of writing."""
+    JIT-built ops that way), logging it at DEBUG instead (a Ray worker's root logger shows INFO);
+    errors still raise. ``print`` itself is swapped too: Ray Train's patched print (when enabled)
+    logs instead of writing."""
     if verbose:
         yield
         return
@@ -193,4 +194,4 @@ def library_prints(verbose: bool) -> Iterator[None]:
         builtins.print = current
         text = buf.getvalue().strip()
         if text:
-            logging.getLogger("raydiff.libraries").info("%s", text)
+            logging.getLogger("raydiff.libraries").debug("%s", text)

@@ -111,7 +111,7 @@ def test_configure_quiet_and_verbose(monkeypatch):
 
 
 def test_library_prints_are_held_back_unless_verbose(capsys, caplog):
-    with caplog.at_level(logging.INFO, logger="raydiff.libraries"):
+    with caplog.at_level(logging.DEBUG, logger="raydiff.libraries"):
         with logs.library_prints(False):
             print("DeepSpeed op built successfully")
     assert capsys.readouterr().out == ""
