@@ -34,6 +34,7 @@ SETUPS = {
     "bf16-zero0": ["precision.dtype=bf16", "precision.zero_stage=0"],
     "fp32-zero0": ["precision.dtype=fp32", "precision.zero_stage=0"],
     "fp32-zero1": ["precision.dtype=fp32", "precision.zero_stage=1"],
+    "bf16-zero3": ["precision.dtype=bf16", "precision.zero_stage=3"],
 }
 
 

@@ -12,8 +12,8 @@ Without ZeRO (stage 0, bf16 or fp32) DeepSpeed 0.19 saves no shards: the whole o
 
 Measured here (DeepSpeed 0.19.8, CPU, gloo; tests/test_elastic_resume.py): ZeRO-1 and ZeRO-2
 with bf16 and fp32, 2 -> 1 and 1 -> 2 workers, fp32 weights, exp_avg, exp_avg_sq and step
-bit-identical after the move. ZeRO-3 goes through the same converter (its stage-3 branch) but
-was not run here.
+bit-identical after the move. ZeRO-3 (the converter's stage-3 branch) was checked the same way
+once, bf16 2 -> 1 (``python tests/elastic_ranks.py ... bf16-zero3``), and is not in the test.
 
 The converted copy goes to a node-local temporary directory, written by each node's local rank 0
 (the conversion is deterministic; a node's ranks see the same path, other nodes make their own)
