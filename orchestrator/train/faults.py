@@ -4,7 +4,7 @@
   no cleanup, like a killed process) right after step N, once its checkpoint, if any, has been
   handed to Ray Train. Re-running the same command then resumes the run.
 * ``RAYDIFF_RECORD_SAMPLE_IDS=DIR``: every rank appends one JSON line per step,
-  ``{"epoch", "step", "position", "ids"}`` (the ids of the samples of its micro-batch: file, or
+  ``{"rank", "epoch", "step", "position", "ids"}`` (the ids of the samples of its micro-batch: file, or
   ``shard#j``), to ``DIR/rank{r}.jsonl`` on its node, to compare what runs trained on. Redone
   steps after a resume appear again; the last line of a (rank, step) is the one that counts.
 
@@ -41,6 +41,7 @@ def exit_if_due(step: int) -> None:
 class SampleRecorder:
     def __init__(self, rank: int):
         d = os.environ.get(RECORD_ENV)
+        self.rank = rank
         self.path = Path(d) / f"rank{rank}.jsonl" if d else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -52,4 +53,4 @@ class SampleRecorder:
         if self.path is None:
             return
         with open(self.path, "a") as f:
-            f.write(json.dumps(fields) + "\n")
+            f.write(json.dumps({"rank": self.rank, **fields}) + "\n")

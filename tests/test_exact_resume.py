@@ -1,0 +1,108 @@
+"""Issue 8, exact data position: a run interrupted mid-epoch (every worker process exits hard
+after a step, RAYDIFF_FAULT_EXIT_AT_STEP) and resumed by running it again trains on the same
+multiset of samples per epoch as an uninterrupted run, at sample granularity: an image folder on
+local disk with 2 workers (decoded cache) and WebDataset shards on the local S3 server with 1
+worker (streamed, each epoch read again). Samples are recorded by RAYDIFF_RECORD_SAMPLE_IDS.
+
+The uninterrupted run's multiset is known without running it: 40 samples and a global batch of
+8 make 5 full batches per epoch, so every sample exactly once (checked against the listing, not
+against this code's own order). Two Ray runs per case instead of three keep the file short."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from orchestrator.config import load_config
+from orchestrator.data.demo import write_demo_dataset
+from orchestrator.data.upload import upload
+from orchestrator.storage import RunDir
+from orchestrator.train.driver import run_training
+from orchestrator.train.faults import EXIT_ENV, RECORD_ENV
+
+pytestmark = pytest.mark.slow
+
+# 40 images, global batch 8: 5 steps per epoch, 2 epochs; checkpoints every 2 steps. The
+# interrupted run stops after step 7 (epoch 1): it resumes from step 6 (epoch 1, 8 samples in) or,
+# if that checkpoint had not been persisted yet, step 4 (epoch 0, 32 samples in): mid-epoch both.
+TINY = [
+    "data.builtin_images_per_class=4", "data.resolution=16", "data.local_shuffle_buffer=12",
+    "optim.batch_size=8", "optim.steps=10", "optim.warmup_steps=2", "checkpoint.every_steps=2",
+    "logging.every_steps=5", "logging.progress=false", "sampling.every_steps=1000", "sampling.num_steps=2",
+    "sampling.per_class=1", "sampling.max_rows=2", "run.evaluate=false", "run.max_failures=0",
+]
+
+
+def _records(record_dir: Path, skip: dict[int, int] | None = None) -> list[dict]:
+    """The recorded lines in file order per rank, without the first ``skip[rank]`` of each."""
+    out = []
+    for f in sorted(record_dir.glob("rank*.jsonl")):
+        lines = [json.loads(line) for line in f.read_text().splitlines()]
+        out += lines[(skip or {}).get(lines[0]["rank"], 0):] if lines else []
+    return out
+
+
+def _seen(records: list[dict]) -> dict[int, Counter[str]]:
+    """Per epoch, the multiset of sample ids trained on; a step redone after a resume counts once
+    (its last record, as metrics.jsonl keeps the last record of a step)."""
+    last = {(r["rank"], r["step"]): r for r in records}
+    out: dict[int, Counter[str]] = {}
+    for rec in last.values():
+        out.setdefault(rec["epoch"], Counter()).update(rec["ids"])
+    return out
+
+
+def _interrupted_run(common: list[str], tmp_path: Path, monkeypatch, all_ids: list[str]) -> None:
+    """Train until every worker exits after step 7, run the same command again (it resumes mid-
+    epoch), and check what was trained on: with 40 samples and a global batch of 8, an
+    uninterrupted run trains on every sample exactly once per epoch (5 full batches), so that is
+    the multiset each epoch must have. The redone steps must also train on the same samples as
+    before the interruption."""
+    record = tmp_path / "ids"
+    monkeypatch.setenv(RECORD_ENV, str(record))
+    monkeypatch.setenv(EXIT_ENV, "7")
+    cfg = load_config(None, [*common, "run.name=cut"])
+    with pytest.raises(Exception, match="(?i)worker|fail|died|exit"):
+        run_training(cfg)
+    before = _records(record)
+    assert max(r["step"] for r in before) == 7
+    monkeypatch.delenv(EXIT_ENV)
+    assert run_training(cfg).final_step == 10  # the same command again: resumes
+
+    resumed = [e for e in RunDir.for_config(cfg).events() if e["event"] == "resumed"]
+    assert len(resumed) == 1 and resumed[0]["step"] in (4, 6), resumed
+    assert resumed[0]["samples_in_epoch"] > 0  # mid-epoch
+    after = _records(record, skip=Counter(r["rank"] for r in before))
+    assert min(r["step"] for r in after) == resumed[0]["step"] + 1
+    redone = {(r["rank"], r["step"]): r["ids"] for r in after if r["step"] <= 7}
+    assert redone and redone == {(r["rank"], r["step"]): r["ids"] for r in before if (r["rank"], r["step"]) in redone}
+    seen = _seen(before + after)
+    assert sorted(seen) == [0, 1]
+    for epoch in (0, 1):
+        assert seen[epoch] == Counter(all_ids), f"epoch {epoch}: extra {seen[epoch] - Counter(all_ids)}, missing {Counter(all_ids) - seen[epoch]}"
+
+
+def test_image_folder_two_workers_cached(ray_local, tmp_path, monkeypatch):
+    monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    common = [f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=2", *TINY]
+    # The built-in set's files (the run writes the same set into its cache).
+    root = write_demo_dataset(tmp_path / "expected", images_per_class=4, resolution=16)
+    _interrupted_run(common, tmp_path, monkeypatch, sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")))
+
+
+def test_webdataset_on_s3_one_worker_streamed(ray_local, s3_server, tmp_path, monkeypatch):
+    bucket = s3_server.create_bucket("raydiff-exact")
+    demo = write_demo_dataset(tmp_path / "demo", images_per_class=4, resolution=16)
+    # Shards of 7 (the last one holds 5): batches and shuffle windows cross shard boundaries.
+    manifest = upload(str(demo), f"s3://{bucket}/shapes", shard_size=("samples", 7), s3cfg=s3_server.s3_config(),
+                      progress=False, out=open(os.devnull, "w"))
+    common = [f"run.storage={tmp_path / 'runs'}", f"data.source=s3://{bucket}/shapes",
+              f"data.s3.endpoint_url={s3_server.endpoint_url}", f"data.s3.region={s3_server.region}",
+              "data.cache_max_bytes=0", "scaling.num_workers=1", *TINY]
+    ids = [f"{s['name']}#{j}" for s in manifest["shards"] for j in range(s["num_samples"])]
+    assert len(ids) == 40
+    _interrupted_run(common, tmp_path, monkeypatch, ids)
