@@ -46,6 +46,7 @@ NOT_RUN = {
     "RAY_AUTH_MODE=token ray job submit": "needs a Ray cluster (HEAD); the entrypoint is checked with --dry-run",
     "raydiff submit": "needs a Ray cluster (HEAD:8265); tests/test_jobs_submit.py submits to a local head",
     "raydiff controller": "needs a Ray cluster or starts one; tests/test_controller*.py run it",
+    "raydiff bench quality": "trains several models side by side (about a minute with --quick, far longer without); tests/test_quality.py runs it",
 }
 # The block that runs end to end (slow test), by its first command.
 S3_BLOCK = "raydiff data serve-s3"
