@@ -207,3 +207,17 @@ def test_train_accepts_verbose_after_the_command(verbose):
     argv = ["train", "--verbose", "--dry-run"] if verbose else ["train", "--dry-run"]
     assert build_parser().parse_args(argv).verbose is verbose
     assert build_parser().parse_args(["-v", "train"]).verbose is True
+
+
+def test_bar_mode_draws_ray_tqdm_with_loss_and_rate(capsys):
+    """On a terminal: Ray's distributed tqdm (rendered in place by the driver; here, outside a
+    worker, by tqdm_ray itself), resumed steps counted, loss and images/s in its description."""
+    p = Progress("bar", name="t", total=5, start_step=1, every_s=30)
+    for s in range(2, 6):
+        p.step(s)
+    p.logged({"loss": 0.5, "images_per_s": 10.0})
+    p.checkpoint(5, "x", 0.1)  # no checkpoint line under a live bar
+    p.close()
+    err = capsys.readouterr().err
+    assert "train t loss 0.5000, 10 img/s" in err and "5.00/5.00" in err
+    assert "raydiff: checkpoint" not in err
