@@ -112,6 +112,9 @@ def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
         # Ray's own processes (Ray Data tasks, the split coordinator) get raydiff's filters too.
         runtime_env=None if verbose else {"worker_process_setup_hook": RAY_SETUP_HOOK},
     )
+    # Ray's LoggingConfig also sets this process's root logger to its level (ERROR): raydiff's own
+    # warnings (the plan, skipped checkpoints) keep theirs.
+    logging.getLogger("raydiff").setLevel(logging.INFO if verbose else logging.WARNING)
     if not verbose:
         from ray.data import DataContext
 
