@@ -11,8 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
-from orchestrator.logs import RAY_SETUP_HOOK, is_verbose, progress_mode, ray_train_log_level, worker_env
-from orchestrator.plan import Plan, local_logical_cpus, make_plan
+from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
+from orchestrator.plan import local_logical_cpus, make_plan
+from orchestrator.ray_session import init_ray
 from orchestrator.storage import RunDir
 
 log = logging.getLogger("raydiff")
@@ -86,42 +87,6 @@ class TrainOutcome:
     already_complete: bool = False
 
 
-def _init_ray(cfg: TrainConfig, plan: Plan) -> bool:
-    """Connect to (or start) Ray; returns True when this call started it (so we shut it down)."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if cfg.scaling.ray_address is not None:
-        ray.init(address=cfg.scaling.ray_address, log_to_driver=True)
-        return True
-    # Without the dashboard (CPU and memory a laptop run does not need) Ray Train's placement-group
-    # cleaner cannot reach the state API and warns every few seconds; worker logs below ERROR
-    # are therefore dropped unless --verbose. raydiff's own progress comes from rank 0 directly.
-    verbose = is_verbose()
-    # Preemption (spot capacity taken back) does not happen to a Ray started on this machine;
-    # Ray Train's watcher for it only logs a core_worker error about its constructor arguments.
-    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(
-        num_cpus=local_logical_cpus(plan),
-        include_dashboard=False,
-        log_to_driver=True,
-        configure_logging=True,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-        logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
-        # Ray's own processes (Ray Data tasks, the split coordinator) get raydiff's filters too.
-        runtime_env=None if verbose else {"worker_process_setup_hook": RAY_SETUP_HOOK},
-    )
-    # Ray's LoggingConfig also sets this process's root logger to its level (ERROR): raydiff's own
-    # warnings (the plan, skipped checkpoints) keep theirs.
-    logging.getLogger("raydiff").setLevel(logging.INFO if verbose else logging.WARNING)
-    if not verbose:
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
-    return True
-
-
 def _complete_outcome(cfg: TrainConfig) -> TrainOutcome | None:
     """The outcome of a run that is already complete (train/status.py), read without Ray."""
     from orchestrator.train.status import read_status
@@ -182,7 +147,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     started = False
     try:
         plan = make_plan(cfg)
-        started = _init_ray(cfg, plan)
+        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(plan))
         if cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None:
             plan = make_plan(cfg)  # now that we are connected, GPUs can be counted
         check_cluster_paths(given, plan)

@@ -22,6 +22,7 @@ import yaml
 from orchestrator.config import ConfigError, config_to_yaml
 from orchestrator.storage import RunDir, join
 from orchestrator.tune import space as S
+from orchestrator.ray_session import init_ray
 from orchestrator.tune.config import TuneJob
 
 log = logging.getLogger("raydiff.tune")
@@ -89,30 +90,6 @@ def _logical_cpus(job: TuneJob) -> int:
     return max(os.cpu_count() or 1, int(need + 0.999))
 
 
-def _init_ray(job: TuneJob) -> bool:
-    import ray
-
-    if ray.is_initialized():
-        return False
-    if job.scaling.ray_address is not None:
-        ray.init(address=job.scaling.ray_address, log_to_driver=True)
-        return True
-    verbose = logging.getLogger("raydiff").isEnabledFor(logging.INFO)
-    ray.init(
-        num_cpus=_logical_cpus(job),
-        include_dashboard=False,
-        log_to_driver=True,
-        logging_level=logging.INFO if verbose else logging.WARNING,
-        # Ray Train's placement-group cleaner warns without the dashboard (cleanup.py does its
-        # job); worker logs below ERROR are dropped unless --verbose.
-        logging_config=ray.LoggingConfig(log_level="INFO" if verbose else "ERROR"),
-    )
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = verbose
-    return True
-
-
 def _check_same_sweep(job: TuneJob, sweep: RunDir) -> None:
     """A sweep directory belongs to one job: resuming with another config would mix trials."""
     text = config_to_yaml(job)
@@ -152,7 +129,7 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     sweep = RunDir(sweep_uri, train_cfg.data.s3)
     _check_same_sweep(job, sweep)
     t = job.tune
-    started = _init_ray(job)
+    started = init_ray(job.scaling.ray_address, _logical_cpus(job))
     try:
         # Held here for the whole sweep: a named actor still dies with its last handle.
         registry = get_registry(train_cfg.run.name, create=True)
