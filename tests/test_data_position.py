@@ -108,3 +108,12 @@ def test_reader_webdataset_sample_granular(ray_local, tmp_path):
             got.update(names)
     expected = reader.sample_names(reader.order.epoch(0)[4:16])
     assert got == Counter(expected) and max(got.values()) == 1
+
+
+def test_train_state_position_is_global_and_reads_old_checkpoints():
+    from orchestrator.train.state import TrainState
+
+    # Written before samples_in_epoch existed: batches of the epoch x the global batch.
+    assert TrainState(**{"step": 9, "samples_seen": 72, "epoch": 1, "batch_in_epoch": 2}).epoch_position(8) == 16
+    assert TrainState(step=9, epoch=1, batch_in_epoch=2, samples_in_epoch=24).epoch_position(8) == 24
+    assert TrainState().epoch_position(8) == 0
