@@ -1,7 +1,7 @@
 """Issue 8, exact data position: a run interrupted mid-epoch (every worker process exits hard
 after a step, RAYDIFF_FAULT_EXIT_AT_STEP) and resumed by running it again trains on the same
 multiset of samples per epoch as an uninterrupted run, at sample granularity: an image folder on
-local disk with 2 workers (decoded cache) and WebDataset shards on the local S3 server with 1
+local disk with 2 workers (decoded cache; resumed on 1 worker) and WebDataset shards on the local S3 server with 1
 worker (streamed, each epoch read again). Samples are recorded by RAYDIFF_RECORD_SAMPLE_IDS.
 
 The uninterrupted run's multiset is known without running it: 40 samples and a global batch of
@@ -46,22 +46,32 @@ def _records(record_dir: Path, skip: dict[int, int] | None = None) -> list[dict]
     return out
 
 
-def _seen(records: list[dict]) -> dict[int, Counter[str]]:
-    """Per epoch, the multiset of sample ids trained on; a step redone after a resume counts once
-    (its last record, as metrics.jsonl keeps the last record of a step)."""
-    last = {(r["rank"], r["step"]): r for r in records}
-    out: dict[int, Counter[str]] = {}
-    for rec in last.values():
-        out.setdefault(rec["epoch"], Counter()).update(rec["ids"])
+def _by_step(records: list[dict]) -> dict[int, tuple[int, list[str]]]:
+    """step -> (epoch, sorted ids of all ranks' micro-batches)."""
+    out: dict[int, tuple[int, list[str]]] = {}
+    for r in records:
+        epoch, ids = out.get(r["step"], (r["epoch"], []))
+        out[r["step"]] = (epoch, sorted(ids + r["ids"]))
     return out
 
 
-def _interrupted_run(common: list[str], tmp_path: Path, monkeypatch, all_ids: list[str]) -> None:
+def _seen(before: list[dict], after: list[dict]) -> dict[int, Counter[str]]:
+    """Per epoch, the multiset of sample ids trained on; a step redone after the resume counts
+    once, as the resumed run trained it (as metrics.jsonl keeps the redone step's record)."""
+    steps = {**_by_step(before), **_by_step(after)}
+    out: dict[int, Counter[str]] = {}
+    for epoch, ids in steps.values():
+        out.setdefault(epoch, Counter()).update(ids)
+    return out
+
+
+def _interrupted_run(common: list[str], tmp_path: Path, monkeypatch, all_ids: list[str],
+                     resume_overrides: tuple[str, ...] = ()) -> None:
     """Train until every worker exits after step 7, run the same command again (it resumes mid-
     epoch), and check what was trained on: with 40 samples and a global batch of 8, an
     uninterrupted run trains on every sample exactly once per epoch (5 full batches), so that is
     the multiset each epoch must have. The redone steps must also train on the same samples as
-    before the interruption."""
+    before the interruption (whatever the world size of the resumed run)."""
     record = tmp_path / "ids"
     monkeypatch.setenv(RECORD_ENV, str(record))
     monkeypatch.setenv(EXIT_ENV, "7")
@@ -71,27 +81,30 @@ def _interrupted_run(common: list[str], tmp_path: Path, monkeypatch, all_ids: li
     before = _records(record)
     assert max(r["step"] for r in before) == 7
     monkeypatch.delenv(EXIT_ENV)
-    assert run_training(cfg).final_step == 10  # the same command again: resumes
+    # The same command again (possibly on another number of workers): resumes.
+    assert run_training(load_config(None, [*common, "run.name=cut", *resume_overrides])).final_step == 10
 
     resumed = [e for e in RunDir.for_config(cfg).events() if e["event"] == "resumed"]
     assert len(resumed) == 1 and resumed[0]["step"] in (4, 6), resumed
     assert resumed[0]["samples_in_epoch"] > 0  # mid-epoch
     after = _records(record, skip=Counter(r["rank"] for r in before))
     assert min(r["step"] for r in after) == resumed[0]["step"] + 1
-    redone = {(r["rank"], r["step"]): r["ids"] for r in after if r["step"] <= 7}
-    assert redone and redone == {(r["rank"], r["step"]): r["ids"] for r in before if (r["rank"], r["step"]) in redone}
-    seen = _seen(before + after)
+    redone = {step: v for step, v in _by_step(after).items() if step <= 7}
+    assert redone and redone == {step: v for step, v in _by_step(before).items() if step in redone}
+    seen = _seen(before, after)
     assert sorted(seen) == [0, 1]
     for epoch in (0, 1):
         assert seen[epoch] == Counter(all_ids), f"epoch {epoch}: extra {seen[epoch] - Counter(all_ids)}, missing {Counter(all_ids) - seen[epoch]}"
 
 
-def test_image_folder_two_workers_cached(ray_local, tmp_path, monkeypatch):
+def test_image_folder_two_workers_cached_resumed_on_one(ray_local, tmp_path, monkeypatch):
+    """Also the elastic case: the 2-worker run resumes on 1 worker, which takes both slices."""
     monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
     common = [f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=2", *TINY]
     # The built-in set's files (the run writes the same set into its cache).
     root = write_demo_dataset(tmp_path / "expected", images_per_class=4, resolution=16)
-    _interrupted_run(common, tmp_path, monkeypatch, sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")))
+    _interrupted_run(common, tmp_path, monkeypatch, sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")),
+                     resume_overrides=("scaling.num_workers=1",))
 
 
 def test_webdataset_on_s3_one_worker_streamed(ray_local, s3_server, tmp_path, monkeypatch):
