@@ -11,6 +11,7 @@ from PIL import Image
 from orchestrator.train.checkpoints import list_checkpoints, load_ema_model
 from orchestrator.config import load_config
 from orchestrator.train.driver import run_training
+from orchestrator.train.startup import PHASES, startup_breakdown
 from orchestrator.storage import RunDir
 from tests.tb_events import read_dir, visible
 
@@ -74,6 +75,8 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     # Each invocation records its start and first step; every checkpoint its training stall.
     assert [e["event"] for e in events].count("started") == 2
     assert [e["step"] for e in events if e["event"] == "first_step"] == [1, 7]
+    # ... and the phases of its start-up, in order (train/startup.py).
+    assert [p for p, _ in startup_breakdown(events)] == list(PHASES)
     assert [e["step"] for e in events if e["event"] == "checkpoint"] == [3, 6, 9]
     assert m2[-1]["samples_seen"] == 9 * 8
     assert [s for s, _ in visible(read_dir(tmp_path / "e2e" / "tensorboard"))["train/loss"]] == list(range(1, 10))

@@ -14,6 +14,7 @@ from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
+from orchestrator.train.startup import phase_event
 from orchestrator.storage import RunDir
 
 log = logging.getLogger("raydiff")
@@ -153,6 +154,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         check_cluster_paths(given, plan)
         rundir = RunDir.for_config(cfg)
         rundir.event({"event": "started", "time": t_start})
+        rundir.event(phase_event("ray"))
         rundir.write_text("config.yaml", config_to_yaml(cfg))
         rundir.write_text("plan.json", json.dumps(plan.as_dict(), indent=2))
         log.warning("raydiff plan:\n%s", plan.describe(cfg, rundir.uri))
@@ -205,6 +207,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 logging_config=TrainLoggingConfig(log_level=ray_train_log_level(is_verbose())),
             ),
         )
+        rundir.event(phase_event("data"))
         trainer.fit()
         # From storage, not Result.metrics: a run that was already complete reports nothing new.
         from orchestrator.train.checkpoints import latest_checkpoint, list_checkpoints

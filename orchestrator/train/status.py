@@ -19,6 +19,7 @@ from typing import Any
 from orchestrator.config import TrainConfig
 from orchestrator.storage import RunDir, join
 from orchestrator.train.checkpoints import MODEL_FILE, CheckpointRef, list_checkpoints
+from orchestrator.train.startup import startup_line
 
 FINISHED_EVENT = "finished"
 
@@ -83,6 +84,9 @@ def summary_lines(run_uri: str, final_step: int, checkpoint_uri: str | None, eva
     grids = sorted(n for n in RunDir(run_uri, s3).listdir("samples") if n.startswith("step_"))
     if grids:
         lines.append(f"sample grids: {join(run_uri, 'samples')}/ (latest {grids[-1]})")
+    startup = startup_line(RunDir(run_uri, s3).events())
+    if startup:
+        lines.append(startup)
     if bad_samples:
         from orchestrator.data import dropped
 

@@ -32,6 +32,7 @@ from orchestrator.train.persist import PersistCheckpoint, staging_dir
 from orchestrator.train.divergence import DivergenceError, DivergenceGuard
 from orchestrator.train.faults import exit_if_due
 from orchestrator.train.metrics import MetricsWindow
+from orchestrator.train.startup import phase_event
 from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
 
@@ -331,6 +332,8 @@ class Worker:
         cfg = self.cfg
         self.restore()
         if self.rundir is not None:
+            self.rundir.event(phase_event("restore"))
+        if self.rundir is not None:
             from orchestrator.config import config_to_dict
             from orchestrator.tracking import build_tracker
             from orchestrator.tracking.mfu import MfuMeter
@@ -390,9 +393,13 @@ def train_worker(args: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker=train_worker, ...)``)."""
     from orchestrator.logs import configure_worker, library_prints
 
+    t_entry = time.time()  # the worker group is up: Ray Train runs this on every rank
     wa = WorkerArgs(**args)
     configure_worker(wa.verbose)
     with library_prints(wa.verbose):  # DeepSpeed print()s its JIT-built ops while the engine starts
         worker = Worker(validate_config(wa.config), Plan(**wa.plan), wa.num_classes, wa.bad_counter, wa.val_images,
                         wa.init_checkpoint, wa.resume_from, wa.class_names, wa.progress, wa.reader)
+    if worker.rundir is not None:
+        worker.rundir.event(phase_event("workers", t_entry))
+        worker.rundir.event(phase_event("engine"))
     worker.fit()
