@@ -91,7 +91,7 @@ LOWER_BETTER = {"kid", "fid", "val_loss"}
 
 FULL = Setting()
 QUICK = Setting(resolution=16, images_per_class=24, steps=24, batch=16, warmup_steps=4, eval_every=12,
-                eval_per_class=3, val_per_class=2, curve_sampler=SamplerSpec("ddim-10", num_steps=10))
+                eval_per_class=1, val_per_class=2, curve_sampler=SamplerSpec("ddim-10", num_steps=10))
 
 
 def sampler_sweep() -> list[tuple[str, SamplerSpec]]:
