@@ -133,10 +133,28 @@ class _Trial:
         # Only results that carry the metric go to Tune (schedulers and searchers need it in
         # every result); checkpoint-only reports just move the pointer.
         if m.get(self.spec.metric) is not None:
-            self.last = {k: m[k] for k in ("step", "samples_seen", "epoch", "loss", "val_loss") if k in m}
+            self.last = _result_fields(m)
             if self.last["step"] < self.steps:
                 # The last step's result is reported once, after the run, as the final one.
                 self.report(self.last)
+
+
+def _result_fields(m: dict[str, Any]) -> dict[str, Any]:
+    return {k: m[k] for k in ("step", "samples_seen", "epoch", "loss", "val_loss") if k in m}
+
+
+def _last_result_in_storage(trial: _Trial, s3: Any) -> dict[str, Any]:
+    """The run's newest metrics record that carries the sweep's metric, read from its storage.
+
+    For a trial that Tune restarts onto a run that has already trained to the end (e.g. restored
+    after its final result was lost): this invocation trains nothing and reports nothing, yet
+    the trial's final result must still carry the metric and the final step."""
+    from orchestrator.storage import RunDir
+
+    for rec in reversed(RunDir(trial.run_uri, s3).metrics()):
+        if rec.get(trial.spec.metric) is not None:
+            return _result_fields(rec)
+    return {}
 
 
 def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
@@ -185,7 +203,7 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     if "error" in outcome:
         raise outcome["error"]
     out = outcome["run"]
-    final = dict(trial.last)
+    final = dict(trial.last) or _last_result_in_storage(trial, cfg.data.s3)
     final["step"] = out.final_step
     if out.checkpoint_path:
         trial.checkpoint = (out.checkpoint_path, out.final_step)
