@@ -17,9 +17,8 @@ fraction of samples recognised from their grey-level structure, and means less.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from orchestrator.eval.judge import SmallClassifier, accuracy
+from orchestrator.eval.judge import SmallClassifier, train_classifier
 
 # Training noise of random strength up to this (in units of the normalised image): samples
 # are judged with a little residual noise, not rejected for it; more would teach the judge
@@ -57,29 +56,13 @@ class ShapeJudge:
     def train(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, epochs: int = 6,
               seed: int = 0) -> "ShapeJudge":
         """Train on real ``images`` (a held-out 10% gives ``val_accuracy``, judged like samples)."""
-        g = torch.Generator().manual_seed(seed)
-        perm = torch.randperm(len(images), generator=g)
-        n_val = max(1, len(images) // 10)
-        val, tr = perm[:n_val], perm[n_val:]
-        torch.manual_seed(seed)
-        clf = SmallClassifier(1, num_classes)
-        opt = torch.optim.Adam(clf.parameters(), lr=2e-3)
         conc = torch.full((images.shape[1],), MIX_CONCENTRATION)
-        for _ in range(epochs):
-            order = tr[torch.randperm(len(tr), generator=g)]
-            for i in range(0, len(order), 128):
-                idx = order[i : i + 128]
-                w = torch.distributions.Dirichlet(conc).sample((len(idx),)) if images.shape[1] > 1 else None
-                x = shape_view(images[idx], w)
-                flip = torch.rand(len(idx), generator=g) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x)
-                sigma = torch.rand(len(idx), generator=g)[:, None, None, None] * NOISE_AUG_MAX
-                x = x + sigma * torch.randn(x.shape, generator=g)
-                loss = F.cross_entropy(clf(x), labels[idx])
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-        val_acc = accuracy(clf, shape_view(images[val]), labels[val])
+
+        def random_mix(x: torch.Tensor) -> torch.Tensor:  # a new colour-to-grey mix per image
+            return shape_view(x, torch.distributions.Dirichlet(conc).sample((len(x),)) if x.shape[1] > 1 else None)
+
+        clf, val_acc = train_classifier(images, labels, num_classes, epochs=epochs, seed=seed, train_view=random_mix,
+                                        val_view=shape_view, noise_max=NOISE_AUG_MAX)
         return cls(clf, val_acc)
 
     @torch.no_grad()
