@@ -174,3 +174,14 @@ def prepare_resume(rundir: RunDir) -> str | None:
         rundir.event({"event": "checkpoint_skipped", "checkpoint": name, "problem": problem, "moved_to": moved})
     forget_ray_snapshot(rundir)
     return join(rundir.uri, verdict.ref.name) if verdict.ref is not None else None
+
+
+def agreed_newer_checkpoint(rundir: RunDir, known: str | None, *, rank: int, world: int) -> str | None:
+    """:func:`newer_good_checkpoint` chosen by rank 0 and broadcast (inside a worker group), so
+    that every rank loads the same checkpoint even if another one lands meanwhile."""
+    import torch.distributed as dist
+
+    choice = [newer_good_checkpoint(rundir, known) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(choice, src=0)
+    return choice[0]

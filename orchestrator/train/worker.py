@@ -116,8 +116,11 @@ class Worker:
         step 0."""
         import ray.train
 
+        from orchestrator.train.verify import agreed_newer_checkpoint
+
         ckpt = ray.train.get_checkpoint()
-        newer = self._newer_persisted(ckpt.path if ckpt is not None else self.resume_from)
+        newer = agreed_newer_checkpoint(RunDir.for_config(self.cfg), ckpt.path if ckpt is not None else self.resume_from,
+                                        rank=self.rank, world=self.world)
         if newer is not None:
             self.state = read_checkpoint_uri(newer, self.cfg.data.s3, engine=self.train.engine, ema=self.train.ema)
             self._record_resume(newer)
@@ -139,18 +142,6 @@ class Worker:
                                    **self.state.as_dict()})
         elif self.metrics_log is not None:
             self.metrics_log.rewind(0)  # a worker group restarted before any checkpoint redoes every step
-
-    def _newer_persisted(self, known: str | None) -> str | None:
-        """A checkpoint persisted after ``known`` that Ray Train has not registered (train/verify.py),
-        chosen by rank 0 and broadcast so that every rank loads the same one."""
-        import torch.distributed as dist
-
-        from orchestrator.train.verify import newer_good_checkpoint
-
-        choice = [newer_good_checkpoint(RunDir.for_config(self.cfg), known) if self.rank == 0 else None]
-        if self.world > 1:
-            dist.broadcast_object_list(choice, src=0)
-        return choice[0]
 
     def _record_resume(self, where: str) -> None:
         if self.rundir is None:
