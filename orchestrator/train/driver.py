@@ -14,6 +14,7 @@ from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
+from orchestrator.train.faults import forwarded_env
 from orchestrator.train.startup import phase_event
 from orchestrator.storage import RunDir
 
@@ -96,13 +97,6 @@ def _complete_outcome(cfg: TrainConfig) -> TrainOutcome | None:
     if not st.complete:
         return None
     return TrainOutcome(st.uri, st.latest.step, st.checkpoint_uri(), st.eval, st.bad_samples, already_complete=True)
-
-
-def _fault_injection_env() -> dict[str, str]:
-    """Fault-injection and recording switches of the test suite (train/faults.py), passed to the workers."""
-    from orchestrator.train.faults import forwarded_env
-
-    return forwarded_env()
 
 
 def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_checkpoint: str | None = None,
@@ -202,7 +196,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
                 # (and warn about it).
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu",
-                                                 **worker_env(is_verbose()), **_fault_injection_env()}},
+                                                 **worker_env(is_verbose()), **forwarded_env()}},
                 callbacks=list(callbacks) or None,
                 logging_config=TrainLoggingConfig(log_level=ray_train_log_level(is_verbose())),
             ),

@@ -324,7 +324,6 @@ class Worker:
         self.restore()
         if self.rundir is not None:
             self.rundir.event(phase_event("restore"))
-        if self.rundir is not None:
             from orchestrator.config import config_to_dict
             from orchestrator.tracking import build_tracker
             from orchestrator.tracking.mfu import MfuMeter
