@@ -10,7 +10,7 @@ from torch import nn
 
 from .networks import Denoiser
 
-ModelName = Literal["unet-tiny", "unet-small", "unet-cifar", "dit-s2", "dit-b2", "dit-l2", "dit-xl2"]
+ModelName = Literal["unet-tiny", "unet-demo", "unet-small", "unet-cifar", "dit-s2", "dit-b2", "dit-l2", "dit-xl2"]
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 # U-Net configs. unet-cifar is the DDPM CIFAR-10 network (Ho et al. 2020, App. B: 4
@@ -27,6 +27,19 @@ _UNETS: dict[str, dict] = {
         up_block_types=("AttnUpBlock2D", "UpBlock2D"),
         norm_num_groups=8,
         attention_head_dim=16,
+    ),
+    "unet-demo": dict(
+        # ~1.8M params, the CPU demo's network (orchestrator/data/demo.py shapes, 32x32).
+        # Three resolutions (32, 16, 8) with self-attention only at 8x8: attention over the
+        # 256 tokens of 16x16 dominated unet-tiny's step, so this network has 4x the
+        # parameters and a receptive field covering the whole image, yet trains 1.3x faster
+        # per image on one CPU core in bf16 (BENCHMARKS.md, "Built-in demo").
+        block_out_channels=(32, 64, 96),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "AttnDownBlock2D"),
+        up_block_types=("AttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=32,
     ),
     "unet-small": dict(
         block_out_channels=(64, 128, 128),

@@ -16,7 +16,7 @@ from orchestrator.train.state import TrainState
 
 
 def tiny_config(*overrides: str) -> TrainConfig:
-    return load_config(None, ["data.resolution=16", "sampling.num_steps=4", "sampling.per_class=2", *overrides])
+    return load_config(None, ["model.name=unet-tiny", "data.resolution=16", "sampling.num_steps=4", "sampling.per_class=2", *overrides])
 
 
 @torch.no_grad()

@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 # interrupted run stops after step 7 (epoch 1): it resumes from step 6 (epoch 1, 8 samples in) or,
 # if that checkpoint had not been persisted yet, step 4 (epoch 0, 32 samples in): mid-epoch both.
 TINY = [
-    "data.builtin_images_per_class=4", "data.resolution=16", "data.local_shuffle_buffer=12",
+    "model.name=unet-tiny", "data.builtin_images_per_class=4", "data.resolution=16", "data.local_shuffle_buffer=12",
     "optim.batch_size=8", "optim.steps=10", "optim.warmup_steps=2", "checkpoint.every_steps=2",
     "logging.every_steps=5", "logging.progress=false", "sampling.every_steps=1000", "sampling.num_steps=2",
     "sampling.per_class=1", "sampling.max_rows=2", "run.evaluate=false", "run.max_failures=0",

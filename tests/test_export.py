@@ -79,13 +79,14 @@ def test_export_loads_in_diffusers_and_reproduces_raydiff_sample(name, tmp_path)
 
     meta = json.loads((out / "raydiff.json").read_text())
     assert meta["class_names"] == list(DEMO_CLASS_NAMES) and meta["null_class"] == 10
-    assert meta["backbone"] == case["sub"] and meta["step"] == 7 and meta["prediction"] == "eps"
+    assert meta["backbone"] == case["sub"] and meta["step"] == 7 and meta["prediction"] == cfg.diffusion.prediction
     card = (out / "README.md").read_text()
     assert "07-white-x" in card and f"name: {name}" in card and "| 10 |" not in card
 
     # 2) A diffusers-only sampling loop reproduces `raydiff sample` with the same seed and settings.
     scheduler = DDIMScheduler.from_pretrained(out / "scheduler")
-    assert scheduler.config.timestep_spacing == "trailing" and scheduler.config.prediction_type == "epsilon"
+    assert scheduler.config.timestep_spacing == "trailing"
+    assert scheduler.config.prediction_type == {"eps": "epsilon", "v": "v_prediction"}[cfg.diffusion.prediction]
     gen_labels = torch.tensor(LABELS).repeat_interleave(PER_CLASS)
     expected = _diffusers_only_sampling(backbone, case["sub"], scheduler, gen_labels, meta["null_class"],
                                         shape=(len(gen_labels), 3, 16, 16), seed=case["seed"], eta=case["eta"],

@@ -173,7 +173,7 @@ from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
 
 out = Path(sys.argv[1])
-cfg = load_config(None, ["data.resolution=16", "sampling.num_steps=2", "sampling.per_class=1", "sampling.max_rows=2",
+cfg = load_config(None, ["model.name=unet-tiny", "data.resolution=16", "sampling.num_steps=2", "sampling.per_class=1", "sampling.max_rows=2",
                          "precision.zero_stage=2", "precision.dtype=fp32", "scaling.num_workers=1",
                          "scaling.device=cpu", "optim.batch_size=4"])
 init_single_process_group(torch.device("cpu"))

@@ -18,6 +18,7 @@ from tests.tb_events import read_dir, visible
 pytestmark = pytest.mark.slow
 
 TINY = [
+    "model.name=unet-tiny",
     "data.builtin_images_per_class=6",
     "optim.batch_size=8",
     "optim.warmup_steps=2",

@@ -24,7 +24,7 @@ def _train(cfg, plan, batches, steps=3):
 
 def test_own_foreach_clipping_matches_deepspeed_clipping(monkeypatch):
     init_single_process_group(torch.device("cpu"))
-    cfg = load_config(None, ["scaling.device=cpu", "scaling.num_workers=1", "optim.batch_size=4",
+    cfg = load_config(None, ["model.name=unet-tiny", "scaling.device=cpu", "scaling.num_workers=1", "optim.batch_size=4",
                              "precision.dtype=fp32", "precision.zero_stage=0", "optim.grad_clip=0.05",
                              "optim.warmup_steps=0"])
     plan = make_plan(cfg)

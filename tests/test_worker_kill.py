@@ -37,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS, EVERY = 24, 4
 ARGS = ["run.name=kill", "scaling.num_workers=2", "optim.batch_size=8", f"checkpoint.every_steps={EVERY}",
         "checkpoint.keep=3", "run.max_failures=2", "run.evaluate=false", "sampling.every_steps=1000",
-        "sampling.num_steps=2", "sampling.per_class=1", "sampling.max_rows=2", "data.resolution=16",
+        "sampling.num_steps=2", "sampling.per_class=1", "sampling.max_rows=2", "data.resolution=16", "model.name=unet-tiny",
         "data.builtin_images_per_class=6", "optim.warmup_steps=2", "logging.every_steps=1"]
 
 

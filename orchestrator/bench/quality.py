@@ -8,9 +8,12 @@ from the base (linear schedule, eps prediction, uniform weighting, label dropout
 
 - weighting: uniform (base) vs ``min_snr`` (γ = 5) vs ``p2`` (γ = 1, k = 1);
 - schedule: linear (base) vs cosine;
-- prediction: eps (base) vs v;
+- prediction: eps (base) vs v; and v with the cosine schedule together (``v-cosine``), also
+  with min-SNR weighting (``v-cosine-min-snr``, the demo's defaults);
 - label dropout 0.1 (base) vs 0, each sampled with guidance 1, 2 and 4;
-- sampler, on the base models: DDIM at 10/20/50/100 steps vs ancestral DDPM at 1000.
+- sampler, on the base (eps) and the v models: DDIM at 10/20/50/100 steps with η = 1 (raydiff's
+  default) and at 20/100 steps with η = 0, vs ancestral DDPM at 1000 (base); the defaults' arm
+  at 10/20/50/100 steps vs DDPM at 1000, and with guidance 2.
 
 Output: a table on stdout (mean ± std over seeds; a difference to the base arm smaller than
 twice its standard error is marked "~" = within noise), every measurement as CSV, and a PNG of
@@ -33,6 +36,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from model.registry import MODEL_NAMES
+
 
 @dataclass(frozen=True)
 class Arm:
@@ -52,6 +57,8 @@ class SamplerSpec:
     name: str
     sampler: str = "ddim"
     num_steps: int = 20
+    # DDIM eta; 1 is raydiff's default (sampling.eta; BENCHMARKS.md "DDIM eta").
+    eta: float = 1.0
     guidance_scale: float = 1.0
     spacing: str = "trailing"
     clip_sample: bool = True
@@ -60,7 +67,7 @@ class SamplerSpec:
 
 @dataclass(frozen=True)
 class Setting:
-    model: str = "unet-tiny"
+    model: str = "unet-demo"
     resolution: int = 32
     images_per_class: int = 300
     steps: int = 600
@@ -74,6 +81,9 @@ class Setting:
     val_per_class: int = 10
     curve_sampler: SamplerSpec = SamplerSpec("ddim-20")
     seeds: tuple[int, ...] = (0,)
+    # Train under bf16 autocast (the demo trains in bf16 too); None: where the CPU has native
+    # bf16 (orchestrator/plan.py), 1.5x faster there, and emulated (slower) elsewhere.
+    bf16: bool | None = None
 
 
 BASE = Arm("base")
@@ -83,22 +93,35 @@ ARMS: tuple[Arm, ...] = (
     Arm("p2", weighting="p2"),
     Arm("cosine", schedule="cosine"),
     Arm("v-pred", prediction="v"),
+    Arm("v-cosine", prediction="v", schedule="cosine"),
+    Arm("v-cosine-min-snr", prediction="v", schedule="cosine", weighting="min_snr"),
     Arm("dropout-0", label_dropout=0.0),
 )
 METRICS = ("kid", "fid", "class_acc", "shape_acc", "val_loss")
 # Lower is better for these (the plot says which way is better).
 LOWER_BETTER = {"kid", "fid", "val_loss"}
 
-FULL = Setting()
-QUICK = Setting(resolution=16, images_per_class=24, steps=24, batch=16, warmup_steps=4, eval_every=12,
+# About an hour on 2 CPU cores (bf16): 400 steps of batch 64 per arm, scored every 100 steps.
+FULL = Setting(steps=400, eval_every=100, eval_per_class=10)
+QUICK = Setting(model="unet-tiny", resolution=16, images_per_class=24, steps=24, batch=16, warmup_steps=4, eval_every=12,
                 eval_per_class=1, val_per_class=2, curve_sampler=SamplerSpec("ddim-10", num_steps=10))
+
+
+DDIM_STEPS = (10, 20, 50, 100)
+DEFAULTS_ARM = "v-cosine-min-snr"
 
 
 def sampler_sweep() -> list[tuple[str, SamplerSpec]]:
     """(arm name, sampler) pairs scored on the final models."""
-    steps = (10, 20, 50, 100)
-    out = [("base", SamplerSpec(f"ddim-{n}", num_steps=n)) for n in steps]
-    out.append(("base", SamplerSpec("ddpm-1000", sampler="ddpm", num_steps=1000)))
+    out: list[tuple[str, SamplerSpec]] = []
+    for arm in ("base", "v-pred"):
+        out += [(arm, SamplerSpec(f"ddim-{n}", num_steps=n)) for n in DDIM_STEPS]
+        out += [(arm, SamplerSpec(f"ddim-{n}-eta0", num_steps=n, eta=0.0)) for n in (20, 100)]
+    ddpm = SamplerSpec("ddpm-1000", sampler="ddpm", num_steps=1000)
+    out.append(("base", ddpm))
+    # raydiff's defaults (v, cosine, min-SNR): the steps curve against DDPM-1000, and the grid's guidance.
+    out += [(DEFAULTS_ARM, SamplerSpec(f"ddim-{n}", num_steps=n)) for n in DDIM_STEPS]
+    out += [(DEFAULTS_ARM, ddpm), (DEFAULTS_ARM, SamplerSpec("ddim-20-g2", num_steps=20, guidance_scale=2.0))]
     for arm in ("base", "dropout-0"):
         for g in (2.0, 4.0):
             out.append((arm, SamplerSpec(f"ddim-20-g{g:g}", num_steps=20, guidance_scale=g)))
@@ -143,7 +166,7 @@ def run_bench(s: Setting, arms: tuple[Arm, ...], sweep: list[tuple[str, SamplerS
                 continue
             tr = models[arm_name]
             t0 = time.perf_counter()
-            samples, labels = draw_samples(tr.model, tr.arm, spec, s.eval_per_class, seed=1000 + seed)
+            samples, labels = draw_samples(tr.model, tr.arm, spec, s.eval_per_class, seed=1000 + seed, bf16=tr.bf16)
             secs = time.perf_counter() - t0
             row = {"kind": "sampler", "arm": arm_name, "sampler": spec.name, "seed": seed, "step": s.steps,
                    **scorer.score_samples(samples, labels), "sample_s": round(secs, 1)}
@@ -169,7 +192,7 @@ def summary_table(rows: list[dict], steps: int) -> str:
         return out
 
     lines = []
-    head = f"{'arm':<10} {'sampler':<14} " + " ".join(f"{m:>20}" for m in METRICS)
+    head = f"{'arm':<17} {'sampler':<14} " + " ".join(f"{m:>20}" for m in METRICS)
     for kind, title in (("curve", "training arms (final step; ~ = within noise of base)"),
                         ("sampler", "sampling (~ = within noise of the reference row: ddpm-1000 / ddim-20)")):
         g = group(kind)
@@ -182,7 +205,7 @@ def summary_table(rows: list[dict], steps: int) -> str:
             elif sampler.startswith("ddim-20-g"):
                 ref = [r for r in rows if r["kind"] == "curve" and r["arm"] == arm and r["step"] == steps]
             else:
-                ref = g.get(("base", "ddpm-1000"), [])
+                ref = g.get((arm, "ddpm-1000"), g.get(("base", "ddpm-1000"), []))
             cells = []
             for m in METRICS:
                 vals = [r[m] for r in rs if m in r]
@@ -191,7 +214,7 @@ def summary_table(rows: list[dict], steps: int) -> str:
                     continue
                 mark = within_noise(vals, [r[m] for r in ref if m in r]) if ref and rs is not ref else ""
                 cells.append(f"{_fmt(vals) + (' ' + mark if mark else ''):>20}")
-            lines.append(f"{arm:<10} {sampler:<14} " + " ".join(cells))
+            lines.append(f"{arm:<17} {sampler:<14} " + " ".join(cells))
         lines.append("")
     return "\n".join(lines)
 
@@ -215,7 +238,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     curves = [r for r in rows if r["kind"] == "curve"]
-    for ax, metric in zip(axes[:2], ("kid", "shape_acc")):
+    for ax, metric in zip(axes[:2], ("fid", "shape_acc")):
         for arm in dict.fromkeys(r["arm"] for r in curves):
             steps = sorted({r["step"] for r in curves if r["arm"] == arm})
             stats = [mean_std([r[metric] for r in curves if r["arm"] == arm and r["step"] == st]) for st in steps]
@@ -225,19 +248,28 @@ def plot(rows: list[dict], path: Path) -> None:
             ax.fill_between(steps, m - sd, m + sd, alpha=0.15)
         ax.set_xlabel("training step")
         ax.set_ylabel(metric + (" (lower is better)" if metric in LOWER_BETTER else " (higher is better)"))
-        ax.set_yscale("log" if metric == "kid" else "linear")
+        ax.set_yscale("log" if metric == "fid" else "linear")
         ax.legend(fontsize=8)
+    # The sampling trade-off: FID against DDIM steps per arm and eta; DDPM-1000 as a line.
     ax = axes[2]
-    sampl = [r for r in rows if r["kind"] == "sampler" and r["arm"] == "base" and "-g" not in r["sampler"]]
-    names = list(dict.fromkeys(r["sampler"] for r in sampl))
-    for metric, color in (("kid", "C0"), ("shape_acc", "C1")):
-        stats = [mean_std([r[metric] for r in sampl if r["sampler"] == n]) for n in names]
-        axm = ax if metric == "kid" else ax.twinx()
-        axm.errorbar(range(len(names)), [a for a, _ in stats], yerr=np.nan_to_num([b for _, b in stats]),
-                     marker="o", color=color, label=metric, capsize=3)
-        axm.set_ylabel(metric, color=color)
-    ax.set_xticks(range(len(names)), names)
-    ax.set_title("sampler (base arm)")
+    sampl = [r for r in rows if r["kind"] == "sampler"]
+    for arm in dict.fromkeys(r["arm"] for r in sampl):
+        for suffix, style in (("", "-"), ("-eta0", "--")):
+            pts = [(n, [r["fid"] for r in sampl if r["arm"] == arm and r["sampler"] == f"ddim-{n}{suffix}"])
+                   for n in DDIM_STEPS]
+            pts = [(n, mean_std(v)) for n, v in pts if v]
+            if pts:
+                ax.errorbar([n for n, _ in pts], [m for _, (m, _) in pts], yerr=np.nan_to_num([sd for _, (_, sd) in pts]),
+                            marker="o", linestyle=style, capsize=3, label=f"{arm} DDIM η={'0' if suffix else '1'}")
+        ddpm = [r["fid"] for r in sampl if r["arm"] == arm and r["sampler"] == "ddpm-1000"]
+        if ddpm:
+            ax.axhline(mean_std(ddpm)[0], color="k", linestyle=":", label=f"{arm} DDPM 1000")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("DDIM steps")
+    ax.set_ylabel("FID, ref-CNN features (lower is better)")
+    ax.set_title("sampling at the final step")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -257,6 +289,8 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
         print(f"raydiff: --arms {args.arms}: unknown {sorted(unknown)}; choose from {[a.name for a in ARMS]}",
               file=sys.stderr)
         return 2
+    if args.model:
+        s = replace(s, model=args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -281,6 +315,8 @@ def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=0, help="number of seeds (default: 1)")
     p.add_argument("--steps", type=int, default=0, help="training steps per arm (default 600; quick 24)")
     p.add_argument("--eval-every", type=int, default=0, help="score every N steps (default 200; quick 12)")
+    p.add_argument("--model", default="", choices=("",) + MODEL_NAMES, metavar="MODEL",
+                   help="registry network for every arm (default unet-demo; quick unet-tiny)")
     p.add_argument("--arms", default="", help="comma-separated subset of " + ",".join(a.name for a in ARMS))
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default="bench-quality", help="folder for quality.csv, quality.txt and quality.png")

@@ -32,6 +32,7 @@ from orchestrator.data.demo import DEMO_CLASSES, render_demo_image
 from orchestrator.eval.features import CNNFeatures
 from orchestrator.eval.fid import fid_from_features, kernel_inception_distance
 from orchestrator.eval.shape_judge import ShapeJudge
+from orchestrator.plan import cpu_has_bf16
 from orchestrator.train.validation import Validator
 
 NUM_CLASSES = len(DEMO_CLASSES)
@@ -80,7 +81,10 @@ class Scorer:
             return float(v.run(model)["val_loss"])
 
 
-def draw_samples(model: torch.nn.Module, arm: Arm, spec: SamplerSpec, per_class: int, *, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def draw_samples(model: torch.nn.Module, arm: Arm, spec: SamplerSpec, per_class: int, *, seed: int,
+                 bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``per_class`` samples of every class; ``bf16``: the network runs under bf16 autocast (the
+    sampler's arithmetic stays fp32)."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     schedule = make_schedule(arm.schedule, 1000)
     kwargs = dict(prediction=arm.prediction, num_steps=spec.num_steps, labels=labels,
@@ -88,9 +92,12 @@ def draw_samples(model: torch.nn.Module, arm: Arm, spec: SamplerSpec, per_class:
                   generator=torch.Generator().manual_seed(seed), clip_sample=spec.clip_sample)
     if spec.sampler == "ddim":
         kwargs["use_clipped_model_output"] = spec.use_clipped_model_output
+        kwargs["eta"] = spec.eta
     model.eval()
     try:
-        out = sample(spec.sampler, model, schedule, (len(labels), 3, model.image_size, model.image_size), **kwargs)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = sample(spec.sampler, model, schedule, (len(labels), 3, model.image_size, model.image_size), **kwargs)
+        out = out.float()
     finally:
         model.train()
     return out.clamp(-1, 1), labels
@@ -103,6 +110,7 @@ class Trained:
     model: torch.nn.Module  # EMA weights loaded
     curve: list[dict] = field(default_factory=list)
     seconds: float = 0.0
+    bf16: bool = False
 
 
 def lr_factor(step: int, s: Setting) -> float:
@@ -118,6 +126,7 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
     """Train one arm for ``s.steps``; every ``s.eval_every`` steps (and at the end) score EMA
     samples drawn with ``s.curve_sampler`` (skipped when ``scorer`` is None)."""
     images, labels = data
+    bf16 = cpu_has_bf16() if s.bf16 is None else s.bf16
     torch.manual_seed(seed)
     model = build_model(s.model, in_channels=images.shape[1], image_size=s.resolution, num_classes=NUM_CLASSES)
     objective = DiffusionObjective(make_schedule(arm.schedule, 1000), arm.prediction, arm.weighting,
@@ -126,7 +135,7 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, s))
     ema = EMA(model, decay=s.ema_decay, warmup=True)
     g = torch.Generator().manual_seed(seed)
-    out = Trained(arm, seed, model)
+    out = Trained(arm, seed, model, bf16=bf16)
     start = time.perf_counter()
     model.train()
     for step in range(1, s.steps + 1):
@@ -134,7 +143,8 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
         x0 = images[idx]
         flip = torch.rand(s.batch, generator=g) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
-        loss = objective.training_losses(model, x0, labels[idx], generator=g).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = objective.training_losses(model, x0, labels[idx], generator=g).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -145,7 +155,7 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
             train_s = time.perf_counter() - start
             with ema.swap_into(model):
                 row = {"step": step, "val_loss": scorer.val_loss(model, objective)}
-                samples, lab = draw_samples(model, arm, s.curve_sampler, s.eval_per_class, seed=1000 + seed)
+                samples, lab = draw_samples(model, arm, s.curve_sampler, s.eval_per_class, seed=1000 + seed, bf16=bf16)
                 row.update(scorer.score_samples(samples, lab))
             out.curve.append(row)
             log(f"  {arm.name} seed {seed} step {step}: " + ", ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step"))

@@ -79,14 +79,20 @@ class DataConfig(_Strict):
 
 
 class ModelConfig(_Strict):
-    name: ModelName = "unet-tiny"
+    # The CPU demo's network: faster per image than unet-tiny on a CPU core, with 4x its
+    # parameters (model/registry.py, BENCHMARKS.md "Built-in demo").
+    name: ModelName = "unet-demo"
 
 
 class DiffusionConfig(_Strict):
-    schedule: ScheduleKind = "linear"
+    # Defaults measured with `raydiff bench quality` on the built-in shapes (BENCHMARKS.md,
+    # "Training choices"): v prediction (Salimans & Ho 2022) recognised far more samples than
+    # eps at the same steps, and the cosine schedule (Nichol & Dhariwal 2021) more again with v.
+    schedule: ScheduleKind = "cosine"
     num_timesteps: int = Field(1000, ge=2, le=100_000)
     zero_terminal_snr: bool = False
-    prediction: PredictionType = "eps"
+    prediction: PredictionType = "v"
+    # min-SNR-gamma (Hang et al. 2023): measured better than uniform for eps (BENCHMARKS.md).
     weighting: Weighting = "min_snr"
     min_snr_gamma: float = Field(5.0, gt=0)
     p2_gamma: float = Field(1.0, ge=0)
@@ -107,7 +113,9 @@ class DiffusionConfig(_Strict):
 
 
 class OptimConfig(_Strict):
-    steps: int = Field(700, ge=1)
+    # The demo's length: 400 steps of unet-demo at batch 64 train in about 6 minutes on 2 CPU
+    # cores, and their samples show the built-in shapes (shape judge 76% at step 400; BENCHMARKS.md).
+    steps: int = Field(400, ge=1)
     # Global batch: split evenly over scaling.num_workers.
     batch_size: int = Field(64, ge=1)
     lr: float = Field(1e-3, gt=0, le=1)

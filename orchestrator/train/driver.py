@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import time
 from dataclasses import dataclass
@@ -17,8 +16,6 @@ from orchestrator.ray_session import init_ray
 from orchestrator.train.faults import forwarded_env
 from orchestrator.train.startup import phase_event
 from orchestrator.storage import RunDir
-
-log = logging.getLogger("raydiff")
 
 
 def builtin_data_dir(cfg: TrainConfig) -> Path:
@@ -151,7 +148,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.event(phase_event("ray"))
         rundir.write_text("config.yaml", config_to_yaml(cfg))
         rundir.write_text("plan.json", json.dumps(plan.as_dict(), indent=2))
-        log.warning("raydiff plan:\n%s", plan.describe(cfg, rundir.uri))
+        # Output for the user, not a log record (a WARNING prefix would misreport it).
+        print(f"raydiff plan:\n{plan.describe(cfg, rundir.uri)}", flush=True)
         resume_from = prepare_resume(rundir)  # raydiff, not Ray's snapshot, picks the checkpoint
 
         counter = f"raydiff-bad-samples-{cfg.run.name}"
