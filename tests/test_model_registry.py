@@ -14,6 +14,7 @@ from model.registry import MODEL_NAMES, build_model, count_parameters
 # Spatial size / batch for the forward+backward check (build is always at 32x32).
 RUN = {
     "unet-tiny": (32, 4),
+    "unet-demo": (32, 4),
     "unet-small": (32, 2),
     "unet-cifar": (16, 1),
     "dit-s2": (16, 2),
@@ -93,6 +94,22 @@ def test_unet_cifar_matches_ddpm_parameter_count():
 def test_unet_tiny_is_small():
     n = count_parameters(build_model("unet-tiny"))
     assert 1e5 <= n <= 1e6
+
+
+def test_unet_demo_attends_only_at_the_lowest_resolution():
+    """unet-demo's design (model/registry.py): three levels, self-attention only at 8x8 of a 32x32
+    input, about 1.8M parameters."""
+    model = build_model("unet-demo", image_size=32, num_classes=10)
+    assert 1.5e6 <= count_parameters(model) <= 2.0e6
+    seen = []
+    for m in model.modules():
+        if type(m).__name__ == "Attention":
+            m.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 32, 32), torch.tensor([10]), torch.tensor([0]))
+    assert seen, "no attention layer ran"
+    # diffusers' Attention receives [B, C, H, W] feature maps in the U-Net blocks.
+    assert {tuple(s[-2:]) for s in seen} == {(8, 8)}
 
 
 def test_dit_has_no_internal_label_dropout():

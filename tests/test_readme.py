@@ -174,6 +174,16 @@ def check_clean_log(log: str) -> None:
     assert re.search(r"raydiff: step 20/20 \(100%\), loss [0-9.]+, \d+ img/s", log), log
 
 
+def test_readme_images_exist_and_are_png():
+    """The README's example images (the demo grid) are committed where it says."""
+    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text())
+    assert links, "the README shows no example image"
+    for link in links:
+        path = ROOT / link
+        assert path.is_file(), f"README image {link} is missing"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"README image {link} is not a PNG"
+
+
 @pytest.mark.slow
 def test_s3_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
     """The S3 block against its own local server: upload, list, verify, stats, a 20-step run with
