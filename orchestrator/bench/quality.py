@@ -253,17 +253,19 @@ def plot(rows: list[dict], path: Path) -> None:
     # The sampling trade-off: FID against DDIM steps per arm and eta; DDPM-1000 as a line.
     ax = axes[2]
     sampl = [r for r in rows if r["kind"] == "sampler"]
-    for arm in dict.fromkeys(r["arm"] for r in sampl):
+    for i, arm in enumerate(dict.fromkeys(r["arm"] for r in sampl)):
+        color = f"C{i}"  # one colour per arm: its DDIM curves and its DDPM line
         for suffix, style in (("", "-"), ("-eta0", "--")):
             pts = [(n, [r["fid"] for r in sampl if r["arm"] == arm and r["sampler"] == f"ddim-{n}{suffix}"])
                    for n in DDIM_STEPS]
             pts = [(n, mean_std(v)) for n, v in pts if v]
             if pts:
                 ax.errorbar([n for n, _ in pts], [m for _, (m, _) in pts], yerr=np.nan_to_num([sd for _, (_, sd) in pts]),
-                            marker="o", linestyle=style, capsize=3, label=f"{arm} DDIM η={'0' if suffix else '1'}")
+                            marker="o", linestyle=style, capsize=3, color=color,
+                            label=f"{arm} DDIM η={'0' if suffix else '1'}")
         ddpm = [r["fid"] for r in sampl if r["arm"] == arm and r["sampler"] == "ddpm-1000"]
         if ddpm:
-            ax.axhline(mean_std(ddpm)[0], color="k", linestyle=":", label=f"{arm} DDPM 1000")
+            ax.axhline(mean_std(ddpm)[0], color=color, linestyle=":", label=f"{arm} DDPM 1000")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("DDIM steps")
