@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from model.registry import MODEL_NAMES
+from orchestrator.plan import cpu_has_bf16
 
 
 @dataclass(frozen=True)
@@ -84,6 +85,9 @@ class Setting:
     # Train under bf16 autocast (the demo trains in bf16 too); None: where the CPU has native
     # bf16 (orchestrator/plan.py), 1.5x faster there, and emulated (slower) elsewhere.
     bf16: bool | None = None
+
+    def use_bf16(self) -> bool:
+        return cpu_has_bf16() if self.bf16 is None else self.bf16
 
 
 BASE = Arm("base")
@@ -153,6 +157,7 @@ def run_bench(s: Setting, arms: tuple[Arm, ...], sweep: list[tuple[str, SamplerS
     log(f"judges: class {scorer.features.val_accuracy:.1%}, shape {scorer.shape.val_accuracy:.1%} held-out accuracy "
         f"on real images")
     rows: list[dict] = []
+    bf16 = s.use_bf16()
     for seed in s.seeds:
         models: dict[str, Trained] = {}
         for arm in arms:
@@ -166,7 +171,7 @@ def run_bench(s: Setting, arms: tuple[Arm, ...], sweep: list[tuple[str, SamplerS
                 continue
             tr = models[arm_name]
             t0 = time.perf_counter()
-            samples, labels = draw_samples(tr.model, tr.arm, spec, s.eval_per_class, seed=1000 + seed, bf16=tr.bf16)
+            samples, labels = draw_samples(tr.model, tr.arm, spec, s.eval_per_class, seed=1000 + seed, bf16=bf16)
             secs = time.perf_counter() - t0
             row = {"kind": "sampler", "arm": arm_name, "sampler": spec.name, "seed": seed, "step": s.steps,
                    **scorer.score_samples(samples, labels), "sample_s": round(secs, 1)}

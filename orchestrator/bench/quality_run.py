@@ -32,7 +32,6 @@ from orchestrator.data.demo import DEMO_CLASSES, render_demo_image
 from orchestrator.eval.features import CNNFeatures
 from orchestrator.eval.fid import fid_from_features, kernel_inception_distance
 from orchestrator.eval.shape_judge import ShapeJudge
-from orchestrator.plan import cpu_has_bf16
 from orchestrator.train.validation import Validator
 
 NUM_CLASSES = len(DEMO_CLASSES)
@@ -110,7 +109,6 @@ class Trained:
     model: torch.nn.Module  # EMA weights loaded
     curve: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    bf16: bool = False
 
 
 def lr_factor(step: int, s: Setting) -> float:
@@ -126,7 +124,7 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
     """Train one arm for ``s.steps``; every ``s.eval_every`` steps (and at the end) score EMA
     samples drawn with ``s.curve_sampler`` (skipped when ``scorer`` is None)."""
     images, labels = data
-    bf16 = cpu_has_bf16() if s.bf16 is None else s.bf16
+    bf16 = s.use_bf16()
     torch.manual_seed(seed)
     model = build_model(s.model, in_channels=images.shape[1], image_size=s.resolution, num_classes=NUM_CLASSES)
     objective = DiffusionObjective(make_schedule(arm.schedule, 1000), arm.prediction, arm.weighting,
@@ -135,7 +133,7 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, s))
     ema = EMA(model, decay=s.ema_decay, warmup=True)
     g = torch.Generator().manual_seed(seed)
-    out = Trained(arm, seed, model, bf16=bf16)
+    out = Trained(arm, seed, model)
     start = time.perf_counter()
     model.train()
     for step in range(1, s.steps + 1):
