@@ -109,7 +109,7 @@ def test_local_paths_refused_on_a_cluster_the_head_cannot_host(cluster, tmp_path
 
 def test_autoscaler_adds_nodes_replaces_a_lost_one_and_removes_idle_ones(cluster, s3_server):
     run = "autoscaled"
-    s3 = [f"data.s3.endpoint_url={s3_server.endpoint_url}", f"data.s3.region={s3_server.region}"]
+    s3 = [f"storage.s3.endpoint_url={s3_server.endpoint_url}", f"storage.s3.region={s3_server.region}"]
     sid = _submit(cluster, "autoscaled-1", [
         f"data.source=s3://{BUCKET}/shapes", f"run.storage=s3://{BUCKET}/runs", f"run.name={run}", *s3,
         "scaling.cpus_per_worker=1", "model.name=unet-tiny", "optim.steps=40", "checkpoint.every_steps=4", "sampling.every_steps=40"])

@@ -27,12 +27,12 @@ def test_every_job_file_validates(job):
 
 def test_overrides_are_typed_and_nested():
     cfg = load_config(None, ["optim.lr=3e-4", "precision.zero_stage=3", "data.random_flip=false",
-                             "model.name=dit-s2", "data.s3.endpoint_url=http://127.0.0.1:9000"])
+                             "model.name=dit-s2", "storage.s3.endpoint_url=http://127.0.0.1:9000"])
     assert cfg.optim.lr == pytest.approx(3e-4)
     assert cfg.precision.zero_stage == 3
     assert cfg.data.random_flip is False
     assert cfg.model.name == "dit-s2"
-    assert cfg.data.s3.endpoint_url == "http://127.0.0.1:9000"
+    assert cfg.storage.s3.endpoint_url == "http://127.0.0.1:9000"
 
 
 def test_override_wins_over_job_file(tmp_path):
@@ -71,7 +71,7 @@ def test_malformed_override_and_missing_file():
 
 
 def test_secrets_are_masked_in_saved_config():
-    cfg = load_config(None, ["data.s3.secret_access_key=PLANTED-SECRET-123", "data.s3.access_key_id=AKIAPLANTED"])
+    cfg = load_config(None, ["storage.s3.secret_access_key=PLANTED-SECRET-123", "storage.s3.access_key_id=AKIAPLANTED"])
     text = config_to_yaml(cfg)
     assert "PLANTED-SECRET-123" not in text and "AKIAPLANTED" not in text
     assert "PLANTED-SECRET-123" not in dry_run_text(cfg)

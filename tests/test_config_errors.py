@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
     ("optim.lr=.nan", "optim.lr: must be a finite number, got nan"),
     ("optim.weight_decay=inf", "optim.weight_decay: must be a finite number, got inf"),  # had no upper bound: accepted
     ("diffusion.min_snr_gamma=-inf", "diffusion.min_snr_gamma: must be a finite number, got -inf"),
-    ("data.s3.read_timeout_s=nan", "data.s3.read_timeout_s: must be a finite number, got nan"),
+    ("storage.s3.read_timeout_s=nan", "storage.s3.read_timeout_s: must be a finite number, got nan"),
 ])
 def test_non_finite_floats_are_named(override, shown):
     with pytest.raises(ConfigError) as e:

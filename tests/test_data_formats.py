@@ -51,7 +51,7 @@ def test_three_formats_roundtrip(ray_local, s3_server, tmp_path):
     rc = data_cli.main(["data", "upload", str(tmp_path / "folder"), f"s3://{bucket}/wds", "--shard-size", "3",
                         "--endpoint-url", s3_server.endpoint_url, "--region", "us-east-1", "--no-progress"])
     assert rc == 0
-    cfg = DataConfig(source=f"s3://{bucket}/wds", resolution=16, s3=s3_server.s3_config())
+    cfg = DataConfig(source=f"s3://{bucket}/wds", resolution=16).with_storage(s3_server.s3_config())
     info = inspect_dataset(cfg)
     assert (info.format, info.num_samples, info.class_names, len(info.files)) == ("webdataset", 9, tuple(names), 3)
     assert _rows(cfg) == expected

@@ -102,7 +102,7 @@ def test_imagefolder_on_s3(ray_local, s3_server, tmp_path):
     written = write_imagefolder(tmp_path / "ds", {"a": 2, "b": 3})
     bucket = s3_server.create_bucket(f"imgs-{uuid.uuid4().hex[:8]}")
     upload_dir(s3_server.client(), bucket, "train/v1", tmp_path / "ds")
-    cfg = DataConfig(source=f"s3://{bucket}/train/v1", resolution=16, s3=s3_server.s3_config())
+    cfg = DataConfig(source=f"s3://{bucket}/train/v1", resolution=16).with_storage(s3_server.s3_config())
     info = inspect_dataset(cfg)
     assert (info.format, info.num_samples, info.class_names) == ("imagefolder", 5, ("a", "b"))
     images, labels = collect(build_train_dataset(cfg, info))
@@ -129,7 +129,8 @@ def test_s3_transient_read_errors_are_retried_and_counted(ray_local, s3_server, 
     written = write_imagefolder(tmp_path / "ds", {"a": 3, "b": 3})
     bucket = s3_server.create_bucket(f"flaky-{uuid.uuid4().hex[:8]}")
     upload_dir(s3_server.client(), bucket, "d", tmp_path / "ds")
-    cfg = DataConfig(source=f"s3://{bucket}/d", resolution=16, decode_batch_size=2, s3=s3_server.s3_config(endpoint_url=s3_faults.endpoint_url, max_attempts=6))
+    cfg = DataConfig(source=f"s3://{bucket}/d", resolution=16, decode_batch_size=2).with_storage(
+        s3_server.s3_config(endpoint_url=s3_faults.endpoint_url, max_attempts=6))
     info = inspect_dataset(cfg)
     # The next 3 requests for objects in the bucket fail with 503 SlowDown (throttling).
     s3_faults.plan.fail_path_prefix = f"/{bucket}/d/"

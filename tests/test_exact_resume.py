@@ -114,7 +114,7 @@ def test_webdataset_on_s3_one_worker_streamed(ray_local, s3_server, tmp_path, mo
     manifest = upload(str(demo), f"s3://{bucket}/shapes", shard_size=("samples", 7), s3cfg=s3_server.s3_config(),
                       progress=False, out=open(os.devnull, "w"))
     common = [f"run.storage={tmp_path / 'runs'}", f"data.source=s3://{bucket}/shapes",
-              f"data.s3.endpoint_url={s3_server.endpoint_url}", f"data.s3.region={s3_server.region}",
+              f"storage.s3.endpoint_url={s3_server.endpoint_url}", f"storage.s3.region={s3_server.region}",
               "data.cache_max_bytes=0", "scaling.num_workers=1", *TINY]
     ids = [f"{s['name']}#{j}" for s in manifest["shards"] for j in range(s["num_samples"])]
     assert len(ids) == 40

@@ -193,7 +193,7 @@ def test_encode_to_s3_float16_and_read_back(s3_server, ray_local, vae_dir, image
     expected, labels = _expected(vae_dir, images_dir, 0.5)
     _assert_same_set(lat, lab, expected, labels, atol=2e-3)  # float16 rounding of values below ~2
 
-    cfg = DataConfig(source=dest, format="latents", channels=4, resolution=8, s3=s3cfg)
+    cfg = DataConfig(source=dest, format="latents", channels=4, resolution=8).with_storage(s3cfg)
     info = inspect_dataset(cfg)
     rows = build_train_dataset(cfg, info).take_batch(100, batch_format="numpy")
     assert rows["image"].dtype == np.float32

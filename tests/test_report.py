@@ -106,8 +106,8 @@ def test_render_marks_empty_metrics():
 
 def test_report_of_s3_run(s3_server, capsys):
     bucket = s3_server.create_bucket("report-s3")
-    s3_args = [f"data.s3.endpoint_url={s3_server.endpoint_url}", f"data.s3.region={s3_server.region}"]
-    s3 = load_config(None, s3_args).data.s3
+    s3_args = [f"storage.s3.endpoint_url={s3_server.endpoint_url}", f"storage.s3.region={s3_server.region}"]
+    s3 = load_config(None, s3_args).storage.s3
     run_uri = f"s3://{bucket}/runs/r"
     # Metrics as training writes them on S3: buffered parts, and a resumed branch redoing steps 21-30.
     log = JsonlLog(run_uri, "metrics.jsonl", s3)

@@ -65,8 +65,8 @@ def test_s3_train_kill_resume_sample(s3_server, tmp_path):
                       s3cfg=s3_server.s3_config(), progress=False, out=open(os.devnull, "w"))
     assert manifest["num_samples"] == 60
 
-    s3 = [f"data.s3.endpoint_url={s3_server.endpoint_url}", f"data.s3.region={s3_server.region}",
-          "data.s3.access_key_id=AKIAEXAMPLEKEY", f"data.s3.secret_access_key={SECRET}"]
+    s3 = [f"storage.s3.endpoint_url={s3_server.endpoint_url}", f"storage.s3.region={s3_server.region}",
+          "storage.s3.access_key_id=AKIAEXAMPLEKEY", f"storage.s3.secret_access_key={SECRET}"]
     common = [
         "train", f"data.source=s3://{bucket}/shapes", f"run.storage=s3://{bucket}/runs", "run.name=s3e2e",
         "model.name=unet-tiny", "optim.batch_size=8", "checkpoint.every_steps=4", "sampling.every_steps=1000", "sampling.num_steps=3",

@@ -118,7 +118,7 @@ def test_parse_labels():
 @pytest.mark.parametrize("argv,message", [
     (["--labels", "purple-unicorn"], "unknown class. Classes: 0=00-red-circle"),
     (["--labels", "10"], "class indices run from 0 to 9"),
-    (["optim.lr=1"], "accepts only sampling.* and data.s3.*"),
+    (["optim.lr=1"], "accepts only sampling.* and storage.s3.*"),
     (["--sampler", "ddpm", "--eta", "0.5"], "ancestral DDPM always has eta 1"),
     (["--steps", "0"], "--steps 0: must be a positive integer"),
     (["sampling.sampler=euler"], "sampling.sampler"),
@@ -149,7 +149,7 @@ def test_sample_from_s3_with_raw_weights(run, s3_server, tmp_path, capsys):
     for f in run.rglob("*"):
         if f.is_file():
             client.put_object(Bucket=bucket, Key=f"runs/r/{f.relative_to(run).as_posix()}", Body=f.read_bytes())
-    s3 = [f"data.s3.endpoint_url={s3_server.endpoint_url}", f"data.s3.region={s3_server.region}"]
+    s3 = [f"storage.s3.endpoint_url={s3_server.endpoint_url}", f"storage.s3.region={s3_server.region}"]
     out = tmp_path / "s3.png"
     assert main(["sample", "--checkpoint", f"s3://{bucket}/runs/r/checkpoint_00000009", "--raw", "--out", str(out),
                  *s3]) == 0

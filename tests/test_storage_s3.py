@@ -75,9 +75,9 @@ def test_missing_bucket_and_empty_prefix(s3_server):
     with pytest.raises(StorageError, match=r"s3://.*/empty holds no objects \(empty prefix\)"):
         storage.check_readable(f"s3://{bucket}/empty", cfg)
     with pytest.raises(DataError, match="does not exist"):
-        inspect_dataset(DataConfig(source="s3://no-such-bucket-x/data", s3=cfg))
+        inspect_dataset(DataConfig(source="s3://no-such-bucket-x/data").with_storage(cfg))
     with pytest.raises(DataError, match="empty prefix"):
-        inspect_dataset(DataConfig(source=f"s3://{bucket}/empty", s3=cfg))
+        inspect_dataset(DataConfig(source=f"s3://{bucket}/empty").with_storage(cfg))
 
 
 def test_wrong_endpoint():
@@ -85,7 +85,7 @@ def test_wrong_endpoint():
     with pytest.raises(StorageError, match=r"no S3 service answers at http://127\.0\.0\.1:\d+.*s3\.endpoint_url"):
         storage.check_readable("s3://bucket/x", cfg)
     with pytest.raises(DataError, match="no S3 service answers"):
-        inspect_dataset(DataConfig(source="s3://bucket/x", s3=cfg))
+        inspect_dataset(DataConfig(source="s3://bucket/x").with_storage(cfg))
 
 
 def test_wrong_credentials_and_access_denied(s3_server, s3_faults):
@@ -103,7 +103,7 @@ def test_wrong_credentials_and_access_denied(s3_server, s3_faults):
     with pytest.raises(StorageError, match=r"access denied.*s3:PutObject"):
         storage.check_writable(f"s3://{bucket}/runs", good)
     with pytest.raises(DataError, match="access denied"):
-        inspect_dataset(DataConfig(source=f"s3://{bucket}/d", s3=good))
+        inspect_dataset(DataConfig(source=f"s3://{bucket}/d").with_storage(good))
 
 
 def test_missing_credentials(monkeypatch, s3_server, tmp_path):
@@ -157,9 +157,9 @@ def test_secrets_never_in_messages_or_logs(s3_server, s3_faults, caplog, capsys)
             fn(f"s3://{_bucket(s3_server)}/p", cfg)
         messages.append(str(ei.value))
     with pytest.raises(DataError) as ei:
-        inspect_dataset(DataConfig(source=f"s3://{_bucket(s3_server)}/p", s3=cfg))
+        inspect_dataset(DataConfig(source=f"s3://{_bucket(s3_server)}/p").with_storage(cfg))
     messages.append(str(ei.value))
-    messages += [repr(storage.resolve_credentials(cfg)), repr(cfg), repr(DataConfig(s3=cfg)), repr(storage.s3_filesystem_handle(cfg))]
+    messages += [repr(storage.resolve_credentials(cfg)), repr(cfg), repr(DataConfig().with_storage(cfg)), repr(storage.s3_filesystem_handle(cfg))]
     out = capsys.readouterr()
     logs = "\n".join(r.getMessage() for r in caplog.records)
     for text in messages + [out.out, out.err, logs]:

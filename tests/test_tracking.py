@@ -72,8 +72,8 @@ def test_tensorboard_local_resume_purges_redone_steps(tmp_path):
 
 def test_tensorboard_on_s3_uploads_each_segment_once(s3_server, tmp_path, monkeypatch):
     bucket = s3_server.create_bucket("tracking-tb")
-    s3 = load_config(None, [f"data.s3.endpoint_url={s3_server.endpoint_url}",
-                            f"data.s3.region={s3_server.region}"]).data.s3
+    s3 = load_config(None, [f"storage.s3.endpoint_url={s3_server.endpoint_url}",
+                            f"storage.s3.region={s3_server.region}"]).storage.s3
     staging = tmp_path / "staging"
     staging.mkdir()
     monkeypatch.setattr("tempfile.tempdir", str(staging))

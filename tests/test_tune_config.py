@@ -31,7 +31,7 @@ def job(*overrides: str):
     ("tune.space.optim.lr.loguniform=[0, 0.01]", "tune.space.optim.lr", "low > 0"),
     ("tune.space.optim.lr.loguniform=[-1, 0.01]", "tune.space.optim.lr", "low > 0"),
     ("tune.space.run.name.choice=[a, b]", "tune.space.run.name", "not searchable"),
-    ("tune.space.data.s3.region.choice=[eu]", "tune.space.data.s3.region", "not searchable"),
+    ("tune.space.storage.s3.region.choice=[eu]", "tune.space.storage.s3.region", "not searchable"),
     ("tune.space.data.val_images.choice=[8, 16]", "tune.space.data.val_images", "not searchable"),
     ("tune.space.optim.choice=[1]", "tune.space.optim", "a section"),
     ("tune.space.diffusion.weighting.choice=[uniform, bogus]", "tune.space.diffusion.weighting", "'bogus'"),
@@ -123,7 +123,7 @@ def test_trial_run_names_for_new_restored_and_exploited_trials():
 
 def test_best_spec_is_a_training_job_with_the_best_values(tmp_path):
     j = job("tune.space.optim.lr.loguniform=[1e-4, 1e-3]", "tune.space.diffusion.weighting.choice=[uniform, p2]",
-            "data.s3.secret_access_key=hunter2")
+            "storage.s3.secret_access_key=hunter2")
     table = pd.DataFrame([
         {"trial": "a", "status": "completed", "step": 12, "val_loss": 0.30, "optim.lr": 3e-4, "diffusion.weighting": "p2"},
         {"trial": "b", "status": "stopped early", "step": 3, "val_loss": 0.10, "optim.lr": 1e-4, "diffusion.weighting": "uniform"},
@@ -137,8 +137,8 @@ def test_best_spec_is_a_training_job_with_the_best_values(tmp_path):
     f.write_text(text)
     cfg = load_config(f)  # raydiff train --config reads it unchanged
     assert cfg.optim.lr == 5e-4 and cfg.diffusion.weighting == "uniform"
-    assert cfg.run.name == "demo-best" and cfg.data.source == "builtin" and cfg.data.s3.secret_access_key is None
-    assert not isinstance(cfg.data.s3.secret_access_key, SecretStr)
+    assert cfg.run.name == "demo-best" and cfg.data.source == "builtin" and cfg.storage.s3.secret_access_key is None
+    assert not isinstance(cfg.storage.s3.secret_access_key, SecretStr)
 
 
 @pytest.mark.parametrize("name", ["tune-smoke.yaml", "tune-lr-weighting.yaml"])

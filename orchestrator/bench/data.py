@@ -56,7 +56,7 @@ def run_bench(uri: str, *, limit: int | None = 2000, resolution: int = 64, batch
 
     out = out or sys.stdout
     cores = cores or os.cpu_count() or 1
-    cfg = DataConfig(source=uri, resolution=resolution, s3=s3cfg or S3Config())
+    cfg = DataConfig(source=uri, resolution=resolution).with_storage(s3cfg or S3Config())
     info = inspect_dataset(cfg)
     if limit:
         info = head(info, limit)  # one file per sample (image folders): read only what is timed

@@ -47,7 +47,7 @@ def _data_cfg(args: argparse.Namespace, source: str, **kw: Any):
         v = getattr(args, name, None)
         if v is not None:
             kw.setdefault(name, v)
-    return DataConfig(source=source, s3=s3_config_from_args(args), **kw)
+    return DataConfig(source=source, **kw).with_storage(s3_config_from_args(args))
 
 
 def _add_dataset_args(p: argparse.ArgumentParser) -> None:

@@ -45,7 +45,7 @@ def register(sub) -> None:
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
     p.add_argument("--output", default=EVAL_FILE, help=f"file name in the run directory (default {EVAL_FILE})")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="sampling.* and data.s3.* overrides")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="sampling.* and storage.s3.* overrides")
     p.set_defaults(func=cmd_eval)
 
 

@@ -21,7 +21,7 @@ def register(sub) -> None:
     p.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
     p.add_argument("out", metavar="OUT", help="output directory (local)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="sampling.* (the exported scheduler's spacing, clipping) and data.s3.* overrides")
+                   help="sampling.* (the exported scheduler's spacing, clipping) and storage.s3.* overrides")
     p.set_defaults(func=cmd_export)
 
 

@@ -14,14 +14,14 @@ def register(sub) -> None:
     )
     p.add_argument("run", metavar="RUN", help="run directory: {run.storage}/{run.name}, local or s3://")
     p.add_argument("--out", metavar="PATH", help="where to write the PNG (local or s3://); default RUN/report.png")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="data.s3.* settings for an s3:// RUN")
+    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="storage.s3.* settings for an s3:// RUN")
     p.set_defaults(func=cmd_report)
 
 
 def cmd_report(args) -> int:
     from orchestrator.report import write_report
 
-    s3 = s3_from_overrides(args.overrides, ("data.s3.",), "report")
+    s3 = s3_from_overrides(args.overrides, ("storage.s3.",), "report")
     dest, report = write_report(args.run, s3, args.out)
     empty = [name for name in report.boxes if name not in report.filled]
     print(f"report written to {dest}" + (f" (no data for: {', '.join(empty)})" if empty else ""))

@@ -9,11 +9,11 @@ import torch
 
 from orchestrator.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_override, validate_config
 
-SAMPLE_OVERRIDES = ("sampling.", "data.s3.")
+SAMPLE_OVERRIDES = ("sampling.", "storage.s3.")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
-    """``--checkpoint``/``--raw`` and the data.s3.* overrides, shared by sample, export and eval."""
+    """``--checkpoint``/``--raw`` and the storage.s3.* overrides, shared by sample, export and eval."""
     p.add_argument("--checkpoint", help="a run directory (its latest checkpoint) or one checkpoint directory, "
                    "local or s3://; with --run: a checkpoint directory name inside that run")
     p.add_argument("--raw", action="store_true",
@@ -26,7 +26,7 @@ def register(sub) -> None:
         help="sample images from a checkpoint (EMA weights) as a grid or single PNGs",
         description="Sample from a checkpoint. Without options this redraws the training grid of the "
         "checkpoint (one row per class, sampling.* settings of the run). Options override the run's "
-        "sampling settings; key=value overrides (sampling.*, data.s3.*) work too.",
+        "sampling settings; key=value overrides (sampling.*, storage.s3.*) work too.",
     )
     add_checkpoint_args(p)
     p.add_argument("--run", help="alias of --checkpoint for a run directory (kept for older commands)")
@@ -44,17 +44,17 @@ def register(sub) -> None:
                    "batch i uses seed+i, so the batch size is part of what fixes the images")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="sampling.* and data.s3.* overrides, e.g. sampling.guidance_scale=4")
+                   help="sampling.* and storage.s3.* overrides, e.g. sampling.guidance_scale=4")
     p.set_defaults(func=cmd_sample)
 
 
 def s3_from_overrides(overrides: list[str], allowed: tuple[str, ...], command: str):
-    """Validate the key=value overrides a non-training command accepts; returns data.s3 settings."""
+    """Validate the key=value overrides a non-training command accepts; returns storage.s3 settings."""
     bad = [k for k, _ in (parse_override(o) for o in overrides) if not k.startswith(allowed)]
     if bad:
         kinds = " and ".join(f"{a}*" for a in allowed)
         raise ConfigError(f"raydiff {command} accepts only {kinds} overrides, got: {', '.join(bad)}")
-    return load_config(None, [o for o in overrides if o.startswith("data.s3.")]).data.s3
+    return load_config(None, [o for o in overrides if o.startswith("storage.s3.")]).storage.s3
 
 
 def checkpoint_uri(args) -> tuple[str, str | None]:
@@ -73,7 +73,7 @@ def checkpoint_uri(args) -> tuple[str, str | None]:
 
 
 def sampling_config(cfg, overrides: list[str], args):
-    """The run's config with the sampling.* / data.s3.* overrides, then the command-line options, applied."""
+    """The run's config with the sampling.* / storage.s3.* overrides, then the command-line options, applied."""
     flags = {"sampler": args.sampler, "num_steps": args.steps, "eta": args.eta,
              "guidance_scale": args.guidance, "seed": args.seed}
     extra = [f"sampling.{k}={v}" for k, v in flags.items() if v is not None]

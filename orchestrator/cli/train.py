@@ -41,6 +41,6 @@ def cmd_train(args) -> int:
               f"(optim.steps={cfg.optim.steps}): nothing to train. To train further, raise optim.steps "
               f"(e.g. optim.steps={2 * max(outcome.final_step, 1)}); for a new run, set run.name")
     for line in summary_lines(outcome.run_uri, outcome.final_step, outcome.checkpoint_path, outcome.eval,
-                              outcome.bad_samples, cfg.data.s3):
+                              outcome.bad_samples, cfg.storage.s3):
         print(line)
     return 0

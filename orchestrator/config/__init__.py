@@ -23,13 +23,14 @@ from orchestrator.config.schema import (
     S3Config,
     SamplingConfig,
     ScalingConfig,
+    StorageConfig,
     TrainConfig,
     _Strict,
 )
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DiffusionConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
-    "PrecisionConfig", "RunConfig", "S3Config", "SamplingConfig", "ScalingConfig", "TrainConfig", "_Strict",
+    "PrecisionConfig", "RunConfig", "S3Config", "SamplingConfig", "ScalingConfig", "StorageConfig", "TrainConfig", "_Strict",
     "apply_overrides", "config_to_dict", "config_to_yaml", "load_config", "load_config_text", "parse_override",
     "validate_config",
 ]

@@ -155,7 +155,9 @@ def config_to_yaml(cfg: TrainConfig) -> str:
 def load_config_text(text: str) -> TrainConfig:
     """Validate a config saved with a run or checkpoint (secrets there are masked)."""
     tree = yaml.safe_load(text) or {}
-    s3 = tree.get("data", {}).get("s3", {})
+    if "s3" in (tree.get("data") or {}):  # saved before storage.s3 existed
+        tree.setdefault("storage", {})["s3"] = tree["data"].pop("s3")
+    s3 = tree.get("storage", {}).get("s3", {})
     for key in ("access_key_id", "secret_access_key", "session_token"):
         if s3.get(key) == "**********":
             s3[key] = None  # masked on save: fall back to the environment's credential chain

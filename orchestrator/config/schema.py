@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from model.objectives import PredictionType, Weighting
 from model.registry import ModelName
@@ -47,6 +47,14 @@ class S3Config(_Strict):
     read_timeout_s: float = Field(60.0, gt=0)
 
 
+class StorageConfig(_Strict):
+    """Object storage, for everything a run reads or writes: the dataset, the run directory,
+    checkpoints, TensorBoard logs and the lease. One section, so that a run whose data and
+    checkpoints share a bucket (the common case) states its endpoint and credentials once."""
+
+    s3: S3Config = S3Config()
+
+
 class DataConfig(_Strict):
     # "builtin" writes the procedurally generated demo dataset under the run directory.
     source: str = "builtin"
@@ -75,7 +83,19 @@ class DataConfig(_Strict):
     # row groups) chosen with data.seed, of which the first val_images decoded images are used.
     # 0 = nothing held out.
     val_images: int = Field(0, ge=0)
-    s3: S3Config = S3Config()
+    # The run's storage.s3 settings, set by TrainConfig (not a key of this section): the data
+    # readers take this section alone, and an s3:// source needs the connection settings.
+    _s3: S3Config = PrivateAttr(default_factory=S3Config)
+
+    @property
+    def s3(self) -> S3Config:
+        return self._s3
+
+    def with_storage(self, s3: S3Config) -> "DataConfig":
+        """This section reading object storage through ``s3`` (for a DataConfig built alone)."""
+        out = self.model_copy()
+        out._s3 = s3
+        return out
 
 
 class ModelConfig(_Strict):
@@ -272,6 +292,7 @@ class RunConfig(_Strict):
 
 class TrainConfig(_Strict):
     run: RunConfig = RunConfig()
+    storage: StorageConfig = StorageConfig()
     data: DataConfig = DataConfig()
     model: ModelConfig = ModelConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
@@ -290,6 +311,22 @@ class TrainConfig(_Strict):
         if isinstance(d, dict) and d.get("format") == "latents" and isinstance(s, dict):
             data = {**data, "data": {"channels": 4, **d}, "sampling": {"clip_sample": False, **s}}
         return data
+
+    @model_validator(mode="before")
+    @classmethod
+    def _moved_keys(cls, data: Any) -> Any:
+        d = data.get("data") if isinstance(data, dict) else None
+        if isinstance(d, dict) and "s3" in d:
+            keys = sorted(d["s3"]) if isinstance(d["s3"], dict) else []
+            example = ", ".join(f"storage.s3.{k}" for k in keys) or "storage.s3.endpoint_url"
+            raise ValueError(f"data.s3 moved to storage.s3 (it serves the data, run directory and checkpoints alike). "
+                             f"Fix: write {example} instead of data.s3.* (in job files: a top-level storage: s3: section)")
+        return data
+
+    @model_validator(mode="after")
+    def _share_storage(self) -> "TrainConfig":
+        self.data._s3 = self.storage.s3
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":

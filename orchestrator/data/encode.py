@@ -163,7 +163,7 @@ def _source_config(src: str, resolution: int, channels: int, batch_size: int, s3
     opts = {k: v for k, v in data_options.items() if v is not None}
     # Every image once: nothing held out, labels kept whenever the source has them.
     return DataConfig(source=src, resolution=resolution, channels=channels, center_crop=True, conditional=True,
-                      val_images=0, decode_batch_size=min(batch_size, 64), s3=s3cfg or S3Config(), **opts)
+                      val_images=0, decode_batch_size=min(batch_size, 64), **opts).with_storage(s3cfg or S3Config())
 
 
 def encode(src: str, dest: str, *, vae: str, resolution: int = 256, batch_size: int = 32,

@@ -154,7 +154,7 @@ def ray_storage(uri: str, s3cfg: "S3Config | None" = None) -> tuple[str, pafs.Fi
     With an explicit filesystem Ray wants the path without scheme (``bucket/prefix``); local
     runs get an absolute path and no filesystem. Ray ships the filesystem to workers by
     pickling, and pyarrow's pickle drops ``retry_strategy``, so checkpoint uploads retry with
-    pyarrow's default (3 attempts, standard backoff), uncounted, rather than ``s3.max_attempts``.
+    pyarrow's default (3 attempts, standard backoff), uncounted, rather than ``storage.s3.max_attempts``.
     """
     loc = parse_uri(uri)
     if loc.is_s3:

@@ -99,7 +99,7 @@ def resolve_credentials(s3cfg: "S3Config | None") -> Creds:
     if s3cfg.access_key_id is not None or s3cfg.secret_access_key is not None:
         if s3cfg.access_key_id is None or s3cfg.secret_access_key is None:
             raise StorageError(
-                "s3 credentials are half set: give both s3.access_key_id and s3.secret_access_key, "
+                "s3 credentials are half set: give both storage.s3.access_key_id and storage.s3.secret_access_key, "
                 "or neither (then the AWS chain is used: env vars, profile, instance role)"
             )
         creds = Creds(
@@ -117,11 +117,11 @@ def resolve_credentials(s3cfg: "S3Config | None") -> Creds:
             c = boto3.Session(profile_name=s3cfg.profile).get_credentials()
         except botocore.exceptions.ProfileNotFound:
             raise StorageError(
-                f"AWS profile {s3cfg.profile!r} (s3.profile) is not in ~/.aws/config or ~/.aws/credentials: "
-                "create it with `aws configure --profile NAME` or unset s3.profile"
+                f"AWS profile {s3cfg.profile!r} (storage.s3.profile) is not in ~/.aws/config or ~/.aws/credentials: "
+                "create it with `aws configure --profile NAME` or unset storage.s3.profile"
             ) from None
         if c is None:
-            raise StorageError(f"AWS profile {s3cfg.profile!r} (s3.profile) has no credentials")
+            raise StorageError(f"AWS profile {s3cfg.profile!r} (storage.s3.profile) has no credentials")
         f = c.get_frozen_credentials()
         register_secrets(f.secret_key, f.token)
         return Creds(f.access_key, f.secret_key, f.token)

@@ -29,7 +29,7 @@ def explain_client_error(e: Exception, uri: str, s3cfg: "S3Config | None", actio
     if isinstance(e, bex.NoCredentialsError):
         return StorageError(
             f"cannot {action} {where}: no S3 credentials found. Fix: set AWS_ACCESS_KEY_ID and "
-            "AWS_SECRET_ACCESS_KEY (or s3.access_key_id/s3.secret_access_key, or s3.profile)"
+            "AWS_SECRET_ACCESS_KEY (or storage.s3.access_key_id/storage.s3.secret_access_key, or storage.s3.profile)"
         )
     if isinstance(e, (bex.EndpointConnectionError, bex.ConnectTimeoutError, bex.ConnectionClosedError)):
         return StorageError(
@@ -47,7 +47,7 @@ def explain_client_error(e: Exception, uri: str, s3cfg: "S3Config | None", actio
         if code in ("InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken", "InvalidClientTokenId"):
             return StorageError(
                 f"cannot {action} {where}: the S3 credentials were rejected ({code}). Fix: check "
-                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or s3.access_key_id/s3.secret_access_key) "
+                "AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or storage.s3.access_key_id/storage.s3.secret_access_key) "
                 "and that they belong to this endpoint"
             )
         if code in ("AccessDenied", "403", "Forbidden", "AllAccessDisabled") or status == 403:
@@ -63,9 +63,9 @@ def explain_client_error(e: Exception, uri: str, s3cfg: "S3Config | None", actio
             )
         if code in TRANSIENT_CODES or (status or 0) >= 500:
             return StorageError(
-                f"cannot {action} {where}: S3 error {code or status} persisted through s3.max_attempts="
+                f"cannot {action} {where}: S3 error {code or status} persisted through storage.s3.max_attempts="
                 f"{s3cfg.max_attempts} attempts (throttling or server trouble at {endpoint}). Fix: retry later, "
-                "reduce the request rate, or raise s3.max_attempts"
+                "reduce the request rate, or raise storage.s3.max_attempts"
             )
         return StorageError(f"cannot {action} {where}: S3 error {code or status}. Check the s3.* settings")
     return StorageError(f"cannot {action} {where}: {type(e).__name__}: {scrub(str(e), s3cfg)}")

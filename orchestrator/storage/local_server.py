@@ -92,7 +92,7 @@ def serve_s3(port: int, directory: str | None, buckets: list[str], *, stop: thre
             "use it with:\n"
             "  export AWS_ACCESS_KEY_ID=testing AWS_SECRET_ACCESS_KEY=testing AWS_DEFAULT_REGION=us-east-1\n"
             f"  raydiff data upload DIR s3://{bucket}/dataset --endpoint-url {endpoint}\n"
-            f"  raydiff train data.source=s3://{bucket}/dataset data.s3.endpoint_url={endpoint} "
+            f"  raydiff train data.source=s3://{bucket}/dataset storage.s3.endpoint_url={endpoint} "
             f"run.storage=s3://{bucket}/runs\n"
             "Ctrl-C stops it" + (f" and saves the objects to {root}" if root else " (objects are kept in memory only)"),
             file=out,

@@ -28,7 +28,7 @@ class RunDir:
 
     @classmethod
     def for_config(cls, cfg: "TrainConfig") -> "RunDir":
-        return cls(join(cfg.run.storage, cfg.run.name), cfg.data.s3)
+        return cls(join(cfg.run.storage, cfg.run.name), cfg.storage.s3)
 
     def _u(self, rel: str) -> str:
         return join(self.uri, rel) if rel else self.uri

@@ -36,12 +36,12 @@ def parse_uri(uri: str) -> Location:
         if p.scheme not in ("s3", "s3a"):
             raise StorageError(
                 f"unsupported storage scheme in {redact_uri(uri)!r}: use a local path or s3://bucket/prefix "
-                "(for other S3-compatible stores, set data.s3.endpoint_url / the endpoint option)"
+                "(for other S3-compatible stores, set storage.s3.endpoint_url / the endpoint option)"
             )
         if p.username or p.password:
             raise StorageError(
                 f"{redact_uri(uri)!r} carries credentials inside the URI; remove them and set "
-                "s3.access_key_id/s3.secret_access_key or the AWS_* environment variables instead"
+                "storage.s3.access_key_id/storage.s3.secret_access_key or the AWS_* environment variables instead"
             )
         if not p.netloc:
             raise StorageError(f"{uri!r} has no bucket name: use s3://bucket/prefix")

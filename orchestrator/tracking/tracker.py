@@ -87,7 +87,7 @@ def build_tracker(cfg: "TrainConfig", run_uri: str, *, resume_step: int, params:
     if lg.tensorboard:
         from orchestrator.tracking.tensorboard import TensorBoardSink
 
-        sinks.append(TensorBoardSink(join(run_uri, TENSORBOARD_DIR), cfg.data.s3, resume_step=resume_step,
+        sinks.append(TensorBoardSink(join(run_uri, TENSORBOARD_DIR), cfg.storage.s3, resume_step=resume_step,
                                      upload_every_s=lg.tensorboard_upload_s))
     if lg.mlflow.enabled:
         from orchestrator.tracking.mlflow_sink import MlflowSink

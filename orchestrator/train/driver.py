@@ -129,7 +129,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             return done
     cfg = resolve_data_config(cfg)
     # Fail on unreachable storage or data before anything expensive starts.
-    check_writable(cfg.run.storage, cfg.data.s3)
+    check_writable(cfg.run.storage, cfg.storage.s3)
     info = inspect_dataset(cfg.data)
     num_classes = info.num_classes if cfg.data.conditional else None
     from orchestrator.storage import acquire_lease
@@ -158,7 +158,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         # enough for the object store is decoded once here and later epochs skip read + decode.
         reader = make_train_reader(cfg.data, info, counter_name=counter, cache=decoded_bytes <= cfg.data.cache_max_bytes)
 
-        storage_path, storage_fs = ray_storage(cfg.run.storage, cfg.data.s3)
+        storage_path, storage_fs = ray_storage(cfg.run.storage, cfg.storage.s3)
         args = WorkerArgs(
             config=config_to_dict(cfg, reveal_secrets=True),
             plan=plan.as_dict(),
@@ -228,7 +228,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.event({"event": FINISHED_EVENT, "step": final_step, "time": time.time()})
         from orchestrator.report import report_after_training
 
-        report_after_training(rundir.uri, cfg.data.s3)  # {run}/report.png: curves and newest samples
+        report_after_training(rundir.uri, cfg.storage.s3)  # {run}/report.png: curves and newest samples
         return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result, bad)
     finally:
         if started:

@@ -122,20 +122,20 @@ class Worker:
         newer = agreed_newer_checkpoint(RunDir.for_config(self.cfg), ckpt.path if ckpt is not None else self.resume_from,
                                         rank=self.rank, world=self.world)
         if newer is not None:
-            self.state = read_checkpoint_uri(newer, self.cfg.data.s3, engine=self.train.engine, ema=self.train.ema)
+            self.state = read_checkpoint_uri(newer, self.cfg.storage.s3, engine=self.train.engine, ema=self.train.ema)
             self._record_resume(newer)
         elif ckpt is not None:
             with ckpt.as_directory() as d:
                 self.state = read_checkpoint(d, engine=self.train.engine, ema=self.train.ema)
             self._record_resume(ckpt.path)
         elif self.resume_from:
-            self.state = read_checkpoint_uri(self.resume_from, self.cfg.data.s3, engine=self.train.engine,
+            self.state = read_checkpoint_uri(self.resume_from, self.cfg.storage.s3, engine=self.train.engine,
                                              ema=self.train.ema)
             self._record_resume(self.resume_from)
         elif self.init_checkpoint:
             from orchestrator.train.warmstart import load_initial_checkpoint
 
-            self.state = load_initial_checkpoint(self.init_checkpoint, self.cfg.data.s3, engine=self.train.engine,
+            self.state = load_initial_checkpoint(self.init_checkpoint, self.cfg.storage.s3, engine=self.train.engine,
                                                  ema=self.train.ema, cfg=self.cfg)
             if self.rundir is not None:
                 self.rundir.event({"event": "initialized", "checkpoint": self.init_checkpoint, "time": time.time(),
@@ -175,7 +175,7 @@ class Worker:
             checkpoint=Checkpoint.from_directory(staged),
             checkpoint_dir_name=checkpoint_dir_name(self.state.step),
             checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
-            checkpoint_upload_fn=PersistCheckpoint(run_uri, self.cfg.data.s3, rank=self.rank, world=self.world,
+            checkpoint_upload_fn=PersistCheckpoint(run_uri, self.cfg.storage.s3, rank=self.rank, world=self.world,
                                                    step=self.state.step),
             delete_local_checkpoint_after_upload=False,  # PersistCheckpoint moves or removes the staged files
         )
@@ -300,7 +300,7 @@ class Worker:
                 good = read_checkpoint(d, engine=self.train.engine, ema=self.train.ema)
         elif self.resume_from:
             source = self.resume_from
-            good = read_checkpoint_uri(self.resume_from, self.cfg.data.s3, engine=self.train.engine, ema=self.train.ema)
+            good = read_checkpoint_uri(self.resume_from, self.cfg.storage.s3, engine=self.train.engine, ema=self.train.ema)
         else:
             raise DivergenceError(
                 f"training diverged at step {diverged_at} ({reason}) before the first checkpoint. Fix: lower "

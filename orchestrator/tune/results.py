@@ -90,7 +90,7 @@ def best_job_spec(job: TuneJob, row: Any) -> str:
     params = {k: (v.item() if hasattr(v, "item") else v) for k, v in params.items()}
     tree = trial_tree(job.training_tree(), params)
     tree["run"]["name"] = f"{job.run.name}-best"
-    s3 = tree["data"]["s3"]
+    s3 = tree["storage"]["s3"]
     for k, v in list(s3.items()):
         if v == MASK:
             s3[k] = None

@@ -124,9 +124,9 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     # Inside a Ray Job (ray job submit ... raydiff tune), join the job's cluster as train does.
     job = job.model_copy(update={"scaling": with_job_address(job).scaling})
     train_cfg = resolve_data_config(job.training_config())  # builtin data written once, not per trial
-    check_writable(train_cfg.run.storage, train_cfg.data.s3)
+    check_writable(train_cfg.run.storage, train_cfg.storage.s3)
     sweep_uri = join(train_cfg.run.storage, train_cfg.run.name)
-    sweep = RunDir(sweep_uri, train_cfg.data.s3)
+    sweep = RunDir(sweep_uri, train_cfg.storage.s3)
     _check_same_sweep(job, sweep)
     t = job.tune
     started = init_ray(job.scaling.ray_address, _logical_cpus(job))
@@ -139,7 +139,7 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
                          sweep=train_cfg.run.name, metric=t.metric)
         resources = {"CPU": t.resources.cpu, **({"GPU": t.resources.gpu} if t.resources.gpu else {})}
         trainable = tune.with_resources(tune.with_parameters(tune_trial, spec=spec), resources)
-        storage_path, fs = ray_storage(sweep_uri, train_cfg.data.s3)
+        storage_path, fs = ray_storage(sweep_uri, train_cfg.storage.s3)
         exp_path = f"{storage_path}/{TUNE_DIR}"
         restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
         if restored:

@@ -32,7 +32,7 @@ NOT_SEARCHABLE = {
     "logging.val_every_steps": "trials report the metric at the same steps",
     "logging.val_timesteps": "the validation loss must be measured the same way in every trial",
 }
-NOT_SEARCHABLE_PREFIXES = {"data.s3.": "storage connection settings are not hyperparameters"}
+NOT_SEARCHABLE_PREFIXES = {"storage.s3.": "storage connection settings are not hyperparameters"}
 
 # What population-based training may change when a trial continues from another trial's
 # checkpoint: optimizer, schedule and loss settings. The model, batch, noise schedule, precision

@@ -88,9 +88,9 @@ def donor_checkpoint(uri: str, cfg: Any) -> str:
     from orchestrator.storage import RunDir, exists
     from orchestrator.train.checkpoints import STATE_FILE, latest_checkpoint
 
-    if exists(join(uri, STATE_FILE), cfg.data.s3):
+    if exists(join(uri, STATE_FILE), cfg.storage.s3):
         return uri
-    donor = RunDir(uri.rstrip("/").rsplit("/", 1)[0], cfg.data.s3)
+    donor = RunDir(uri.rstrip("/").rsplit("/", 1)[0], cfg.storage.s3)
     latest = latest_checkpoint(donor)
     if latest is None:
         raise RuntimeError(f"PBT donor run {donor.uri} has no checkpoint left to continue from. "
@@ -203,7 +203,7 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     if "error" in outcome:
         raise outcome["error"]
     out = outcome["run"]
-    final = dict(trial.last) or _last_result_in_storage(trial, cfg.data.s3)
+    final = dict(trial.last) or _last_result_in_storage(trial, cfg.storage.s3)
     final["step"] = out.final_step
     if out.checkpoint_path:
         trial.checkpoint = (out.checkpoint_path, out.final_step)
