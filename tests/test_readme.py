@@ -1,6 +1,7 @@
-"""README.md's ```bash blocks, executed so that the walk-throughs cannot drift from the code.
+"""The ```bash blocks of README.md and docs/*.md, executed so that the walk-throughs cannot drift
+from the code.
 
-Every command of every block is either run as written or listed in ``NOT_RUN`` with the reason
+Every command of every block in every page is either run as written or listed in ``NOT_RUN`` with the reason
 (a full `make demo`, a cloud cluster, a VAE that is not on this machine, ...); those are still
 checked: each `raydiff` command's flags are parsed by raydiff's own parser and each `raydiff
 train`/`tune` runs its `--dry-run`, so a renamed flag or key fails here.
@@ -29,6 +30,25 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
+DOCS = ROOT / "docs"
+README_MAX_CHARS = 10_000  # a quick start; the reference lives in docs/
+
+
+def doc_pages() -> list[Path]:
+    """README.md and every docs/*.md page: the files whose bash blocks these tests run."""
+    return [README, *sorted(DOCS.glob("*.md"))]
+
+
+def doc_blocks() -> list[tuple[Path, list[str]]]:
+    """(page, block) for every ```bash block of every page, in page order."""
+    return [(page, block) for page in doc_pages() for block in bash_blocks(page.read_text())]
+
+
+def s3_block() -> list[str]:
+    """The S3 walk-through (docs/data.md), found by its first command wherever it lives."""
+    found = [b for _, b in doc_blocks() if b and b[0].startswith(S3_BLOCK)]
+    assert len(found) == 1, f"expected one S3 walk-through block in README.md or docs/*.md, found {len(found)}"
+    return found[0]
 
 # Command prefix -> why it is not executed here (checked by parsing / --dry-run instead).
 NOT_RUN = {
@@ -92,18 +112,17 @@ def _with_dry_run(argv: list[str]) -> list[str] | None:
     return None
 
 
-def test_readme_blocks_are_all_run_or_listed_with_a_reason_and_parse(tmp_path, monkeypatch, capsys):
-    """Fast: every command is known; every raydiff command parses; train/tune commands dry-run."""
+@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_doc_blocks_are_all_run_or_listed_with_a_reason_and_parse(page, tmp_path, monkeypatch, capsys):
+    """Fast, per page (README.md, docs/*.md): every command is known; every raydiff command
+    parses; train/tune commands dry-run."""
     from orchestrator.cli import build_parser, main
 
     monkeypatch.chdir(ROOT)  # job files are relative to the checkout
     monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
-    blocks = bash_blocks(README.read_text())
-    assert len(blocks) >= 8
-    assert any(b and b[0].startswith(S3_BLOCK) for b in blocks), "the S3 walk-through block is gone"
-    env = {"S3": "http://127.0.0.1:9000", "TRY": ""}
-    used = set()
-    for block in blocks:
+    name = page.relative_to(ROOT).as_posix()
+    env = {"S3": "http://127.0.0.1:9000", "TRY": ""}  # variables carry over between a page's blocks
+    for block in bash_blocks(page.read_text()):
         runs = block and block[0].startswith(S3_BLOCK)
         for cmd in block:
             if re.match(r"^(export\s+)?\w+=", cmd) and not cmd.startswith(("RAY_AUTH_MODE",)):
@@ -113,12 +132,10 @@ def test_readme_blocks_are_all_run_or_listed_with_a_reason_and_parse(tmp_path, m
                 continue
             why = not_run_reason(cmd)
             cheap = "--dry-run" in cmd  # runs here, as written
-            assert runs or why or cheap, f"README command neither run by tests/test_readme.py nor listed in NOT_RUN: {cmd}"
-            if why:
-                used.add(next(p for p in NOT_RUN if cmd.startswith(p)))
+            assert runs or why or cheap, f"{name} command neither run by tests/test_readme.py nor listed in NOT_RUN: {cmd}"
             argv = _raydiff_argv(words(cmd, env))
             if argv is None:
-                assert cmd.startswith("make "), cmd
+                assert cmd.startswith("make "), f"{name}: {cmd}"
                 target = cmd.split()[1]
                 p = subprocess.run(["make", "-n", target], cwd=ROOT, capture_output=True, text=True)
                 assert p.returncode == 0, p.stderr
@@ -128,14 +145,24 @@ def test_readme_blocks_are_all_run_or_listed_with_a_reason_and_parse(tmp_path, m
             try:
                 build_parser().parse_args(argv)
             except SystemExit as e:
-                pytest.fail(f"README command does not parse ({e}): {cmd}")
+                pytest.fail(f"{name} command does not parse ({e}): {cmd}")
             dry = _with_dry_run(argv)
             if dry is not None and why:
-                assert main(dry) == 0, f"{' '.join(dry)}: {capsys.readouterr().err}"
+                assert main(dry) == 0, f"{name}: {' '.join(dry)}: {capsys.readouterr().err}"
             elif cheap and not runs:
                 # Cheap commands outside the S3 walk-through (dry runs) run here, as written.
-                assert main(argv) == 0, f"{cmd}: {capsys.readouterr().err}"
-    assert used == set(NOT_RUN), f"NOT_RUN entries that match no README command: {set(NOT_RUN) - used}"
+                assert main(argv) == 0, f"{name}: {cmd}: {capsys.readouterr().err}"
+
+
+def test_doc_blocks_cover_the_walkthroughs_and_not_run_is_current():
+    """The pages together still hold the walk-throughs, the S3 block once, and every NOT_RUN
+    entry matches a command somewhere (a stale entry would excuse a command nobody wrote)."""
+    blocks = doc_blocks()
+    assert len(blocks) >= 8
+    assert s3_block(), "the S3 walk-through block is gone"
+    cmds = [cmd for _, block in blocks for cmd in block]
+    unused = [p for p in NOT_RUN if not any(cmd.startswith(p) for cmd in cmds)]
+    assert not unused, f"NOT_RUN entries that match no command in README.md or docs/*.md: {unused}"
 
 
 def _free_port() -> int:
@@ -174,14 +201,62 @@ def check_clean_log(log: str) -> None:
     assert re.search(r"raydiff: step 20/20 \(100%\), loss [0-9.]+, \d+ img/s", log), log
 
 
-def test_readme_images_exist_and_are_png():
-    """The README's example images (the demo grid) are committed where it says."""
-    links = re.findall(r"!\[[^\]]*\]\(([^)]+)\)", README.read_text())
-    assert links, "the README shows no example image"
+IMAGE = re.compile(r"!\[[^\]]*\]\(([^)\s]+)\)")
+LINK = re.compile(r"(?<!!)\[[^\]]*\]\(([^)\s]+)\)")
+
+
+def _local(target: str) -> str | None:
+    """The file part of a relative link (no URL, no pure #anchor), else None."""
+    if re.match(r"^[a-z][a-z0-9+.-]*:", target) or target.startswith("#"):
+        return None
+    return target.split("#", 1)[0]
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_doc_images_exist_and_are_png(page):
+    """The example images (the demo grid in README.md) are committed where the pages say."""
+    links = IMAGE.findall(page.read_text())
+    if page == README:
+        assert "jobs/demo-samples.png" in links, "the README no longer shows the demo grid"
     for link in links:
-        path = ROOT / link
-        assert path.is_file(), f"README image {link} is missing"
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"README image {link} is not a PNG"
+        path = (page.parent / link).resolve()
+        assert path.is_file(), f"{page.name}: image {link} is missing"
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f"{page.name}: image {link} is not a PNG"
+
+
+def test_readme_is_a_quick_start_linking_every_docs_page():
+    """README.md stays short, links every docs/ page, and every page it links exists."""
+    text = README.read_text()
+    assert len(text) <= README_MAX_CHARS, f"README.md has {len(text)} characters (at most {README_MAX_CHARS}): move reference to docs/"
+    linked = {(ROOT / f).resolve() for f in map(_local, LINK.findall(text)) if f}
+    pages = sorted(DOCS.glob("*.md"))
+    assert len(pages) >= 7, pages
+    for page in pages:
+        assert page.resolve() in linked, f"docs/{page.name} is not linked from README.md"
+    for path in linked:
+        assert path.exists(), f"README.md links {path.relative_to(ROOT)}, which does not exist"
+
+
+@pytest.mark.parametrize("page", doc_pages(), ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_doc_links_point_to_files_that_exist(page):
+    """Relative links between README.md, docs/, cluster/README.md and BENCHMARKS.md resolve."""
+    for target in LINK.findall(page.read_text()):
+        f = _local(target)
+        if f is None and not target.startswith("#"):
+            continue  # a URL
+        path = page.parent / f if f else page
+        assert path.exists(), f"{page.name} links {target}, which does not exist"
+        if "#" in target and path.suffix == ".md":
+            anchor = target.split("#", 1)[1]
+            assert anchor in _anchors(path), f"{page.name} links {target}: no such heading in {path.name}"
+
+
+def _anchors(page: Path) -> set[str]:
+    """GitHub's heading anchors: lower case, punctuation dropped, spaces to hyphens."""
+    out = set()
+    for heading in re.findall(r"^#+\s+(.+?)\s*$", page.read_text(), flags=re.M):
+        out.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return out
 
 
 @pytest.mark.slow
@@ -192,7 +267,7 @@ def test_s3_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
 
     from orchestrator.cli import main
 
-    (block,) = [b for b in bash_blocks(README.read_text()) if b and b[0].startswith(S3_BLOCK)]
+    block = s3_block()
     port = _free_port()
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
