@@ -81,6 +81,7 @@ def build_engine(cfg: TrainConfig, plan: Plan, module: torch.nn.Module):
     """Returns the DeepSpeed engine wrapping ``module``."""
     import deepspeed
 
+    skip_inference_comm_build()
     o = cfg.optim
     # A torch optimizer instead of a DeepSpeed config optimizer: DeepSpeed would otherwise JIT-build
     # FusedAdam (needs a compiler and, on the GPU image, TORCH_CUDA_ARCH_LIST); torch's fused AdamW
@@ -106,6 +107,23 @@ def build_engine(cfg: TrainConfig, plan: Plan, module: torch.nn.Module):
         # buffer and copy it back for nothing.
         engine.enable_backward_allreduce = False
     return engine
+
+
+def skip_inference_comm_build() -> None:
+    """Keep DeepSpeed from JIT-compiling its shared-memory all-reduce at engine start.
+
+    DeepSpeed's comm backend, on the CPU accelerator, compiles ``deepspeed_shm_comm`` (C++, with
+    ninja, into ~/.cache/torch_extensions) when it starts. The op serves only
+    ``inference_all_reduce`` (tensor-parallel inference layers, deepspeed/module_inject); training
+    all-reduces through torch.distributed (gloo here). The build is keyed by the virtual
+    environment's path, so every new checkout with its own .venv (``make demo`` in a fresh clone,
+    every CI run) recompiled it: 20-30 s of the "engine" start-up phase on 2 idle cores, 250 s
+    measured with other runs on the same cores (2026-12-06). Marking the op incompatible is
+    DeepSpeed's own switch for "not available here" (``build_shm_op`` then returns None).
+    """
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def loss_scale_of(engine) -> float:
