@@ -1,7 +1,12 @@
 """``raydiff controller run --local``: the controller owns a Ray head on this machine. It stops it
 on SIGTERM; a controller killed with SIGKILL leaves the head (and its jobs) running, and the next
 ``--local`` controller adopts that head instead of starting a second one; when the recorded head
-is gone, a new head is started and the active job is resubmitted there."""
+is gone, a new head is started and the active job is resubmitted there.
+
+Run as the README says, with RAY_AUTH_MODE unset: the first two controllers find a token in
+~/.ray/auth_token (any earlier local ``ray.init`` leaves one, and Ray 2.60 then turns token
+authentication on for a new head), the third finds none; the controller talks to its head
+either way."""
 
 from __future__ import annotations
 
@@ -11,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -51,17 +57,22 @@ def _answers(url: str) -> bool:
     try:
         with urllib.request.urlopen(f"{url}/api/version", timeout=5) as r:
             return r.status == 200
+    except urllib.error.HTTPError as e:
+        return e.code in (401, 403)  # serving, behind the head's token authentication
     except OSError:
         return False
 
 
-def test_local_head_is_owned_adopted_after_kill9_and_replaced_when_gone(tmp_path, monkeypatch):
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
+def test_local_head_is_owned_adopted_after_kill9_and_replaced_when_gone(tmp_path):
     wd = tmp_path / "wd"
     wd.mkdir()
     (wd / "local.yaml").write_text(_spec(tmp_path / "runs"))
     db, log = tmp_path / "controller.db", tmp_path / "controller.log"
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAYDIFF_CACHE_DIR": str(tmp_path / "cache")}
+    home = tmp_path / "home"
+    (home / ".ray").mkdir(parents=True)
+    (home / ".ray" / "auth_token").write_text("a-token-of-an-earlier-local-ray\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    env.update(HOME=str(home), RAYDIFF_CACHE_DIR=str(tmp_path / "cache"))
     base = [sys.executable, "-m", "orchestrator", "controller", "run", "--local", "--num-cpus", "4", "--db", str(db),
             "--working-dir", str(wd), "--poll-s", "1", "--backoff-s", "1"]
     procs: list[subprocess.Popen] = []
@@ -108,7 +119,9 @@ def test_local_head_is_owned_adopted_after_kill9_and_replaced_when_gone(tmp_path
         assert not _answers(url)
         assert _head_processes(temp_dir) == []
 
-        # c) The recorded head is gone: a new one is started and the job resubmitted to it.
+        # c) The recorded head is gone: a new one is started and the job resubmitted to it (now
+        # with no token lying in HOME).
+        (home / ".ray" / "auth_token").unlink()
         log.write_text("")
         c = start()
         m = wait_log(r"started a local Ray head at (\S+) \(temp dir (\S+),")
@@ -122,6 +135,7 @@ def test_local_head_is_owned_adopted_after_kill9_and_replaced_when_gone(tmp_path
         status = subprocess.run([sys.executable, "-m", "orchestrator", "controller", "status", "--db", str(db)],
                                 capture_output=True, text=True, timeout=300)
         assert re.search(rf"{NAME}\s+submitted\s+2\s+1/3\s+{NAME}-2", status.stdout), status.stdout
+        assert "requires token authentication" not in log.read_text()
     finally:
         for p in procs:
             if p.poll() is None:
@@ -133,3 +147,4 @@ def test_local_head_is_owned_adopted_after_kill9_and_replaced_when_gone(tmp_path
                     p.kill()
                 except psutil.Error:
                     pass
+

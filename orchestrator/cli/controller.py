@@ -99,6 +99,13 @@ def cmd_run(args) -> int:
     if specs and not (address or args.local):
         raise ConfigError("no cluster address. Fix: --address http://HEAD:8265 (the head's dashboard port), "
                           "or --local to start a Ray head here")
+    if args.local:
+        # Before a head is started (tens of seconds): a spec that cannot run is an error now.
+        from orchestrator.cluster.submit import build_submission
+
+        for spec in specs:
+            build_submission(spec, overrides, working_dir=args.working_dir, submission_id="(validation)",
+                             env_vars=env)
     state = _state(args)
     lock = state.lock_controller()
     stop = threading.Event()
@@ -121,6 +128,8 @@ def cmd_run(args) -> int:
         if args.local:
             head = local_head.start_or_adopt(state, num_cpus=args.num_cpus, log=controller.log)
             address = head.dashboard_url
+            if head.token is not None:
+                controller.tokens[address] = head.token
         names = {controller.register(spec, overrides, address=address, working_dir=args.working_dir,
                                      max_restarts=args.max_restarts, env=env, rerun=args.rerun).name
                  for spec in specs}

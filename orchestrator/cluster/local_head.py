@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -98,6 +99,44 @@ class LocalHead:
         self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
         self.log_path = Path(self.temp_dir) / "ray-start.log"
         self.proc: subprocess.Popen | None = None
+        self.token_file = self._auth_setup()
+
+    # -- authentication -------------------------------------------------------------------------
+    def _auth_setup(self) -> str | None:
+        """This head's token authentication, decided here rather than left to ``ray start``.
+
+        Left alone, Ray 2.60 turns token authentication on for a new head whenever a token is
+        lying around (``~/.ray/auth_token``, written by any earlier local ``ray.init``), while
+        Ray's clients send a token only with ``RAY_AUTH_MODE=token``: a controller that started
+        such a head could never talk to it. So the head always runs in an explicit mode: without
+        authentication when the caller's environment says ``RAY_AUTH_MODE=disabled`` (tests on
+        loopback), otherwise with a token: the caller's (``RAY_AUTH_TOKEN`` /
+        ``RAY_AUTH_TOKEN_PATH``) or a new one in a file of this head's temp directory (mode 600).
+        Returns that file (None: no file of ours)."""
+        env = {**os.environ, **self.extra_env}
+        if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
+            return None
+        if env.get("RAY_AUTH_TOKEN", "").strip() or env.get("RAY_AUTH_TOKEN_PATH"):
+            return None
+        path = Path(self.temp_dir) / "auth_token"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        return str(path)
+
+    @property
+    def token(self) -> str | None:
+        """The token clients of this head must send (None: the head runs without authentication)."""
+        env = {**os.environ, **self.extra_env}
+        if self.token_file is not None:
+            return Path(self.token_file).read_text().strip()
+        if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
+            return None
+        if env.get("RAY_AUTH_TOKEN", "").strip():
+            return env["RAY_AUTH_TOKEN"].strip()
+        if env.get("RAY_AUTH_TOKEN_PATH"):
+            return Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser().read_text().strip()
+        return None  # a head adopted from a record written before heads had their own token
 
     # -- start ----------------------------------------------------------------------------------
     def command(self) -> list[str]:
@@ -128,6 +167,12 @@ class LocalHead:
             env["RAY_FAKE_CLUSTER"] = "1"
             env.setdefault("AUTOSCALER_UPDATE_INTERVAL_S", "1")
         env.update(self.extra_env)
+        if env.get("RAY_AUTH_MODE", "").lower() != "disabled":
+            env["RAY_AUTH_MODE"] = "token"  # explicit: see _auth_setup
+            if self.token_file is not None:
+                # Job drivers inherit the head's environment: their ray.init finds the token too.
+                env["RAY_AUTH_TOKEN_PATH"] = self.token_file
+                env.pop("RAY_AUTH_TOKEN", None)
         return env
 
     def start(self, timeout_s: float = 90) -> "LocalHead":

@@ -142,14 +142,14 @@ _TOKEN_FIX = ("Fix: export RAY_AUTH_TOKEN=<the cluster's token> (on the head: `r
               "Secret named in cluster/kuberay-raycluster.yaml), or RAY_AUTH_TOKEN_PATH=<file with it>")
 
 
-def connect(address: str | None):
+def connect(address: str | None, token: str | None = None):
     """A ``JobSubmissionClient`` for ``address`` (None: ``RAY_ADDRESS``/``RAY_API_SERVER_ADDRESS``),
-    sending the token when there is one. Connection and authentication failures become one-line
+    sending ``token``, else the one the environment names (``auth_token``) when there is one. Connection and authentication failures become one-line
     ``ConfigError`` messages with the fix."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
-    token = auth_token()
+    token = token or auth_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return JobSubmissionClient(address, headers=headers)

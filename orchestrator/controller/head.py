@@ -68,7 +68,8 @@ class _Leader:
 def _record(head: LocalHead) -> str:
     assert head.proc is not None  # started: LocalHead.start() sets it or raises
     return json.dumps({"pid": head.proc.pid, "temp_dir": head.temp_dir, "gcs_port": head.gcs_port,
-                       "dashboard_port": head.dashboard_port, "num_cpus": head.num_cpus})
+                       "dashboard_port": head.dashboard_port, "num_cpus": head.num_cpus,
+                       "token_file": head.token_file})
 
 
 def _adopt(rec: dict[str, Any]) -> LocalHead | None:
@@ -86,6 +87,7 @@ def _adopt(rec: dict[str, Any]) -> LocalHead | None:
         num_cpus=rec.get("num_cpus", 0), worker_types=None, idle_timeout_s=10, extra_env={},
         temp_dir=rec["temp_dir"], gcs_port=rec["gcs_port"], dashboard_port=rec["dashboard_port"],
         address=f"127.0.0.1:{rec['gcs_port']}", dashboard_url=f"http://127.0.0.1:{rec['dashboard_port']}",
+        token_file=rec.get("token_file"),
     )
     from pathlib import Path
 

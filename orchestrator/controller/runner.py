@@ -58,6 +58,9 @@ class Controller:
         self.out = out or sys.stdout
         self.rng = rng or random.Random()
         self._clients: dict[str, Any] = {}
+        # Tokens of heads this controller knows itself (its --local head), by dashboard address;
+        # other clusters' tokens come from the environment (cluster/submit.py auth_token).
+        self.tokens: dict[str, str] = {}
         self._unreachable: dict[str, str] = {}  # address -> the error last reported for it
 
     def log(self, msg: str) -> None:
@@ -70,7 +73,7 @@ class Controller:
             from orchestrator.cluster.submit import connect
 
             try:
-                client = self._clients[address] = connect(address)
+                client = self._clients[address] = connect(address, self.tokens.get(address))
             except ConfigError as e:
                 raise HeadUnreachable(str(e)) from None
         return client
