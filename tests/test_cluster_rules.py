@@ -4,6 +4,8 @@ use, how `raydiff submit` builds a job and finds its token, and its one-line err
 from __future__ import annotations
 
 import shlex
+import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -51,11 +53,40 @@ def test_local_paths_and_the_job_address(monkeypatch):
     assert rules.with_job_address(pinned).scaling.ray_address == "ray://head:10001"
 
 
-def test_check_cluster_paths_needs_no_ray_when_nothing_is_local():
-    # Returns before asking Ray anything: local runs, object storage, a shared filesystem.
-    rules.check_cluster_paths(load_config(None, []), _plan(2, 1))
-    rules.check_cluster_paths(load_config(None, ["scaling.ray_address=auto", "run.storage=s3://b/r", "data.source=s3://b/d"]), _plan(2, 1))
-    rules.check_cluster_paths(load_config(None, ["scaling.ray_address=auto", "scaling.shared_filesystem=true"]), _plan(2, 1))
+class _FakeRay(types.ModuleType):
+    """Stands in for ``ray`` inside check_cluster_paths: counts the questions asked and answers
+    with a two-node cluster (a run that spans several nodes)."""
+
+    def __init__(self):
+        super().__init__("ray")
+        self.calls: list[str] = []
+
+    def nodes(self):
+        self.calls.append("nodes")
+        return [_node("h", 4), _node("w", 4)]
+
+    def get_runtime_context(self):
+        self.calls.append("get_runtime_context")
+        return types.SimpleNamespace(get_node_id=lambda: "h")
+
+
+def test_check_cluster_paths_needs_no_ray_when_nothing_is_local(monkeypatch):
+    local_run = load_config(None, [])
+    object_storage = load_config(None, ["scaling.ray_address=auto", "run.storage=s3://b/r", "data.source=s3://b/d"])
+    shared_fs = load_config(None, ["scaling.ray_address=auto", "scaling.shared_filesystem=true"])
+    local_storage = load_config(None, ["scaling.ray_address=auto", "run.storage=/data/runs", "data.source=s3://b/d"])
+    fake = _FakeRay()
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    # Returns before asking Ray anything, and refuses nothing even on a two-node cluster: local
+    # runs, object storage, a shared filesystem.
+    for cfg in (local_run, object_storage, shared_fs):
+        assert rules.check_cluster_paths(cfg, _plan(2, 1)) is None
+    assert fake.calls == []
+    # The same two-node cluster with a local path: Ray is asked, and the run is refused.
+    with pytest.raises(ConfigError, match=r"(?s)spans several nodes \(the cluster has 2 nodes\).*"
+                                          r"run.storage='/data/runs' is a local path"):
+        rules.check_cluster_paths(local_storage, _plan(2, 1))
+    assert "nodes" in fake.calls
 
 
 def test_build_submission(tmp_path):

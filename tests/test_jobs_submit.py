@@ -12,6 +12,7 @@ import os
 import secrets
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -56,7 +57,25 @@ def _job(head, submission_id: str) -> tuple[str, str]:
     return str(c.get_job_status(submission_id).value), c.get_job_logs(submission_id)
 
 
-def test_ray_job_submit_cli_runs_job_spec(head, storage):
+@dataclass(frozen=True)
+class CliRun:
+    """What the `ray job submit` run left, read right after it (a later test resumes the run)."""
+
+    returncode: int
+    output: str  # the CLI's stdout and stderr
+    status: str
+    logs: str
+    checkpoint_steps: list[int]
+    metric_steps: list[int]
+    grid_size: tuple[int, int]
+    uploaded: dict[str, int] | None  # path -> size in the one unpacked working-dir package, None if not one
+    packages: list[Path]
+
+
+@pytest.fixture(scope="module")
+def cli_run(head, storage) -> CliRun:
+    """jobs/local-smoke.yaml run once with the real `ray job submit --working-dir .` CLI (6 steps);
+    shared by the test that checks it and the one that resumes it, so each passes alone."""
     sid = "smoke-cli-1"
     r = subprocess.run(
         [RAY, "job", "submit", "--address", head.dashboard_url, "--working-dir", ".", "--submission-id", sid,
@@ -65,24 +84,34 @@ def test_ray_job_submit_cli_runs_job_spec(head, storage):
         capture_output=True, text=True, timeout=540,
     )
     status, logs = _job(head, sid)
-    assert r.returncode == 0 and status == "SUCCEEDED", (r.stdout + r.stderr)[-3000:] + logs[-3000:]
-    assert "final step: 6" in logs
-
     rundir = RunDir(str(storage / "local-smoke"))
-    assert [c.step for c in list_checkpoints(rundir)] == [3, 6]
-    assert [m["step"] for m in rundir.metrics()] == [1, 2, 3, 4, 5, 6]
-    grid = Image.open(io.BytesIO(rundir.read_bytes("samples/step_0000006.png")))
+    ok = r.returncode == 0 and status == "SUCCEEDED"
+    grid = Image.open(io.BytesIO(rundir.read_bytes("samples/step_0000006.png"))).size if ok else (0, 0)
+    # What --working-dir uploaded (unpacked on the head).
+    pkgs = [p for p in Path(head.temp_dir).glob("session_2*/runtime_resources/working_dir_files/*") if p.is_dir()]
+    uploaded = {p.relative_to(pkgs[0]).as_posix(): p.stat().st_size for p in pkgs[0].rglob("*") if p.is_file()} \
+        if len(pkgs) == 1 else None
+    return CliRun(r.returncode, r.stdout + r.stderr, status, logs,
+                  [c.step for c in list_checkpoints(rundir)] if ok else [],
+                  [m["step"] for m in rundir.metrics()] if ok else [], grid, uploaded, pkgs)
+
+
+def test_ray_job_submit_cli_runs_job_spec(cli_run):
+    assert cli_run.returncode == 0 and cli_run.status == "SUCCEEDED", cli_run.output[-3000:] + cli_run.logs[-3000:]
+    assert "final step: 6" in cli_run.logs
+
+    assert cli_run.checkpoint_steps == [3, 6]
+    assert cli_run.metric_steps == [1, 2, 3, 4, 5, 6]
     # 3 rows (classes) x 2 columns of 16x16 with 2 px padding, upscaled 2x.
-    assert grid.size == (2 * (2 * 18 + 2), 2 * (3 * 18 + 2))
+    assert cli_run.grid_size == (2 * (2 * 18 + 2), 2 * (3 * 18 + 2))
 
     # What --working-dir uploaded (unpacked on the head): the code and job specs, nothing of
     # .venv, .git, run directories or GPU bundles.
-    pkgs = [p for p in Path(head.temp_dir).glob("session_2*/runtime_resources/working_dir_files/*") if p.is_dir()]
-    assert len(pkgs) == 1, pkgs
-    files = [p.relative_to(pkgs[0]).as_posix() for p in pkgs[0].rglob("*") if p.is_file()]
+    assert cli_run.uploaded is not None, cli_run.packages
+    files = list(cli_run.uploaded)
     assert "jobs/local-smoke.yaml" in files and "orchestrator/cli/submit.py" in files
     assert not [f for f in files if f.split("/")[0] in (".venv", ".git", "runs", ".gpu")]
-    assert sum((pkgs[0] / f).stat().st_size for f in files) < 5 << 20
+    assert sum(cli_run.uploaded.values()) < 5 << 20
 
 
 def test_raydiff_submit_without_token_is_refused_with_the_fix(head, monkeypatch, capsys):
@@ -99,7 +128,9 @@ def test_raydiff_submit_without_token_is_refused_with_the_fix(head, monkeypatch,
     assert "rejected the token sent" in capsys.readouterr().err
 
 
-def test_raydiff_submit_resumes_the_run(head, storage):
+def test_raydiff_submit_resumes_the_run(head, storage, cli_run):
+    # The run of `ray job submit` (6 steps, cli_run) continued to 9 steps.
+    assert cli_run.returncode == 0 and cli_run.status == "SUCCEEDED", cli_run.output[-3000:] + cli_run.logs[-3000:]
     # The token alone (no RAY_AUTH_MODE): raydiff sends it; Ray's own CLI would not.
     r = subprocess.run(
         [RAYDIFF, "submit", "jobs/local-smoke.yaml", f"run.storage={storage}", "optim.steps=9",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 
 import pytest
 import torch
@@ -17,7 +18,9 @@ from orchestrator.eval.shape_judge import ShapeJudge, shape_view
 @pytest.fixture(scope="module")
 def shapes():
     torch.set_num_threads(1)
-    train = demo_images(40, 32, seed=0)
+    # 120 per class (the demo's judge trains on 300): with 40 the judge's own held-out 10%
+    # scored 77.5%, under the README's 80%; with 120 about 97% (held-out set 98%, blobs 38%).
+    train = demo_images(120, 32, seed=0)
     held_out = demo_images(6, 32, seed=1)
     return train, held_out
 
@@ -38,7 +41,7 @@ def test_shape_judge_sees_shape_not_colour(shapes):
     judge = ShapeJudge.train(images, labels, 10, epochs=6, seed=0)
     clf, _ = train_classifier(images, labels, 10, seed=0)
     acc, per_class = judge.score(val, val_labels)
-    assert judge.val_accuracy > 0.75 and acc > 0.75, (judge.val_accuracy, acc)
+    assert judge.val_accuracy >= 0.80 and acc >= 0.80, (judge.val_accuracy, acc)  # README: 80%
     assert len(per_class) == 10
     # Recoloured shapes (channels rotated: red circles become green, ...) keep their shape score.
     recoloured = val[:, [1, 2, 0]]
@@ -76,5 +79,11 @@ def test_bench_quality_quick(tmp_path, capsys):
     assert {"ddim-10", "ddim-20", "ddim-50", "ddim-100", "ddpm-1000", "ddim-20-g2", "ddim-20-g4"} <= samplers
     for r in rows:
         assert 0 <= float(r["shape_acc"]) <= 1 and 0 <= float(r["class_acc"]) <= 1
-        assert float(r["fid"]) >= 0 and float(r["val_loss"] or 0) >= 0
+        assert float(r["fid"]) >= 0
+        # Every point of a training curve has the EMA model's validation loss, a finite positive
+        # number (the sampler rows score samples only and may leave it empty).
+        if r["kind"] == "curve" or r["val_loss"]:
+            assert r["val_loss"], r
+            val_loss = float(r["val_loss"])
+            assert math.isfinite(val_loss) and val_loss > 0, r
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
