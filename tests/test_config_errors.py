@@ -104,3 +104,23 @@ def test_binary_config_in_a_real_process_has_no_traceback(tmp_path):
     assert "Traceback" not in p.stderr
     assert p.stderr.strip() == f"raydiff: config file {str(f)!r} is not a text file (byte 0 is not UTF-8). " \
                                "Fix: pass a YAML job file (see jobs/*.yaml)"
+
+
+@pytest.mark.parametrize("text", ["", "# nothing set yet\n", "\n\n"])
+def test_empty_job_file_is_one_line_exit_2(tmp_path, capsys, text):
+    f = tmp_path / "job.yaml"
+    f.write_text(text)
+    rc, err = _cli(capsys, "--config", str(f))
+    assert rc == 2
+    assert "is empty" in _one_line(err)
+
+
+def test_overrides_after_options_are_overrides(capsys):
+    # argparse stops the overrides positional at the first option; later key=value words count too.
+    assert main(["train", "--dry-run", "optim.lr=3e-4", "--verbose", "optim.steps=7"]) == 0
+    out = capsys.readouterr().out
+    assert "lr: 0.0003" in out and "steps: 7" in out
+    with pytest.raises(SystemExit) as e:
+        main(["train", "--dry-run", "--no-such-flag"])
+    assert e.value.code == 2
+    assert "unrecognized arguments: --no-such-flag" in capsys.readouterr().err

@@ -111,7 +111,12 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     tree: dict[str, Any] = {}
     if path is not None:
         p = Path(path)
-        loaded = _read_config_file(p) or {}
+        loaded = _read_config_file(p)
+        if loaded is None:
+            # Most often a file saved before it was written, or the wrong file: training the full
+            # default demo into runs/demo instead would hide that.
+            raise ConfigError(f"config file {str(p)!r} is empty (or only comments). Fix: give the settings that "
+                              "differ from the defaults (see jobs/*.yaml), or leave out --config to train with the defaults")
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {str(p)!r} must hold a mapping of sections, got {type(loaded).__name__}")
         tree = loaded
