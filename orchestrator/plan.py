@@ -12,7 +12,7 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.config import ConfigError, ScalingConfig, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["cpu", "gpu"]
@@ -191,11 +191,11 @@ def make_plan(cfg: TrainConfig) -> Plan:
     )
 
 
-def local_logical_cpus(plan: Plan) -> int:
+def local_logical_cpus(scaling: ScalingConfig) -> int:
     """Logical CPUs for a local Ray: training workers plus room for Ray Data's decode tasks.
 
     On a 2-core laptop, workers holding whole CPUs would leave none for Ray Data and the run would
     stall, so we over-commit logical CPUs (threads are capped per worker in the trainer).
     """
-    need = int(plan.num_workers * plan.cpus_per_worker + 0.999) + 2
+    need = int(scaling.num_workers * scaling.cpus_per_worker + 0.999) + 2
     return max(os.cpu_count() or 1, need)

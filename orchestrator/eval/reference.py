@@ -12,6 +12,7 @@ import torch
 
 from orchestrator.config import DataConfig, TrainConfig
 from orchestrator.data import DataError
+from orchestrator.data.source import resolve_data_source
 
 
 @dataclass
@@ -28,12 +29,7 @@ def reference_data_config(cfg: TrainConfig, reference: str | None) -> DataConfig
     data = cfg.data
     if reference is not None:
         data = data.model_copy(update={"source": reference, "format": "auto", "labels_file": None})
-    if data.source == "builtin":
-        from orchestrator.train.driver import resolve_data_config
-
-        local = cfg.model_copy(update={"data": data, "scaling": cfg.scaling.model_copy(update={"ray_address": None})})
-        data = resolve_data_config(local).data
-    return data
+    return resolve_data_source(data) if data.source == "builtin" else data
 
 
 def load_reference(data: DataConfig, *, limit: int, seed: int = 0) -> Reference:

@@ -3,57 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
+from orchestrator.data.source import resolve_data_config, resolve_paths
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
 from orchestrator.train.faults import forwarded_env
 from orchestrator.train.startup import phase_event
 from orchestrator.storage import RunDir
-
-
-def builtin_data_dir(cfg: TrainConfig) -> Path:
-    """Where the built-in dataset is written: a per-user cache shared by all runs."""
-    d = cfg.data
-    base = Path(os.environ.get("RAYDIFF_CACHE_DIR", Path.home() / ".cache" / "raydiff"))
-    return base / f"builtin-r{d.resolution}-n{d.builtin_images_per_class}-s{d.seed}"
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri
-
-
-def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Make local paths absolute: Ray Train workers run in their own working directory, so a
-    relative ``runs`` would land somewhere under Ray's session directory. (A relative
-    ``data.labels_file`` is relative to ``data.source`` and stays as it is.)"""
-    run, data = cfg.run, cfg.data
-    if _is_local(run.storage):
-        run = run.model_copy(update={"storage": os.path.abspath(os.path.expanduser(run.storage))})
-    if data.source != "builtin" and _is_local(data.source):
-        data = data.model_copy(update={"source": os.path.abspath(os.path.expanduser(data.source))})
-    return cfg.model_copy(update={"run": run, "data": data})
-
-
-def resolve_data_config(cfg: TrainConfig) -> TrainConfig:
-    """Turn ``data.source=builtin`` into a real image folder (written on first use)."""
-    cfg = resolve_paths(cfg)
-    if cfg.data.source != "builtin":
-        return cfg
-    # On a cluster, whether this machine's disk may be used is decided once connected
-    # (orchestrator.cluster.rules.check_cluster_paths).
-    from orchestrator.data.demo import write_demo_dataset
-
-    root = write_demo_dataset(
-        builtin_data_dir(cfg), cfg.data.builtin_images_per_class, cfg.data.resolution, cfg.data.seed
-    )
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(root), "format": "imagefolder"})})
 
 
 def dry_run_text(cfg: TrainConfig) -> str:
@@ -138,10 +99,12 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False
     try:
-        plan = make_plan(cfg)
-        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(plan))
-        if cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None:
-            plan = make_plan(cfg)  # now that we are connected, GPUs can be counted
+        # A cluster's GPUs can be counted only once connected; any other plan is made before Ray
+        # starts, so that a config the hardware rejects (fp16 on CPU) fails before anything starts.
+        count_gpus_on_cluster = cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None
+        plan = None if count_gpus_on_cluster else make_plan(cfg)
+        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(cfg.scaling))
+        plan = plan or make_plan(cfg)
         check_cluster_paths(given, plan)
         rundir = RunDir.for_config(cfg)
         rundir.event({"event": "started", "time": t_start})

@@ -20,6 +20,7 @@ from typing import Any
 import yaml
 
 from orchestrator.config import ConfigError, config_to_yaml
+from orchestrator.data.source import resolve_data_config
 from orchestrator.storage import RunDir, join
 from orchestrator.tune import space as S
 from orchestrator.ray_session import init_ray
@@ -113,7 +114,6 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     from ray import tune
 
     from orchestrator.storage import check_writable, ray_storage
-    from orchestrator.train.driver import resolve_data_config
     from orchestrator.tune import results as R
     from orchestrator.tune.asha import AshaRungs
     from orchestrator.tune.cleanup import ReapPlacementGroups, get_registry
