@@ -40,11 +40,18 @@ def _imports(name: str, path: Path, known: set[str]) -> set[str]:
     is_package = path.name == "__init__.py"
     out: set[str] = set()
 
+    # A module's own packages are initialised before it and import it in turn (a package's
+    # __init__ re-exporting its submodules): those edges are not cycles.
+    own_packages = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 1)}
+
     def add(target: str) -> None:
-        # The module named, not its parent packages: "from a.b import x" runs a/__init__.py too,
-        # but depends on its names only when x comes from a/b/__init__.py itself.
-        if target in known and target != name:
-            out.add(target)
+        # "from a.b.c import x" runs a/__init__.py and a/b/__init__.py first: importing from
+        # another package depends on that package's __init__ too.
+        parts = target.split(".")
+        for i in range(1, len(parts) + 1):
+            prefix = ".".join(parts[:i])
+            if prefix in known and prefix != name and prefix not in own_packages:
+                out.add(prefix)
 
     tree = ast.parse(path.read_text(), str(path))
     # Imports only for type checkers never run, so they cannot form a cycle.
@@ -138,6 +145,8 @@ def test_graph_sees_function_local_and_submodule_imports():
     assert "orchestrator.train.worker" in g["orchestrator.train.driver"]  # function-local
     assert "orchestrator.train.elastic" in g["orchestrator.train.checkpoints"]  # "from orchestrator.train.elastic import"
     assert "model._random" in g["model.objectives"]  # "from . import _random"
+    assert "orchestrator.train" in g["orchestrator.bench.step"]  # another package's __init__ runs first
+    assert "orchestrator.data" not in g["orchestrator.data.formats.base"]  # its own package
     assert "orchestrator.config" not in g["orchestrator.data.formats.base"]  # under TYPE_CHECKING only
     assert find_cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c", "a"]]
 

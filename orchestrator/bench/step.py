@@ -30,7 +30,6 @@ from typing import Any, Callable
 import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
-from torch.utils.flop_counter import FlopCounterMode
 
 from orchestrator.bench.timing import Result, sync
 from orchestrator.builders import build_denoiser
@@ -195,6 +194,8 @@ def _peak(device: torch.device) -> float | None:
 
 def flops_per_image(cfg: TrainConfig, num_classes: int, device: torch.device) -> float:
     """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode on a batch of 2."""
+    from torch.utils.flop_counter import FlopCounterMode  # not loaded by the rest of the CLI
+
     model = build_denoiser(cfg.model, cfg.data, num_classes).to(device)
     c, r = cfg.data.channels, cfg.data.resolution
     x = torch.randn(2, c, r, r, device=device)

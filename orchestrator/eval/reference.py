@@ -12,7 +12,11 @@ import torch
 
 from orchestrator.config import DataConfig, TrainConfig
 from orchestrator.data import DataError
+from orchestrator.data.decode import decode_image, to_model_range
+from orchestrator.data.labels import label_problem
+from orchestrator.data.pipeline import inspect_dataset, iter_samples
 from orchestrator.data.source import resolve_data_source
+from orchestrator.storage import redact_uri
 
 
 @dataclass
@@ -33,11 +37,6 @@ def reference_data_config(cfg: TrainConfig, reference: str | None) -> DataConfig
 
 
 def load_reference(data: DataConfig, *, limit: int, seed: int = 0) -> Reference:
-    from orchestrator.data.decode import decode_image, to_model_range
-    from orchestrator.data.labels import label_problem
-    from orchestrator.data.pipeline import inspect_dataset, iter_samples
-    from orchestrator.storage import redact_uri
-
     info = inspect_dataset(data)
     rng = np.random.default_rng(seed)
     kept: list[tuple[bytes, object]] = []
