@@ -12,7 +12,10 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-from orchestrator.config import ConfigError, TrainConfig
+import torch
+
+from model.registry import build_model
+from orchestrator.config import ConfigError, ScalingConfig, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["cpu", "gpu"]
@@ -68,8 +71,6 @@ def cpu_has_bf16() -> bool:
 def _cluster_has_gpus(ray_address: str | None) -> bool | None:
     """GPU presence without starting anything: locally from torch; on a cluster only once connected."""
     if ray_address is None:
-        import torch
-
         return torch.cuda.is_available()
     try:
         import ray
@@ -120,10 +121,6 @@ DEFAULT_GPU_BYTES = 40 << 30
 
 def parameter_count(cfg: TrainConfig) -> int:
     """Parameters of the configured network, counted on the meta device (no memory, no compute)."""
-    import torch
-
-    from model.registry import build_model
-
     with torch.device("meta"):
         net = build_model(cfg.model.name, in_channels=cfg.data.channels, image_size=cfg.data.resolution,
                           num_classes=10 if cfg.data.conditional else None)
@@ -132,8 +129,6 @@ def parameter_count(cfg: TrainConfig) -> int:
 
 def _gpu_bytes(cfg: TrainConfig) -> int:
     if cfg.scaling.ray_address is None:
-        import torch
-
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory
     return DEFAULT_GPU_BYTES
@@ -191,11 +186,11 @@ def make_plan(cfg: TrainConfig) -> Plan:
     )
 
 
-def local_logical_cpus(plan: Plan) -> int:
+def local_logical_cpus(scaling: ScalingConfig) -> int:
     """Logical CPUs for a local Ray: training workers plus room for Ray Data's decode tasks.
 
     On a 2-core laptop, workers holding whole CPUs would leave none for Ray Data and the run would
     stall, so we over-commit logical CPUs (threads are capped per worker in the trainer).
     """
-    need = int(plan.num_workers * plan.cpus_per_worker + 0.999) + 2
+    need = int(scaling.num_workers * scaling.cpus_per_worker + 0.999) + 2
     return max(os.cpu_count() or 1, need)

@@ -9,9 +9,13 @@ overflow-skipped steps), the validation loss, and the newest sample grid. Metric
 from __future__ import annotations
 
 import io
+import logging
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
+from PIL import Image
 
 from orchestrator.storage import RunDir, StorageError, join, write_bytes
 
@@ -66,8 +70,6 @@ def render(metrics: list[dict[str, Any]], grid_png: bytes | None, *, title: str,
     """The report figure from metrics records and the newest grid (PNG bytes or None)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
-    import numpy as np
-    from PIL import Image
 
     fig = Figure(figsize=FIG_INCHES, dpi=DPI)
     FigureCanvasAgg(fig)
@@ -208,8 +210,6 @@ def write_report(run_uri: str, s3: "S3Config | None" = None, out: str | None = N
 def report_after_training(run_uri: str, s3: "S3Config | None") -> str | None:
     """``raydiff train``'s closing report; a failure to draw it is reported, not raised: the run
     itself succeeded, and ``raydiff report`` can draw it again."""
-    import logging
-
     try:
         return write_report(run_uri, s3)[0]
     except Exception as e:  # noqa: BLE001 - see the docstring

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from model.samplers import sample
-from model.schedules import NoiseSchedule, make_schedule
+from model.schedules import NoiseSchedule
+from orchestrator.builders import build_schedule
 from orchestrator.config import SamplingConfig, TrainConfig
 
 
@@ -26,8 +27,8 @@ def is_latent(cfg: TrainConfig) -> bool:
 
 
 def schedule_from_config(cfg: TrainConfig) -> NoiseSchedule:
-    d = cfg.diffusion
-    return make_schedule(d.schedule, d.num_timesteps, zero_terminal_snr=d.zero_terminal_snr)
+    """``build_schedule`` of the run's diffusion section (the samplers here and export use it)."""
+    return build_schedule(cfg.diffusion)
 
 
 def grid_labels(num_classes: int | None, scfg: SamplingConfig) -> torch.Tensor | None:

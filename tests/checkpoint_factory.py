@@ -11,7 +11,8 @@ import torch
 
 from model.ema import EMA
 from orchestrator.config import TrainConfig, config_to_yaml, load_config
-from orchestrator.train.checkpoints import CONFIG_FILE, DS_TAG, EMA_FILE, MODEL_FILE, STATE_FILE, build_denoiser
+from orchestrator.builders import build_denoiser
+from orchestrator.train.checkpoints import CONFIG_FILE, DS_TAG, EMA_FILE, MODEL_FILE, STATE_FILE
 from orchestrator.train.state import TrainState
 
 
@@ -25,7 +26,7 @@ def perturbed_model(cfg: TrainConfig, num_classes: int | None, seed: int, scale:
     layers output near-constant values (zero-initialised projections), which would make output
     comparisons vacuous."""
     torch.manual_seed(seed)
-    model = build_denoiser(cfg, num_classes)
+    model = build_denoiser(cfg.model, cfg.data, num_classes)
     g = torch.Generator().manual_seed(seed)
     for p in model.parameters():
         p.add_(scale * torch.randn(p.shape, generator=g))

@@ -11,7 +11,8 @@ import yaml
 
 from orchestrator.config import ConfigError, config_to_yaml, load_config, parse_override
 from orchestrator.train.driver import dry_run_text
-from orchestrator.train.engine import deepspeed_config, lr_lambda
+from orchestrator.builders import lr_lambda
+from orchestrator.train.engine import deepspeed_config
 from orchestrator.plan import make_plan
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -82,7 +83,7 @@ def test_plan_on_cpu_never_uses_fp16_and_says_why():
     plan = make_plan(cfg)
     assert plan.precision in ("bf16", "fp32")
     assert "fp16" in plan.precision_reason  # explains why fp16 was not chosen
-    ds = deepspeed_config(cfg, plan)
+    ds = deepspeed_config(cfg.optim, cfg.precision, plan)
     assert "fp16" not in ds
     assert ds["train_batch_size"] == cfg.optim.batch_size == plan.micro_batch_size * plan.num_workers
     assert ds["zero_optimization"]["stage"] == plan.zero_stage == 2  # auto on CPU: partitioned
@@ -101,7 +102,7 @@ def test_plan_on_gpu_uses_fp16_with_dynamic_loss_scaling():
     # DeepSpeed's fp16 engine (needed with ZeRO partitioning): dynamic loss scaling.
     cfg = load_config(None, ["scaling.device=gpu", "precision.initial_scale_power=12", "precision.zero_stage=2"])
     plan = make_plan(cfg)
-    ds = deepspeed_config(cfg, plan)
+    ds = deepspeed_config(cfg.optim, cfg.precision, plan)
     assert plan.precision == "fp16" and plan.gpus_per_worker == 1 and not plan.autocast
     assert ds["fp16"]["enabled"] and ds["fp16"]["loss_scale"] == 0 and ds["fp16"]["initial_scale_power"] == 12
 
@@ -109,7 +110,7 @@ def test_plan_on_gpu_uses_fp16_with_dynamic_loss_scaling():
 def test_plan_on_gpu_picks_stage_0_and_autocast_when_the_state_fits():
     cfg = load_config(None, ["scaling.device=gpu"])
     plan = make_plan(cfg)
-    ds = deepspeed_config(cfg, plan)
+    ds = deepspeed_config(cfg.optim, cfg.precision, plan)
     assert plan.zero_stage == 0 and plan.autocast and "fit" in plan.zero_reason
     assert ds["torch_autocast"] == {"enabled": True, "dtype": "float16"} and "fp16" not in ds
     assert ds["zero_optimization"]["stage"] == 0
@@ -137,7 +138,7 @@ def test_autocast_with_zero_partitioning_is_rejected():
 
 def test_lr_schedule_warmup_then_cosine_to_floor():
     cfg = load_config(None, ["optim.steps=110", "optim.warmup_steps=10", "optim.min_lr_ratio=0.1"])
-    f = lr_lambda(cfg)
+    f = lr_lambda(cfg.optim)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.1 + 0.9 * 0.5)  # half-way through the cosine

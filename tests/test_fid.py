@@ -153,16 +153,12 @@ def test_inception_torchscript_is_loaded_and_fed_8bit_rgb(tmp_path):
 def _train_in_process(cfg, images, labels, steps: int):
     """The Denoiser trained with raydiff's objective (model/objectives.py) and EMA, no Ray."""
     from model.ema import EMA
-    from model.objectives import DiffusionObjective
-    from orchestrator.sampling import schedule_from_config
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser, build_objective
 
     torch.manual_seed(0)
-    model = build_denoiser(cfg, 10)
+    model = build_denoiser(cfg.model, cfg.data, 10)
     ema = EMA(model, decay=0.99)
-    d = cfg.diffusion
-    obj = DiffusionObjective(schedule_from_config(cfg), d.prediction, d.weighting, num_classes=10,
-                             label_dropout=d.label_dropout)
+    obj = build_objective(cfg.diffusion, 10)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -189,7 +185,7 @@ def one_thread():
 def test_eval_ranks_a_trained_checkpoint_far_above_an_untrained_one(tmp_path, capsys, one_thread):
     from orchestrator.data.demo import DEMO_CLASS_NAMES, write_demo_dataset
     from orchestrator.eval.reference import load_reference
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     data = write_demo_dataset(tmp_path / "shapes", 40, 16, 0)
     cfg = tiny_config(f"data.source={data}", "data.format=imagefolder")
@@ -197,7 +193,7 @@ def test_eval_ranks_a_trained_checkpoint_far_above_an_untrained_one(tmp_path, ca
     assert ref.images.shape == (400, 3, 16, 16) and ref.labels.bincount().tolist() == [40] * 10
 
     torch.manual_seed(0)
-    runs = {"untrained": build_denoiser(cfg, 10).eval(), "trained": _train_in_process(cfg, ref.images, ref.labels, 120)}
+    runs = {"untrained": build_denoiser(cfg.model, cfg.data, 10).eval(), "trained": _train_in_process(cfg, ref.images, ref.labels, 120)}
     scores = {}
     for name, model in runs.items():
         write_checkpoint_dir(tmp_path / name, cfg, model, step=0 if name == "untrained" else 120, num_classes=10,

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from orchestrator.bench.quality import ARMS, within_noise
 from orchestrator.bench.quality_run import demo_images
-from orchestrator.eval.judge import train_classifier
+from orchestrator.eval.classifier import train_classifier
 from orchestrator.eval.shape_judge import ShapeJudge, shape_view
 
 

@@ -167,21 +167,21 @@ def test_build_tracker_follows_config(tmp_path):
 def test_mfu_estimate():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     cfg = load_config(None, ["model.name=unet-tiny", "data.resolution=16"])
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     # The meta-device count equals the count of a real forward pass (with the math attention
     # kernel: the flop counter does not see inside CPU's fused attention, and would miss it).
-    model = build_denoiser(cfg, 10)
+    model = build_denoiser(cfg.model, cfg.data, 10)
     with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(torch.randn(1, 3, 16, 16), torch.tensor([5]), torch.tensor([1]))
     assert fc.get_flop_counts()["Global"][torch.ops.aten.bmm] > 0  # attention counted
-    assert train_flops_per_image(cfg, 10) == 3 * fc.get_total_flops() > 0
+    assert train_flops_per_image(cfg.model, cfg.data, 10) == 3 * fc.get_total_flops() > 0
     # DiT-S/2 on 32x32 latents: Peebles & Xie 2023 give 6.06 Gflops (multiply-adds) per forward.
     dit = load_config(None, ["model.name=dit-s2", "data.format=latents", "data.resolution=32"])
-    assert train_flops_per_image(dit, 1000) / 3 / 2 == pytest.approx(6.06e9, rel=0.01)
+    assert train_flops_per_image(dit.model, dit.data, 1000) / 3 / 2 == pytest.approx(6.06e9, rel=0.01)
     assert peak_flops("NVIDIA H100 80GB HBM3", "bf16") == 989e12
     assert peak_flops("NVIDIA H100 PCIe", "fp16") == 756e12
     assert peak_flops("NVIDIA H100 80GB HBM3", "fp32") is None  # no half-precision peak applies

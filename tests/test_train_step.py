@@ -29,7 +29,7 @@ def test_own_foreach_clipping_matches_deepspeed_clipping(monkeypatch):
                              "optim.warmup_steps=0"])
     plan = make_plan(cfg)
     assert engine_mod.clips_outside_engine(plan)
-    assert engine_mod.deepspeed_config(cfg, plan)["gradient_clipping"] == 0.0
+    assert engine_mod.deepspeed_config(cfg.optim, cfg.precision, plan)["gradient_clipping"] == 0.0
     batches = make_batches(cfg, 4, 10, torch.device("cpu"))
     ours, w_ours, norms = _train(cfg, plan, batches)
     assert ours.own_clip and all(n is not None and n > 0.05 for n in norms)  # clipping was active
@@ -39,6 +39,6 @@ def test_own_foreach_clipping_matches_deepspeed_clipping(monkeypatch):
     monkeypatch.setattr(engine_mod, "clips_outside_engine", lambda plan: False)
     theirs, w_theirs, _ = _train(cfg, plan, batches)
     assert not theirs.own_clip
-    assert engine_mod.deepspeed_config(cfg, plan)["gradient_clipping"] == pytest.approx(0.05)
+    assert engine_mod.deepspeed_config(cfg.optim, cfg.precision, plan)["gradient_clipping"] == pytest.approx(0.05)
     for a, b in zip(w_ours, w_theirs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

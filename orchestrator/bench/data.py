@@ -15,14 +15,15 @@ import time
 from typing import Any
 
 import numpy as np
+from PIL import Image
+
+from orchestrator.config import DataConfig, S3Config
+from orchestrator.data.pipeline import build_train_dataset, head, inspect_dataset, iter_samples
+from orchestrator.storage.flags import add_s3_args, s3_config_from_args
 
 
 def plain_loop(cfg, info, limit: int | None) -> tuple[int, float]:
     """What a user writes without a framework: read, PIL decode, convert, resize, scale."""
-    from PIL import Image
-
-    from orchestrator.data.pipeline import iter_samples
-
     n, t0 = 0, time.perf_counter()
     mode = "RGB" if cfg.channels == 3 else "L"
     size = (cfg.resolution, cfg.resolution)
@@ -50,9 +51,6 @@ def pipeline_pass(ds, batch_size: int) -> tuple[int, float]:
 def run_bench(uri: str, *, limit: int | None = 2000, resolution: int = 64, batch_size: int = 128, cores: int | None = None,
               repeats: int = 3, s3cfg=None, out=None) -> dict[str, Any]:
     import ray
-
-    from orchestrator.config import DataConfig, S3Config
-    from orchestrator.data.pipeline import build_train_dataset, head, inspect_dataset
 
     out = out or sys.stdout
     cores = cores or os.cpu_count() or 1
@@ -101,16 +99,12 @@ def run_bench(uri: str, *, limit: int | None = 2000, resolution: int = 64, batch
 
 
 def cmd_bench_data(args: argparse.Namespace) -> int:
-    from orchestrator.cli.data import s3_config_from_args
-
     run_bench(args.uri, limit=args.limit or None, resolution=args.resolution, batch_size=args.batch_size, cores=args.cores,
               repeats=args.repeats, s3cfg=s3_config_from_args(args))
     return 0
 
 
 def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
-    from orchestrator.cli.data import add_s3_args
-
     p = bench_subparsers.add_parser("data", help="input pipeline images/s per core vs a plain PIL loop")
     p.add_argument("uri", metavar="URI", help="dataset (local path or s3://...)")
     p.add_argument("--limit", type=int, default=2000, help="images to use (image folders; 0 = all)")

@@ -29,7 +29,7 @@ import io
 import math
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,57 +37,7 @@ import numpy as np
 import torch
 
 from model.registry import MODEL_NAMES
-from orchestrator.plan import cpu_has_bf16
-
-
-@dataclass(frozen=True)
-class Arm:
-    """One training configuration; the fields are raydiff's ``diffusion.*`` keys."""
-
-    name: str
-    schedule: str = "linear"
-    prediction: str = "eps"
-    weighting: str = "uniform"
-    label_dropout: float = 0.1
-
-
-@dataclass(frozen=True)
-class SamplerSpec:
-    """One way of sampling a trained model; the fields are raydiff's ``sampling.*`` keys."""
-
-    name: str
-    sampler: str = "ddim"
-    num_steps: int = 20
-    # DDIM eta; 1 is raydiff's default (sampling.eta; BENCHMARKS.md "DDIM eta").
-    eta: float = 1.0
-    guidance_scale: float = 1.0
-    spacing: str = "trailing"
-    clip_sample: bool = True
-    use_clipped_model_output: bool = False
-
-
-@dataclass(frozen=True)
-class Setting:
-    model: str = "unet-demo"
-    resolution: int = 32
-    images_per_class: int = 300
-    steps: int = 600
-    batch: int = 64
-    lr: float = 1e-3
-    warmup_steps: int = 50
-    min_lr_ratio: float = 0.1
-    ema_decay: float = 0.999
-    eval_every: int = 200
-    eval_per_class: int = 20
-    val_per_class: int = 10
-    curve_sampler: SamplerSpec = SamplerSpec("ddim-20")
-    seeds: tuple[int, ...] = (0,)
-    # Train under bf16 autocast (the demo trains in bf16 too); None: where the CPU has native
-    # bf16 (orchestrator/plan.py), 1.5x faster there, and emulated (slower) elsewhere.
-    bf16: bool | None = None
-
-    def use_bf16(self) -> bool:
-        return cpu_has_bf16() if self.bf16 is None else self.bf16
+from orchestrator.bench.quality_arms import Arm, SamplerSpec, Setting
 
 
 BASE = Arm("base")

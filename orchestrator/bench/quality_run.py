@@ -14,7 +14,6 @@ on held-out images drawn with another seed.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -27,7 +26,8 @@ from model.objectives import DiffusionObjective
 from model.registry import build_model
 from model.samplers import sample
 from model.schedules import make_schedule
-from orchestrator.bench.quality import Arm, SamplerSpec, Setting
+from orchestrator.bench.quality_arms import Arm, SamplerSpec, Setting
+from orchestrator.builders import lr_lambda
 from orchestrator.data.demo import DEMO_CLASSES, render_demo_image
 from orchestrator.eval.features import CNNFeatures
 from orchestrator.eval.fid import fid_from_features, kernel_inception_distance
@@ -111,14 +111,6 @@ class Trained:
     seconds: float = 0.0
 
 
-def lr_factor(step: int, s: Setting) -> float:
-    """orchestrator/train/engine.py's schedule: linear warm-up, cosine to ``min_lr_ratio``."""
-    if s.warmup_steps and step < s.warmup_steps:
-        return (step + 1) / s.warmup_steps
-    progress = min(1.0, (step - s.warmup_steps) / max(1, s.steps - s.warmup_steps))
-    return s.min_lr_ratio + (1 - s.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], scorer: Scorer | None, seed: int,
               log: Callable[[str], None] = lambda _: None) -> Trained:
     """Train one arm for ``s.steps``; every ``s.eval_every`` steps (and at the end) score EMA
@@ -130,7 +122,7 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
     objective = DiffusionObjective(make_schedule(arm.schedule, 1000), arm.prediction, arm.weighting,
                                    num_classes=NUM_CLASSES, label_dropout=arm.label_dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: lr_factor(i, s))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.optim()))  # raydiff train's schedule
     ema = EMA(model, decay=s.ema_decay, warmup=True)
     g = torch.Generator().manual_seed(seed)
     out = Trained(arm, seed, model)

@@ -23,31 +23,20 @@ import json
 import os
 import sys
 import time
-from dataclasses import asdict, dataclass
+import socket
+from dataclasses import asdict
 from typing import Any, Callable
 
 import torch
+import torch.distributed as dist
+from torch.profiler import ProfilerActivity, profile
 
+from orchestrator.bench.timing import Result, sync
+from orchestrator.builders import build_denoiser
 from orchestrator.config import TrainConfig, load_config
 from orchestrator.plan import Plan, make_plan
 
 ROTATE = 4  # distinct batches, reused round-robin
-
-
-@dataclass
-class Result:
-    variant: str
-    images_per_s: float
-    first_step_s: float
-    peak_mem_gib: float | None
-    steps: int
-    batch: int
-    note: str = ""
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def make_batches(cfg: TrainConfig, batch: int, num_classes: int, device: torch.device, seed: int = 0) -> list[dict]:
@@ -66,15 +55,15 @@ def _timed(step: Callable[[int], Any], *, warmup: int, steps: int, batch: int, d
     With ``profile`` (a label), a few more steps run under torch.profiler afterwards and the
     busiest operators are printed: where the time goes, outside the timed window."""
     step(0)
-    _sync(device)
+    sync(device)
     first = time.perf_counter() - t_build
     for i in range(1, warmup):
         step(i)
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for i in range(steps):
         step(warmup + i)
-    _sync(device)
+    sync(device)
     rate = batch * steps / (time.perf_counter() - t0)
     if profile:
         print_profile(profile, lambda i: step(warmup + steps + i), device)
@@ -82,15 +71,13 @@ def _timed(step: Callable[[int], Any], *, warmup: int, steps: int, batch: int, d
 
 
 def print_profile(label: str, step: Callable[[int], Any], device: torch.device, out=None) -> None:
-    from torch.profiler import ProfilerActivity, profile
-
     out = out or sys.stdout
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     t0 = time.perf_counter()
     with profile(activities=acts) as prof:
         for i in range(PROFILE_STEPS):
             step(i)
-        _sync(device)
+        sync(device)
     wall = (time.perf_counter() - t0) / PROFILE_STEPS
     events = prof.key_averages()
     key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
@@ -109,11 +96,9 @@ def _autocast_dtype(plan: Plan) -> torch.dtype | None:
 def plain_loop(cfg: TrainConfig, plan: Plan, batches: list[dict], device: torch.device, *, num_classes: int,
                compile: bool, warmup: int, steps: int, profile: bool = False) -> Result:
     """The hand-written reference (see the module docstring)."""
-    from orchestrator.train.checkpoints import build_denoiser
-
     t_build = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    model = build_denoiser(cfg, num_classes).to(device)
+    model = build_denoiser(cfg.model, cfg.data, num_classes).to(device)
     fwd = torch.compile(model) if compile else model
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.optim.lr, fused=device.type == "cuda")
     dtype = _autocast_dtype(plan)
@@ -209,11 +194,9 @@ def _peak(device: torch.device) -> float | None:
 
 def flops_per_image(cfg: TrainConfig, num_classes: int, device: torch.device) -> float:
     """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode on a batch of 2."""
-    from torch.utils.flop_counter import FlopCounterMode
+    from torch.utils.flop_counter import FlopCounterMode  # not loaded by the rest of the CLI
 
-    from orchestrator.train.checkpoints import build_denoiser
-
-    model = build_denoiser(cfg, num_classes).to(device)
+    model = build_denoiser(cfg.model, cfg.data, num_classes).to(device)
     c, r = cfg.data.channels, cfg.data.resolution
     x = torch.randn(2, c, r, r, device=device)
     t = torch.randint(0, cfg.diffusion.num_timesteps, (2,), device=device)
@@ -230,22 +213,18 @@ def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
     b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(2):
         a @ b
-    _sync(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(reps):
         a @ b
-    _sync(device)
+    sync(device)
     return 2 * n**3 * reps / (time.perf_counter() - t0)
 
 
 def init_single_process_group(device: torch.device) -> None:
     """A one-process torch.distributed group (Ray Train makes the real one): DeepSpeed needs it."""
-    import torch.distributed as dist
-
     if dist.is_initialized():
         return
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -12,9 +12,17 @@ import time
 from typing import Any
 
 import numpy as np
+import ray
+import ray.train
+import torch
+from ray.data import DataContext
+from ray.train import RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
 
+from orchestrator.bench.timing import Result, sync
 from orchestrator.config import TrainConfig, config_to_dict, validate_config
 from orchestrator.plan import Plan
+from orchestrator.train.step import TrainStep
 
 
 def _random_rows(batch: dict[str, np.ndarray], channels: int, resolution: int, num_classes: int) -> dict[str, np.ndarray]:
@@ -25,12 +33,6 @@ def _random_rows(batch: dict[str, np.ndarray], channels: int, resolution: int, n
 
 
 def bench_worker(config: dict[str, Any]) -> None:
-    import ray.train
-    import torch
-
-    from orchestrator.bench.step import _sync
-    from orchestrator.train.step import TrainStep
-
     cfg, plan = validate_config(config["cfg"]), Plan(**config["plan"])
     if config["channels"] != cfg.data.channels:  # latents: 4 channels, outside the RGB config's choices
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"channels": config["channels"]})})
@@ -46,15 +48,15 @@ def bench_worker(config: dict[str, Any]) -> None:
     first = t0 = None
     for i, batch in enumerate(it):
         if i == warmup:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
         ts.step(batch, i)
         if i == 0:
-            _sync(device)
+            sync(device)
             first = time.perf_counter() - t_build
         if i + 1 == warmup + steps:
             break
-    _sync(device)
+    sync(device)
     rate = plan.micro_batch_size * steps / (time.perf_counter() - t0)
     peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
     with open(config["out"], "w") as f:
@@ -63,17 +65,9 @@ def bench_worker(config: dict[str, Any]) -> None:
 
 
 def raydiff_in_ray_train(cfg: TrainConfig, plan: Plan, *, num_classes: int, warmup: int, steps: int):
-    import ray
-    from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from orchestrator.bench.step import Result
-
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")
-    from ray.data import DataContext
-
     DataContext.get_current().enable_progress_bars = False
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     try:

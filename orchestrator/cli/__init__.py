@@ -21,6 +21,8 @@ from orchestrator.cli.sample import register as register_sample
 from orchestrator.cli.train import register_train
 from orchestrator.cli.tune import register as register_tune
 from orchestrator.config import ConfigError
+from orchestrator.data import DataError
+from orchestrator.storage import StorageError
 
 log = logging.getLogger("raydiff")
 
@@ -64,9 +66,6 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as e:
         # Storage and data problems found before training (StorageError, DataError) carry
         # their own fix; anything else is a bug and keeps its traceback.
-        from orchestrator.data import DataError
-        from orchestrator.storage import StorageError
-
         if isinstance(e, (StorageError, DataError)):
             print(f"raydiff: {e}", file=sys.stderr)
             return 2

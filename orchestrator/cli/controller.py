@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 
+from orchestrator.cli.submit import _env_vars
 from orchestrator.config import ConfigError
 
 _OVERRIDE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)+=")
@@ -84,7 +85,6 @@ def _split_items(items: list[str]) -> tuple[list[str], list[str]]:
 
 
 def cmd_run(args) -> int:
-    from orchestrator.cli.submit import _env_vars
     from orchestrator.controller import head as local_head
     from orchestrator.controller.runner import Controller
 

@@ -2,9 +2,8 @@
 command functions; the work is in ``orchestrator/data/upload.py``, ``orchestrator/data/encode.py``,
 ``orchestrator/data/check.py`` and ``orchestrator/storage/local_server.py``).
 
-S3 settings come from ``--endpoint-url/--region/--profile`` and the standard AWS environment
-(``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``). There are deliberately no credential flags:
-secrets on a command line end up in shell history and ``ps`` output.
+S3 settings come from the flags of ``orchestrator/storage/flags.py`` and the standard AWS
+environment; there are deliberately no credential flags.
 """
 
 from __future__ import annotations
@@ -14,35 +13,13 @@ import sys
 from typing import Any
 
 from orchestrator import storage
+from orchestrator.config import DataConfig
 from orchestrator.data.formats import FORMATS
 from orchestrator.data.info import DataError
-
-
-def s3_config_from_args(args: argparse.Namespace):
-    """An ``S3Config`` from the flags that ``add_s3_args`` defines (unset flags: defaults)."""
-    from orchestrator.config import S3Config
-
-    kw: dict[str, Any] = {}
-    if getattr(args, "endpoint_url", None):
-        kw["endpoint_url"] = args.endpoint_url
-    if getattr(args, "region", None):
-        kw["region"] = args.region
-    if getattr(args, "profile", None):
-        kw["profile"] = args.profile
-    return S3Config(**kw)
-
-
-def add_s3_args(p: argparse.ArgumentParser) -> None:
-    """``--endpoint-url``, ``--region``, ``--profile`` (no credential flags, see above)."""
-    g = p.add_argument_group("S3 (credentials: AWS_* environment variables or --profile)")
-    g.add_argument("--endpoint-url", help="S3-compatible endpoint, e.g. http://127.0.0.1:9000")
-    g.add_argument("--region")
-    g.add_argument("--profile", help="AWS profile name from ~/.aws/config")
+from orchestrator.storage.flags import add_s3_args, s3_config_from_args
 
 
 def _data_cfg(args: argparse.Namespace, source: str, **kw: Any):
-    from orchestrator.config import DataConfig
-
     for name in ("format", "labels_file", "image_column", "label_column"):
         v = getattr(args, name, None)
         if v is not None:

@@ -6,8 +6,10 @@ import argparse
 import io
 
 import torch
+from PIL import Image
 
 from orchestrator.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_override, validate_config
+from orchestrator.storage import join, write_bytes
 
 SAMPLE_OVERRIDES = ("sampling.", "storage.s3.")
 
@@ -85,8 +87,6 @@ def sampling_config(cfg, overrides: list[str], args):
 
 
 def image_png(image: torch.Tensor) -> bytes:
-    from PIL import Image
-
     from orchestrator.sampling import to_uint8
 
     arr = to_uint8(image[None])[0]
@@ -99,7 +99,6 @@ def cmd_sample(args) -> int:
     from orchestrator.eval.generate import generate_batched, pick_device
     from orchestrator.eval.loading import load_checkpoint, parse_labels
     from orchestrator.sampling import grid_png, is_latent
-    from orchestrator.storage import join, write_bytes
 
     s3 = s3_from_overrides(args.overrides, SAMPLE_OVERRIDES, "sample")
     for name in ("num", "steps", "batch_size"):

@@ -29,6 +29,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+import psutil
 import yaml
 
 
@@ -213,8 +214,6 @@ class LocalHead:
     # -- stop -----------------------------------------------------------------------------------
     def processes(self) -> list[Any]:
         """Every live process this head started: its session and their descendants."""
-        import psutil
-
         if self.proc is None:
             return []
         sid = self.proc.pid  # start_new_session: the session id is the leader's pid
@@ -232,8 +231,6 @@ class LocalHead:
     def stop(self, grace_s: float = 5, remove_temp: bool = True) -> None:
         """SIGTERM the head (it drains for up to 30 s on its own), then after ``grace_s`` every
         process it started, SIGKILL for those still there 5 s later. Nothing else is touched."""
-        import psutil
-
         if self.proc is None:
             return
         procs = self.processes()

@@ -13,8 +13,12 @@ resume from their checkpoints.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
+from pathlib import Path
 from typing import Any, Callable
+
+import psutil
 
 from orchestrator.cluster.local_head import LocalHead
 from orchestrator.controller.state import State
@@ -27,35 +31,25 @@ class _Leader:
     so it is reached through psutil with the few ``Popen`` methods ``LocalHead.stop`` uses."""
 
     def __init__(self, pid: int):
-        import psutil
-
         self.pid = pid
         self._p = psutil.Process(pid)
 
     def poll(self) -> int | None:
-        import psutil
-
         try:
             return 0 if self._p.status() == psutil.STATUS_ZOMBIE else None
         except psutil.NoSuchProcess:
             return 0
 
     def send_signal(self, sig: int) -> None:
-        import psutil
-
         try:
             self._p.send_signal(sig)
         except psutil.NoSuchProcess:
             pass
 
     def kill(self) -> None:
-        import signal
-
         self.send_signal(signal.SIGKILL)
 
     def wait(self, timeout: float | None = None) -> int:
-        import psutil
-
         try:
             self._p.wait(timeout)
         except psutil.TimeoutExpired:
@@ -74,8 +68,6 @@ def _record(head: LocalHead) -> str:
 
 def _adopt(rec: dict[str, Any]) -> LocalHead | None:
     """The recorded head as a ``LocalHead`` if its leader still runs and its Jobs API answers."""
-    import psutil
-
     try:
         cmdline = psutil.Process(rec["pid"]).cmdline()
     except (psutil.Error, KeyError, TypeError):
@@ -89,8 +81,6 @@ def _adopt(rec: dict[str, Any]) -> LocalHead | None:
         address=f"127.0.0.1:{rec['gcs_port']}", dashboard_url=f"http://127.0.0.1:{rec['dashboard_port']}",
         token_file=rec.get("token_file"),
     )
-    from pathlib import Path
-
     head.log_path = Path(rec["temp_dir"]) / "ray-start.log"
     head.proc = _Leader(rec["pid"])  # type: ignore[assignment]
     return head if head._jobs_api_up() else None

@@ -25,8 +25,10 @@ import random
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any, Callable, TextIO
 
+from orchestrator.cluster.submit import build_submission, connect, submit
 from orchestrator.config import ConfigError
 from orchestrator.controller.policy import Verdict, backoff_s, classify
 from orchestrator.controller.state import Job, State
@@ -70,8 +72,6 @@ class Controller:
     def client(self, address: str):
         client = self._clients.get(address)
         if client is None:
-            from orchestrator.cluster.submit import connect
-
             try:
                 client = self._clients[address] = connect(address, self.tokens.get(address))
             except ConfigError as e:
@@ -102,10 +102,6 @@ class Controller:
         is adopted as it is; one that has ended stays ended (running the same command again
         after a controller was killed picks up where it was) unless ``rerun``, which starts it
         over. An invalid spec is recorded as ``failed`` with the error, never submitted."""
-        from pathlib import Path
-
-        from orchestrator.cluster.submit import build_submission
-
         env = dict(env or {})
         try:
             sub = build_submission(spec, overrides, working_dir=working_dir, submission_id="(validation)",
@@ -204,8 +200,6 @@ class Controller:
 
     def _send(self, job: Job) -> Job:
         """Submit the job's recorded submission id (status ``submitting``)."""
-        from orchestrator.cluster.submit import build_submission, submit
-
         sid = job.submission_id
         env = dict(job.env)
         previous = self._previous_submission(job)

@@ -20,7 +20,9 @@ knows is refused instead of misread.
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
@@ -266,9 +268,6 @@ class State:
         """Hold ``<db>.lock`` for as long as the returned file stays open: a second controller on
         the same state would submit the same jobs twice. The kernel drops the lock when the
         holder dies, so a killed controller never blocks its successor."""
-        import fcntl
-        import os
-
         f = open(self.path.with_name(self.path.name + ".lock"), "a+")
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

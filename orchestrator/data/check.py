@@ -9,6 +9,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+from PIL import Image
 
 from orchestrator import storage
 from orchestrator.data import decode as D
@@ -49,8 +50,6 @@ def verify(cfg: "DataConfig", *, resolution: int = 32, out=None, max_listed: int
 
 def stats(cfg: "DataConfig", *, out=None) -> dict[str, Any]:
     """Count, class histogram and image size distribution (headers only, no full decode)."""
-    from PIL import Image
-
     out = out or sys.stdout
     info = inspect_dataset(cfg)
     classes: Counter[str] = Counter()

@@ -31,12 +31,16 @@ from collections import Counter
 from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from tqdm import tqdm
 
 from orchestrator import storage
 from orchestrator.data.counter import bad_sample_counts, counter, report
 from orchestrator.data.formats.latents import LATENTS_MANIFEST, LATENTS_VERSION, ROW_GROUP_ROWS
 from orchestrator.data.info import DataError
 from orchestrator.data.labels import NO_LABEL
+from orchestrator.data.pipeline import build_train_dataset, inspect_dataset
 from orchestrator.data.vae import VaeSpec, encode_mean, load_vae, resolve_vae
 
 if TYPE_CHECKING:
@@ -137,9 +141,6 @@ class _ShardWriter:
         self._write(lat[:n], lab[:n])
 
     def _write(self, lat: np.ndarray, lab: np.ndarray) -> None:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
         name = f"part-{len(self.shards):05d}.parquet"
         table = pa.table({
             "latent": pa.FixedShapeTensorArray.from_numpy_ndarray(np.ascontiguousarray(lat)),
@@ -174,9 +175,6 @@ def encode(src: str, dest: str, *, vae: str, resolution: int = 256, batch_size: 
     ``dest/latents.json``. ``data_options``: ``format``, ``labels_file``, ``image_column``,
     ``label_column`` of the source (as in ``DataConfig``)."""
     import ray
-    from tqdm import tqdm
-
-    from orchestrator.data.pipeline import build_train_dataset, inspect_dataset
 
     out = out or sys.stdout
     spec = resolve_vae(vae)

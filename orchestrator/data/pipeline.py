@@ -25,6 +25,7 @@ import os
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from orchestrator import storage
 from orchestrator.data.counter import counter
@@ -171,8 +172,6 @@ def training_units(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str | 
     """The format, decode context and training units (held-out units left out) in their
     canonical (listing) order, with ``_first``: the canonical id of each unit's first sample
     (``orchestrator/data/position.py``)."""
-    import pyarrow as pa
-
     fmt, ctx, units = _decode_setup(cfg, info, counter_name)
     order, _ = split_units(cfg, info, units.num_rows)
     table = units.take(np.sort(order))

@@ -31,8 +31,12 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
+from orchestrator.data.counter import counter
+from orchestrator.data.formats import get_format
 from orchestrator.data.info import DataError, DatasetInfo
+from orchestrator.data.pipeline import build_train_dataset, decode_dataset, training_units
 from orchestrator.data.position import SampleOrder, rank_positions
 
 if TYPE_CHECKING:
@@ -128,11 +132,6 @@ class TrainReader:
 
     # -- streamed ------------------------------------------------------------------------------
     def _streamed_rows(self, ids: np.ndarray, prefetch: int) -> Iterator[list[tuple[np.ndarray, int]]]:
-        import pyarrow as pa
-
-        from orchestrator.data.formats import get_format
-        from orchestrator.data.pipeline import decode_dataset
-
         flat = ids.ravel()
         unit = self.order.unit_of(flat)
         # Units in the order this rank first needs them; need[u] = that rank in the order.
@@ -182,9 +181,6 @@ def make_train_reader(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str
                       cache: bool = False) -> TrainReader:
     """The reader every rank uses; with ``cache`` every training sample is decoded here once
     into the object store (read by the ranks in their exact order every epoch)."""
-    from orchestrator.data.counter import counter
-    from orchestrator.data.pipeline import build_train_dataset, training_units
-
     fmt, ctx, units = training_units(cfg, info, counter_name=counter_name)
     if counter_name is not None:
         counter(counter_name, create=True)  # owned by the caller (driver), not by a data task

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from tqdm import tqdm
 
 from orchestrator import storage
 from orchestrator.data.formats.webdataset import MANIFEST_NAME, MANIFEST_VERSION, build_shard
@@ -69,8 +70,6 @@ def upload(src: str, dest: str, *, shard_size: tuple[str, int] = ("bytes", 64 <<
            s3cfg=None, seed: int = 0, progress: bool = True, out=None) -> dict[str, Any]:
     """Pack a local image folder into WebDataset shards under ``dest`` (S3 or local) with a
     ``manifest.json``. Shards already at ``dest`` with the same sha256 are skipped (resume)."""
-    from tqdm import tqdm
-
     from orchestrator.config import DataConfig
 
     out = out or sys.stdout

@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from orchestrator.data.formats.latents import PREVIEW_RANGE, read_manifest
 from orchestrator.data.info import DataError
 
 if TYPE_CHECKING:
@@ -135,8 +136,6 @@ def decode_latents(vae: Any, latents: "torch.Tensor", scaling_factor: float, shi
 
 def latent_preview(latents: "torch.Tensor") -> "torch.Tensor":
     """Latent channels 0-2 as an image in [-1, 1] (fixed scale: ``PREVIEW_RANGE`` is white)."""
-    from orchestrator.data.formats.latents import PREVIEW_RANGE
-
     idx = [min(i, latents.shape[1] - 1) for i in range(3)]
     return (latents[:, idx].float() / PREVIEW_RANGE).clamp(-1, 1)
 
@@ -146,8 +145,6 @@ _DECODERS: dict[tuple[str, str], tuple[Any, float, float | None] | None] = {}
 
 
 def _decoder(data: "DataConfig", device: "torch.device | str") -> tuple[Any, float, float | None] | None:
-    from orchestrator.data.formats.latents import read_manifest
-
     key = (data.source, str(device))
     if key not in _DECODERS:
         try:

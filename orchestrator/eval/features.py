@@ -6,7 +6,7 @@ never mixed up.
   defined with, from NVIDIA's TorchScript port ``inception-2015-12-05.pt`` (StyleGAN2-ADA,
   clean-fid) given by the user with ``--inception PATH``; nothing is downloaded.
 * ``CNNFeatures``: with no Inception weights available offline, a small CNN trained on labelled
-  reference images (orchestrator/eval/judge.py's SmallClassifier) stands in. Its features are
+  reference images (orchestrator/eval/classifier.py's SmallClassifier) stands in. Its features are
   the last convolution block averaged over space (64-d, the analogue of Inception's pool3), a
   space small enough for well-conditioned covariances with a few hundred samples. Scores are
   reported as "FID (ref-cnn features)": they rank checkpoints on that data set, and are not
@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from orchestrator.config import ConfigError
+from orchestrator.eval.classifier import train_classifier
 
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_HELP = (
@@ -112,8 +113,6 @@ class CNNFeatures:
     def train(cls, images: torch.Tensor, labels: torch.Tensor, num_classes: int, *, seed: int = 0,
               device: torch.device | str = "cpu") -> "CNNFeatures":
         """Train the judge's classifier on (images, labels) (a held-out 10% gives its accuracy)."""
-        from orchestrator.eval.judge import train_classifier
-
         clf, val_acc = train_classifier(images, labels, num_classes, seed=seed)
         return cls(clf, val_accuracy=val_acc, trained_on=len(images), device=device)
 

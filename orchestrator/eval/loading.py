@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Literal
 import torch
 
 from orchestrator.config import ConfigError, TrainConfig, load_config_text
+from orchestrator.builders import build_denoiser
 from orchestrator.storage import RunDir, join, list_files, parse_uri, read_bytes, redact_uri
 from orchestrator.train.checkpoints import (
     CONFIG_FILE,
@@ -29,7 +30,6 @@ from orchestrator.train.checkpoints import (
     MODEL_FILE,
     STATE_FILE,
     CheckpointRef,
-    build_denoiser,
     list_checkpoints,
     load_ema_model,
 )
@@ -139,7 +139,7 @@ def load_checkpoint(uri: str, s3: "S3Config | None" = None, *, raw: bool = False
     meta = json.loads(run.read_text(posixpath.join(ref.name, MODEL_FILE)))
     if raw:
         cfg = load_config_text(run.read_text(posixpath.join(ref.name, CONFIG_FILE)))
-        model = build_denoiser(cfg, meta["num_classes"])
+        model = build_denoiser(cfg.model, cfg.data, meta["num_classes"])
         model.load_state_dict(_raw_state_dict(run, ref))
         model.eval()
     else:

@@ -12,6 +12,11 @@ import torch
 
 from orchestrator.config import DataConfig, TrainConfig
 from orchestrator.data import DataError
+from orchestrator.data.decode import decode_image, to_model_range
+from orchestrator.data.labels import label_problem
+from orchestrator.data.pipeline import inspect_dataset, iter_samples
+from orchestrator.data.source import resolve_data_source
+from orchestrator.storage import redact_uri
 
 
 @dataclass
@@ -28,20 +33,10 @@ def reference_data_config(cfg: TrainConfig, reference: str | None) -> DataConfig
     data = cfg.data
     if reference is not None:
         data = data.model_copy(update={"source": reference, "format": "auto", "labels_file": None})
-    if data.source == "builtin":
-        from orchestrator.train.driver import resolve_data_config
-
-        local = cfg.model_copy(update={"data": data, "scaling": cfg.scaling.model_copy(update={"ray_address": None})})
-        data = resolve_data_config(local).data
-    return data
+    return resolve_data_source(data) if data.source == "builtin" else data
 
 
 def load_reference(data: DataConfig, *, limit: int, seed: int = 0) -> Reference:
-    from orchestrator.data.decode import decode_image, to_model_range
-    from orchestrator.data.labels import label_problem
-    from orchestrator.data.pipeline import inspect_dataset, iter_samples
-    from orchestrator.storage import redact_uri
-
     info = inspect_dataset(data)
     rng = np.random.default_rng(seed)
     kept: list[tuple[bytes, object]] = []

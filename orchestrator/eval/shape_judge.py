@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from orchestrator.eval.judge import SmallClassifier, train_classifier
+from orchestrator.eval.classifier import SmallClassifier, train_classifier
 
 # Training noise of random strength up to this (in units of the normalised image): samples
 # are judged with a little residual noise, not rejected for it; more would teach the judge

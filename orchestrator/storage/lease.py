@@ -41,6 +41,7 @@ later) and stops. Expiry compares clocks of different machines: keep them within
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -162,8 +163,6 @@ class _LocalStore:
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
-        import fcntl
-
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.path.with_name(".lease.lock"), "a+b") as f:
             fcntl.flock(f, fcntl.LOCK_EX)

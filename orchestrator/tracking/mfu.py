@@ -14,6 +14,10 @@ import logging
 from typing import TYPE_CHECKING
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from orchestrator.builders import build_denoiser
+from orchestrator.config import DataConfig, ModelConfig
 
 if TYPE_CHECKING:
     from orchestrator.config import TrainConfig
@@ -41,15 +45,11 @@ def peak_flops(device_name: str, precision: str) -> float | None:
     return None
 
 
-def train_flops_per_image(cfg: "TrainConfig", num_classes: int | None) -> float:
+def train_flops_per_image(model_cfg: ModelConfig, data: DataConfig, num_classes: int | None) -> float:
     """3x the denoiser's forward FLOPs for one image (see the module docstring)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from orchestrator.train.checkpoints import build_denoiser
-
     with torch.device("meta"):
-        model = build_denoiser(cfg, num_classes)
-        c, r = cfg.data.channels, cfg.data.resolution
+        model = build_denoiser(model_cfg, data, num_classes)
+        c, r = data.channels, data.resolution
         x = torch.zeros(1, c, r, r)
         t = torch.zeros(1, dtype=torch.long)
         y = torch.zeros(1, dtype=torch.long) if num_classes is not None else None
@@ -70,7 +70,7 @@ class MfuMeter:
         self.flops_per_image = 0.0
         if self.peak:
             try:
-                self.flops_per_image = train_flops_per_image(cfg, num_classes)
+                self.flops_per_image = train_flops_per_image(cfg.model, cfg.data, num_classes)
             except Exception as e:  # noqa: BLE001 - a model the counter cannot trace: no MFU, training goes on
                 logging.getLogger("raydiff.tracking").warning("raydiff: MFU is not reported: counting %s's FLOPs "
                                                               "failed (%s: %s)", cfg.model.name, type(e).__name__, e)

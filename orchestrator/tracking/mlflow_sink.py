@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 if TYPE_CHECKING:
     from orchestrator.config import MlflowConfig
 
@@ -44,8 +46,6 @@ class MlflowSink:
         self.mlflow.log_metrics(values, step=step)
 
     def image(self, step: int, png: bytes) -> None:
-        from PIL import Image
-
         self.mlflow.log_image(Image.open(io.BytesIO(png)), artifact_file=f"samples/step_{step:07d}.png")
 
     def rewind(self, step: int) -> None:

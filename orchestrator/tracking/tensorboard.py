@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
+from PIL import Image
+from tensorboardX import SummaryWriter
 
 from orchestrator.storage import join, parse_uri, write_bytes
 
@@ -50,8 +52,6 @@ class TensorBoardSink:
         self._open(purge_step=resume_step + 1)
 
     def _open(self, purge_step: int | None) -> None:
-        from tensorboardX import SummaryWriter
-
         # tensorboardX names files by the second; the pid and nanosecond clock keep files opened in
         # the same second apart (two writers of a run, a rollback, segments) and in write order.
         self._writer = SummaryWriter(self.logdir, purge_step=purge_step, flush_secs=30,
@@ -64,8 +64,6 @@ class TensorBoardSink:
             self._rotate(purge_step=None)
 
     def image(self, step: int, png: bytes) -> None:
-        from PIL import Image
-
         img = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
         self._writer.add_image("samples", img, step, dataformats="HWC")
 

@@ -10,6 +10,8 @@ from __future__ import annotations
 import io
 from typing import TYPE_CHECKING, Any
 
+from PIL import Image
+
 if TYPE_CHECKING:
     from orchestrator.config import WandbConfig
 
@@ -30,8 +32,6 @@ class WandbSink:
         self.run.log(values, step=step)
 
     def image(self, step: int, png: bytes) -> None:
-        from PIL import Image
-
         self.run.log({"samples": self.wandb.Image(Image.open(io.BytesIO(png)))}, step=step)
 
     def rewind(self, step: int) -> None:

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from model.ema import EMA
-from model.registry import build_model
+from orchestrator import builders
 from orchestrator.config import TrainConfig, config_to_yaml, load_config_text
 from orchestrator.storage import RunDir
 from orchestrator.train.elastic import (
@@ -43,9 +43,8 @@ MODEL_FILE = "model.json"
 
 
 def build_denoiser(cfg: TrainConfig, num_classes: int | None) -> torch.nn.Module:
-    """The registry model that ``cfg`` describes (trainer, sample grids and checkpoint loading)."""
-    return build_model(cfg.model.name, in_channels=cfg.data.channels, image_size=cfg.data.resolution,
-                       num_classes=num_classes)
+    """The registry model that ``cfg`` describes (until the checkpoint package calls builders directly)."""
+    return builders.build_denoiser(cfg.model, cfg.data, num_classes)
 
 
 def write_checkpoint(directory: str | Path, *, engine: Any, ema: EMA, state: TrainState, cfg: TrainConfig,

@@ -3,57 +3,28 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
+from orchestrator.cluster.rules import check_cluster_paths, with_job_address
 from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
+from orchestrator.data import bad_sample_counts, build_train_dataset, inspect_dataset
+from orchestrator.data.pipeline import load_validation_images
+from orchestrator.data.reader import make_train_reader
+from orchestrator.data.source import resolve_data_config, resolve_paths
+from orchestrator.eval.judge import evaluate_run
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
+from orchestrator.report import report_after_training
 from orchestrator.train.faults import forwarded_env
 from orchestrator.train.startup import phase_event
-from orchestrator.storage import RunDir
-
-
-def builtin_data_dir(cfg: TrainConfig) -> Path:
-    """Where the built-in dataset is written: a per-user cache shared by all runs."""
-    d = cfg.data
-    base = Path(os.environ.get("RAYDIFF_CACHE_DIR", Path.home() / ".cache" / "raydiff"))
-    return base / f"builtin-r{d.resolution}-n{d.builtin_images_per_class}-s{d.seed}"
-
-
-def _is_local(uri: str) -> bool:
-    return "://" not in uri
-
-
-def resolve_paths(cfg: TrainConfig) -> TrainConfig:
-    """Make local paths absolute: Ray Train workers run in their own working directory, so a
-    relative ``runs`` would land somewhere under Ray's session directory. (A relative
-    ``data.labels_file`` is relative to ``data.source`` and stays as it is.)"""
-    run, data = cfg.run, cfg.data
-    if _is_local(run.storage):
-        run = run.model_copy(update={"storage": os.path.abspath(os.path.expanduser(run.storage))})
-    if data.source != "builtin" and _is_local(data.source):
-        data = data.model_copy(update={"source": os.path.abspath(os.path.expanduser(data.source))})
-    return cfg.model_copy(update={"run": run, "data": data})
-
-
-def resolve_data_config(cfg: TrainConfig) -> TrainConfig:
-    """Turn ``data.source=builtin`` into a real image folder (written on first use)."""
-    cfg = resolve_paths(cfg)
-    if cfg.data.source != "builtin":
-        return cfg
-    # On a cluster, whether this machine's disk may be used is decided once connected
-    # (orchestrator.cluster.rules.check_cluster_paths).
-    from orchestrator.data.demo import write_demo_dataset
-
-    root = write_demo_dataset(
-        builtin_data_dir(cfg), cfg.data.builtin_images_per_class, cfg.data.resolution, cfg.data.seed
-    )
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"source": str(root), "format": "imagefolder"})})
+from orchestrator.storage import RunDir, StorageError, acquire_lease, check_writable, ray_storage
+from orchestrator.tracking import check_tracking_packages
+from orchestrator.train.checkpoints import latest_checkpoint, list_checkpoints
+from orchestrator.train.status import FINISHED_EVENT, dry_run_lines, read_status
+from orchestrator.train.verify import prepare_resume, prune
 
 
 def dry_run_text(cfg: TrainConfig) -> str:
@@ -66,9 +37,6 @@ def dry_run_text(cfg: TrainConfig) -> str:
 def _run_text(cfg: TrainConfig) -> str:
     """Whether the run exists and where it would resume; storage that cannot be read is reported,
     not raised: a dry run also checks job specs for clusters whose buckets are not reachable here."""
-    from orchestrator.storage import StorageError
-    from orchestrator.train.status import dry_run_lines
-
     try:
         return "\n".join(dry_run_lines(cfg))
     except (StorageError, OSError) as e:
@@ -88,8 +56,6 @@ class TrainOutcome:
 
 def _complete_outcome(cfg: TrainConfig) -> TrainOutcome | None:
     """The outcome of a run that is already complete (train/status.py), read without Ray."""
-    from orchestrator.train.status import read_status
-
     st = read_status(cfg)
     if not st.complete:
         return None
@@ -109,19 +75,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from ray.train import LoggingConfig as TrainLoggingConfig
     from ray.train.torch import TorchTrainer
 
-    from orchestrator.data import build_train_dataset, inspect_dataset
-    from orchestrator.data.reader import make_train_reader
-    from orchestrator.data.pipeline import load_validation_images
-    from orchestrator.storage import check_writable, ray_storage
-    from orchestrator.train.verify import prepare_resume, prune
     from orchestrator.train.worker import WorkerArgs, train_worker
 
     t_start = time.time()
-    from orchestrator.tracking import check_tracking_packages
-
     check_tracking_packages(cfg)  # MLflow / W&B enabled but not installed: say so before anything starts
-    from orchestrator.cluster.rules import check_cluster_paths, with_job_address
-
     given = cfg = with_job_address(cfg)
     if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit
         done = _complete_outcome(resolve_paths(cfg))
@@ -132,16 +89,16 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     check_writable(cfg.run.storage, cfg.storage.s3)
     info = inspect_dataset(cfg.data)
     num_classes = info.num_classes if cfg.data.conditional else None
-    from orchestrator.storage import acquire_lease
-
     # One writer per run, decided before Ray starts (orchestrator/storage/lease.py).
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False
     try:
-        plan = make_plan(cfg)
-        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(plan))
-        if cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None:
-            plan = make_plan(cfg)  # now that we are connected, GPUs can be counted
+        # A cluster's GPUs can be counted only once connected; any other plan is made before Ray
+        # starts, so that a config the hardware rejects (fp16 on CPU) fails before anything starts.
+        count_gpus_on_cluster = cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None
+        plan = None if count_gpus_on_cluster else make_plan(cfg)
+        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(cfg.scaling))
+        plan = plan or make_plan(cfg)
         check_cluster_paths(given, plan)
         rundir = RunDir.for_config(cfg)
         rundir.event({"event": "started", "time": t_start})
@@ -202,8 +159,6 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.event(phase_event("data"))
         trainer.fit()
         # From storage, not Result.metrics: a run that was already complete reports nothing new.
-        from orchestrator.train.checkpoints import latest_checkpoint, list_checkpoints
-
         # Ray keeps checkpoint.keep of this invocation's checkpoints; older invocations' are ours.
         prune(rundir, list_checkpoints(rundir), cfg.checkpoint.keep)
         latest = latest_checkpoint(rundir)
@@ -211,23 +166,15 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         ckpt_path = f"{rundir.uri}/{latest.name}" if latest is not None else None
         eval_result = None
         if cfg.run.evaluate and num_classes is not None and latest is not None:
-            from orchestrator.eval.judge import evaluate_run
-
             ds = build_train_dataset(cfg.data, info).drop_columns(["index"])  # the judge's real images (a few thousand)
             eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
-        from orchestrator.data import bad_sample_counts
-
         # Cumulative over every read of the data: exact when the decoded set is cached (read
         # once), a multiple of the per-pass counts when it is streamed every epoch.
         bad = bad_sample_counts(counter)
         if bad:
             rundir.write_text("bad_samples.json", json.dumps(bad, indent=2))
-        from orchestrator.train.status import FINISHED_EVENT
-
         # Read by train/status.py: a rerun of this run at these optim.steps starts nothing.
         rundir.event({"event": FINISHED_EVENT, "step": final_step, "time": time.time()})
-        from orchestrator.report import report_after_training
-
         report_after_training(rundir.uri, cfg.storage.s3)  # {run}/report.png: curves and newest samples
         return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result, bad)
     finally:

@@ -7,12 +7,12 @@ Ray Train has already initialised torch.distributed (gloo on CPU, nccl on GPU) w
 from __future__ import annotations
 
 import logging
-import math
 from typing import Any
 
 import torch
 
-from orchestrator.config import TrainConfig
+from orchestrator.builders import lr_lambda
+from orchestrator.config import OptimConfig, PrecisionConfig
 from orchestrator.plan import Plan
 
 log = logging.getLogger(__name__)
@@ -30,8 +30,8 @@ def clips_outside_engine(plan: Plan) -> bool:
     return plan.zero_stage == 0 and (plan.autocast or plan.precision == "fp32")
 
 
-def deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
-    o, p = cfg.optim, cfg.precision
+def deepspeed_config(optim: OptimConfig, precision: PrecisionConfig, plan: Plan) -> dict[str, Any]:
+    o, p = optim, precision
     ds: dict[str, Any] = {
         "train_batch_size": o.batch_size,
         "train_micro_batch_size_per_gpu": plan.micro_batch_size,
@@ -63,26 +63,14 @@ def deepspeed_config(cfg: TrainConfig, plan: Plan) -> dict[str, Any]:
     return ds
 
 
-def lr_lambda(cfg: TrainConfig):
-    """Linear warm-up, then cosine decay to ``min_lr_ratio`` of the peak (Loshchilov & Hutter 2017)."""
-    o = cfg.optim
-
-    def f(step: int) -> float:
-        if o.warmup_steps and step < o.warmup_steps:
-            return (step + 1) / o.warmup_steps
-        span = max(1, o.steps - o.warmup_steps)
-        progress = min(1.0, (step - o.warmup_steps) / span)
-        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def build_engine(cfg: TrainConfig, plan: Plan, module: torch.nn.Module):
+def build_engine(optim: OptimConfig, precision: PrecisionConfig, plan: Plan, module: torch.nn.Module):
     """Returns the DeepSpeed engine wrapping ``module``."""
+    # Imported here, not at the top: the driver imports this module (through the worker's entry
+    # point) and never builds an engine; importing DeepSpeed costs it 2-8 s of start-up.
     import deepspeed
 
     skip_inference_comm_build()
-    o = cfg.optim
+    o = optim
     # A torch optimizer instead of a DeepSpeed config optimizer: DeepSpeed would otherwise JIT-build
     # FusedAdam (needs a compiler and, on the GPU image, TORCH_CUDA_ARCH_LIST); torch's fused AdamW
     # is as fast on GPU and needs no build.
@@ -94,12 +82,12 @@ def build_engine(cfg: TrainConfig, plan: Plan, module: torch.nn.Module):
         (no_decay if prm.ndim <= 1 or name.endswith(".bias") else decay).append(prm)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
     engine, _, _, _ = deepspeed.initialize(
         model=module,
         optimizer=optimizer,
         lr_scheduler=scheduler,
-        config=deepspeed_config(cfg, plan),
+        config=deepspeed_config(optim, precision, plan),
         dist_init_required=False,
     )
     if plan.zero_stage == 0 and engine.world_size == 1:

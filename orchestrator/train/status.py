@@ -17,9 +17,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from orchestrator.config import TrainConfig
+from orchestrator.data import dropped
 from orchestrator.storage import RunDir, join
 from orchestrator.train.checkpoints import MODEL_FILE, CheckpointRef, list_checkpoints
 from orchestrator.train.startup import startup_line
+from orchestrator.train.verify import choose_resume_checkpoint
 
 FINISHED_EVENT = "finished"
 
@@ -88,8 +90,6 @@ def summary_lines(run_uri: str, final_step: int, checkpoint_uri: str | None, eva
     if startup:
         lines.append(startup)
     if bad_samples:
-        from orchestrator.data import dropped
-
         kinds = ", ".join(f"{k}={v}" for k, v in sorted(bad_samples.items()))
         lines.append(f"data: {dropped(bad_samples)} bad samples skipped ({kinds})")
     if eval_result is not None and "sample_accuracy" in eval_result:
@@ -115,8 +115,6 @@ def eval_line(e: dict[str, Any]) -> str:
 def dry_run_lines(cfg: TrainConfig) -> list[str]:
     """The ``--dry-run`` section on the run directory: does the run exist, where would it resume.
     Uses the resume choice of train/verify.py read-only (nothing is set aside here)."""
-    from orchestrator.train.verify import choose_resume_checkpoint
-
     st = read_status(cfg)
     if not st.exists:
         return [f"run: {st.uri} has no checkpoint: a new run starts at step 0"]

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import contextlib
 
+import deepspeed
 import torch
 
 from model import _random
 from model.ema import EMA
-from model.objectives import DiffusionObjective, LossOutput
+from model.objectives import LossOutput
+from orchestrator.builders import build_denoiser, build_objective
 from orchestrator.config import TrainConfig
 from orchestrator.plan import Plan
-from orchestrator.sampling import schedule_from_config
-from orchestrator.train.checkpoints import build_denoiser
 from orchestrator.train.engine import build_engine, clips_outside_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -42,7 +42,7 @@ class TrainStep:
             # Fixed input shapes every step: let cuDNN pick the fastest convolution algorithms.
             torch.backends.cudnn.benchmark = True
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.engine = build_engine(cfg, plan, build_denoiser(cfg, num_classes))
+        self.engine = build_engine(cfg.optim, cfg.precision, plan, build_denoiser(cfg.model, cfg.data, num_classes))
         if cfg.precision.compile:
             self.engine.compile()
         self.own_clip = clips_outside_engine(plan) and cfg.optim.grad_clip > 0
@@ -51,23 +51,11 @@ class TrainStep:
         self.grad_norm: torch.Tensor | None = None
         with self.gathered():
             self.ema = EMA(self.engine.module, decay=cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
-        d = cfg.diffusion
-        self.objective = DiffusionObjective(
-            schedule_from_config(cfg),
-            d.prediction,
-            d.weighting,
-            min_snr_gamma=d.min_snr_gamma,
-            p2_gamma=d.p2_gamma,
-            p2_k=d.p2_k,
-            num_classes=num_classes,
-            label_dropout=d.label_dropout,
-        )
+        self.objective = build_objective(cfg.diffusion, num_classes)
 
     def gathered(self):
         """Full parameters on every rank under ZeRO-3 (partitioned otherwise); no-op below 3."""
         if self.plan.zero_stage == 3:
-            import deepspeed
-
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 

@@ -16,7 +16,7 @@ from typing import Any
 from model.ema import EMA
 from orchestrator.config import S3Config, TrainConfig
 from orchestrator.train.checkpoints import read_checkpoint_uri
-from orchestrator.train.engine import lr_lambda
+from orchestrator.builders import lr_lambda
 from orchestrator.train.state import TrainState
 
 
@@ -25,7 +25,7 @@ def apply_hyperparameters(engine: Any, ema: EMA, cfg: TrainConfig) -> None:
     o = cfg.optim
     ema.decay, ema.warmup = float(o.ema_decay), bool(o.ema_warmup)
     sched = engine.lr_scheduler
-    factor = lr_lambda(cfg)(sched.last_epoch)  # LambdaLR: lr = base_lr * lambda(steps taken)
+    factor = lr_lambda(cfg.optim)(sched.last_epoch)  # LambdaLR: lr = base_lr * lambda(steps taken)
     groups = [sched.optimizer.param_groups]
     wrapped = getattr(engine.optimizer, "param_groups", None)
     if wrapped is not None and wrapped is not groups[0]:

@@ -22,6 +22,7 @@ from typing import Any
 import ray
 from ray import tune
 from ray.train.v2._internal.execution.callback import WorkerGroupCallback
+from ray.util.placement_group import remove_placement_group
 
 log = logging.getLogger("raydiff.tune")
 
@@ -90,8 +91,6 @@ def _alive(controllers: dict[str, Any], timeout_s: float) -> set[str]:
 
 def reap(sweep: str, *, timeout_s: float = 2.0) -> int:
     """Remove the registered placement groups whose controller is dead; returns how many."""
-    from ray.util.placement_group import remove_placement_group
-
     try:
         registry = get_registry(sweep)
     except ValueError:

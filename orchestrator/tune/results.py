@@ -8,6 +8,7 @@ import io
 import math
 from typing import Any
 
+import pandas as pd
 import yaml
 
 from orchestrator.config import TrainConfig, config_to_dict
@@ -41,8 +42,6 @@ def _finite(v: Any) -> bool:
 def results_table(grid: Any, job: TuneJob) -> Any:
     """One row per trial: trial, status, steps, metric (last and best), sample score, run
     directories, then the searched parameters."""
-    import pandas as pd
-
     metric = job.tune.metric
     rows = []
     for result in grid:

@@ -19,8 +19,11 @@ from typing import Any
 
 import yaml
 
-from orchestrator.config import ConfigError, config_to_yaml
-from orchestrator.storage import RunDir, join
+from orchestrator.cluster.rules import with_job_address
+from orchestrator.config import ConfigError, config_to_dict, config_to_yaml
+from orchestrator.data.source import resolve_data_config
+from orchestrator.storage import RunDir, check_writable, join, ray_storage
+from orchestrator.tune import results as R
 from orchestrator.tune import space as S
 from orchestrator.ray_session import init_ray
 from orchestrator.tune.config import TuneJob
@@ -112,14 +115,9 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     import ray
     from ray import tune
 
-    from orchestrator.storage import check_writable, ray_storage
-    from orchestrator.train.driver import resolve_data_config
-    from orchestrator.tune import results as R
     from orchestrator.tune.asha import AshaRungs
     from orchestrator.tune.cleanup import ReapPlacementGroups, get_registry
     from orchestrator.tune.trainable import SweepSpec, tune_trial
-
-    from orchestrator.cluster.rules import with_job_address
 
     # Inside a Ray Job (ray job submit ... raydiff tune), join the job's cluster as train does.
     job = job.model_copy(update={"scaling": with_job_address(job).scaling})
@@ -133,8 +131,6 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     try:
         # Held here for the whole sweep: a named actor still dies with its last handle.
         registry = get_registry(train_cfg.run.name, create=True)
-        from orchestrator.config import config_to_dict
-
         spec = SweepSpec(base=config_to_dict(train_cfg, reveal_secrets=True), sweep_uri=sweep_uri,
                          sweep=train_cfg.run.name, metric=t.metric)
         resources = {"CPU": t.resources.cpu, **({"GPU": t.resources.gpu} if t.resources.gpu else {})}

@@ -28,10 +28,17 @@ import threading
 from dataclasses import dataclass
 from typing import Any
 
+import ray.tune
+from ray.data import DataContext
 from ray.train.v2.api.callback import UserCallback
+from ray.tune import Checkpoint
+from ray.util.queue import Empty, Queue
 
 from orchestrator.config import validate_config
-from orchestrator.storage import join
+from orchestrator.storage import RunDir, exists, join
+from orchestrator.train.checkpoints import STATE_FILE, latest_checkpoint
+from orchestrator.train.driver import run_training
+from orchestrator.tune.cleanup import PlacementGroupTracker
 from orchestrator.tune.space import trial_tree
 
 POINTER_FILE = "raydiff_pointer.json"
@@ -85,9 +92,6 @@ def donor_checkpoint(uri: str, cfg: Any) -> str:
     """``uri``, or the donor run's latest checkpoint if ``uri`` is gone: the donor trains on while
     Tune decides, and its run keeps only ``checkpoint.keep`` checkpoints. A later checkpoint of
     the same (better) trial is what PBT means to copy, a step or two further on."""
-    from orchestrator.storage import RunDir, exists
-    from orchestrator.train.checkpoints import STATE_FILE, latest_checkpoint
-
     if exists(join(uri, STATE_FILE), cfg.storage.s3):
         return uri
     donor = RunDir(uri.rstrip("/").rsplit("/", 1)[0], cfg.storage.s3)
@@ -106,8 +110,6 @@ class _Trial:
         self.last: dict[str, Any] = {}
 
     def pointer_checkpoint(self) -> Any:
-        from ray.tune import Checkpoint
-
         if self.checkpoint is None:
             return None
         uri, step = self.checkpoint
@@ -117,8 +119,6 @@ class _Trial:
         return Checkpoint.from_directory(d)
 
     def report(self, metrics: dict[str, Any]) -> None:
-        import ray.tune
-
         checkpoint = self.pointer_checkpoint()
         try:
             ray.tune.report({**metrics, "run": self.run}, checkpoint=checkpoint)
@@ -149,8 +149,6 @@ def _last_result_in_storage(trial: _Trial, s3: Any) -> dict[str, Any]:
     For a trial that Tune restarts onto a run that has already trained to the end (e.g. restored
     after its final result was lost): this invocation trains nothing and reports nothing, yet
     the trial's final result must still carry the metric and the final step."""
-    from orchestrator.storage import RunDir
-
     for rec in reversed(RunDir(trial.run_uri, s3).metrics()):
         if rec.get(trial.spec.metric) is not None:
             return _result_fields(rec)
@@ -159,14 +157,6 @@ def _last_result_in_storage(trial: _Trial, s3: Any) -> dict[str, Any]:
 
 def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     """The Tune function trainable (``tune.with_parameters(tune_trial, spec=...)``)."""
-    import ray.tune
-    from ray.util.queue import Empty, Queue
-
-    from orchestrator.train.driver import run_training
-    from orchestrator.tune.cleanup import PlacementGroupTracker
-
-    from ray.data import DataContext
-
     # This process is the trial's training driver: no Ray Data progress bars in the sweep's output.
     DataContext.get_current().enable_progress_bars = False
     trial_id = ray.tune.get_context().get_trial_id()

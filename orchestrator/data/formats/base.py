@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import posixpath
 import threading
+import zlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Mapping
@@ -239,6 +240,4 @@ def sample_ids(batch: dict[str, np.ndarray], row: int, n: int) -> tuple[np.ndarr
 
 
 def stable_hash(s: str) -> int:
-    import zlib
-
     return zlib.crc32(s.encode())

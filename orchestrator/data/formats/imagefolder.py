@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from orchestrator import storage
 from orchestrator.data.counter import report
@@ -60,8 +61,6 @@ class ImageFolder(DataFormat):
         return DatasetInfo(cfg.source, self.name, len(images), tuple(class_dirs), tuple(images), labels)
 
     def units(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str) -> "pa.Table":
-        import pyarrow as pa
-
         n = len(info.files)
         labels = np.asarray(info.labels, dtype=np.int64) if info.labels is not None else np.zeros(n, np.int64)
         return pa.table({"unit": pa.array(info.files, pa.string()), "label": pa.array(labels),

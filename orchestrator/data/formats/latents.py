@@ -26,6 +26,8 @@ import math
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import pyarrow as pa
+from PIL import Image
 
 from orchestrator import storage
 from orchestrator.data import decode as D
@@ -123,8 +125,6 @@ class Latents(DataFormat):
                            tuple(s["name"] for s in m["shards"]))
 
     def units(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str) -> "pa.Table":
-        import pyarrow as pa
-
         m = read_manifest(cfg.source, cfg.s3)
         _check_fits(cfg, m)
         rows = [(s["name"], g, int(n)) for s in m["shards"] for g, n in enumerate(s["row_groups"])]
@@ -188,7 +188,6 @@ class Latents(DataFormat):
 
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
         import pyarrow.parquet as pq
-        from PIL import Image
 
         for rel in info.files:
             try:

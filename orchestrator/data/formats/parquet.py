@@ -13,6 +13,7 @@ import logging
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from orchestrator import storage
 from orchestrator.data import decode as D
@@ -100,8 +101,6 @@ class Parquet(DataFormat):
         return DatasetInfo(cfg.source, self.name, n, classes, tuple(pfiles))
 
     def units(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str) -> "pa.Table":
-        import pyarrow as pa
-
         paths, groups, rows = [], [], []
         for rel in info.files:
             meta = _open(cfg, fs, root, rel).metadata

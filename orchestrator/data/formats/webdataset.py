@@ -17,6 +17,7 @@ import tarfile
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from orchestrator import storage
 from orchestrator.data import decode as D
@@ -174,8 +175,6 @@ class WebDataset(DataFormat):
         return DatasetInfo(cfg.source, self.name, n, classes, tuple(tars), unit_samples=tuple(per_shard))
 
     def units(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str) -> "pa.Table":
-        import pyarrow as pa
-
         counts = info.unit_samples if info.unit_samples is not None else (0,) * len(info.files)
         return pa.table({"unit": pa.array(info.files, pa.string()), "samples": pa.array(counts, pa.int64())})
 

@@ -1,0 +1,59 @@
+"""What training is made of, each built from its own config section: the network, the noise
+schedule, the objective and the learning-rate schedule.
+
+This module sits low in the import graph (model/ and the config only), so training, tuning,
+evaluation, benchmarks and MFU tracking all build the same objects without importing the driver
+or the checkpoint layout.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from model.objectives import DiffusionObjective
+from model.registry import build_model
+from model.schedules import NoiseSchedule, make_schedule
+from orchestrator.config import DataConfig, DiffusionConfig, ModelConfig, OptimConfig
+
+
+def build_denoiser(model: ModelConfig, data: DataConfig, num_classes: int | None) -> torch.nn.Module:
+    """The registry network ``model`` names, sized for ``data``'s images (or latents);
+    class-conditional when ``num_classes`` is given (the number of classes found in the data)."""
+    return build_model(model.name, in_channels=data.channels, image_size=data.resolution, num_classes=num_classes)
+
+
+def build_schedule(diffusion: DiffusionConfig) -> NoiseSchedule:
+    return make_schedule(diffusion.schedule, diffusion.num_timesteps, zero_terminal_snr=diffusion.zero_terminal_snr)
+
+
+def build_objective(diffusion: DiffusionConfig, num_classes: int | None) -> DiffusionObjective:
+    """The training loss on ``build_schedule(diffusion)``: prediction target, loss weighting and
+    label dropout (classifier-free guidance) as configured."""
+    return DiffusionObjective(
+        build_schedule(diffusion),
+        diffusion.prediction,
+        diffusion.weighting,
+        min_snr_gamma=diffusion.min_snr_gamma,
+        p2_gamma=diffusion.p2_gamma,
+        p2_k=diffusion.p2_k,
+        num_classes=num_classes,
+        label_dropout=diffusion.label_dropout,
+    )
+
+
+def lr_lambda(optim: OptimConfig) -> Callable[[int], float]:
+    """The factor on ``optim.lr`` after a number of optimizer steps (for ``LambdaLR``): linear
+    warm-up, then cosine decay to ``min_lr_ratio`` of the peak (Loshchilov & Hutter 2017)."""
+    o = optim
+
+    def f(step: int) -> float:
+        if o.warmup_steps and step < o.warmup_steps:
+            return (step + 1) / o.warmup_steps
+        span = max(1, o.steps - o.warmup_steps)
+        progress = min(1.0, (step - o.warmup_steps) / span)
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return f
