@@ -10,6 +10,7 @@ import sys
 
 from orchestrator.bench.data import register_bench as register_bench_data
 from orchestrator.bench.quality import register_bench as register_bench_quality
+from orchestrator.bench.startup import register_bench as register_bench_startup
 from orchestrator.bench.step import register_bench as register_bench_step
 from orchestrator.cli.controller import register as register_controller
 from orchestrator.cli.data import register as register_data
@@ -28,7 +29,7 @@ log = logging.getLogger("raydiff")
 
 _COMMANDS = (register_train, register_sample, register_export, register_eval, register_report, register_data, register_tune,
              register_submit, register_controller)
-_BENCHES = (register_bench_data, register_bench_step, register_bench_quality)
+_BENCHES = (register_bench_data, register_bench_step, register_bench_startup, register_bench_quality)
 
 
 def build_parser() -> argparse.ArgumentParser:
