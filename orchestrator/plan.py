@@ -14,8 +14,8 @@ from typing import Literal
 
 import torch
 
-from model.registry import build_model
-from orchestrator.config import ConfigError, ScalingConfig, TrainConfig
+from orchestrator.builders import build_denoiser
+from orchestrator.config import ConfigError, DataConfig, ModelConfig, PrecisionConfig, ScalingConfig, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
 Device = Literal["cpu", "gpu"]
@@ -82,8 +82,8 @@ def _cluster_has_gpus(ray_address: str | None) -> bool | None:
     return None
 
 
-def resolve_device(cfg: TrainConfig) -> tuple[Device, str]:
-    s = cfg.scaling
+def resolve_device(scaling: ScalingConfig) -> tuple[Device, str]:
+    s = scaling
     if s.device != "auto":
         return s.device, "set by scaling.device"
     has_gpu = _cluster_has_gpus(s.ray_address)
@@ -119,16 +119,15 @@ ZERO0_MEMORY_SHARE = 0.25
 DEFAULT_GPU_BYTES = 40 << 30
 
 
-def parameter_count(cfg: TrainConfig) -> int:
+def parameter_count(model: ModelConfig, data: DataConfig) -> int:
     """Parameters of the configured network, counted on the meta device (no memory, no compute)."""
     with torch.device("meta"):
-        net = build_model(cfg.model.name, in_channels=cfg.data.channels, image_size=cfg.data.resolution,
-                          num_classes=10 if cfg.data.conditional else None)
+        net = build_denoiser(model, data, 10 if data.conditional else None)
     return sum(p.numel() for p in net.parameters())
 
 
-def _gpu_bytes(cfg: TrainConfig) -> int:
-    if cfg.scaling.ray_address is None:
+def _gpu_bytes(scaling: ScalingConfig) -> int:
+    if scaling.ray_address is None:
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory
     return DEFAULT_GPU_BYTES
@@ -140,16 +139,16 @@ def resolve_zero_stage(cfg: TrainConfig, device: Device) -> tuple[int, str]:
         return z, "set by precision.zero_stage"
     if device == "cpu":
         return 2, "auto on CPU: gradients and optimizer state partitioned over the workers"
-    need = parameter_count(cfg) * STATE_BYTES_PER_PARAM
-    budget = _gpu_bytes(cfg) * ZERO0_MEMORY_SHARE
+    need = parameter_count(cfg.model, cfg.data) * STATE_BYTES_PER_PARAM
+    budget = _gpu_bytes(cfg.scaling) * ZERO0_MEMORY_SHARE
     if need <= budget:
         return 0, (f"auto: {need / 2**30:.1f} GiB of weights, gradients and Adam state fit in "
                    f"{ZERO0_MEMORY_SHARE:.0%} of one GPU; no partitioning overhead")
     return 2, f"auto: {need / 2**30:.1f} GiB of training state is over {ZERO0_MEMORY_SHARE:.0%} of one GPU"
 
 
-def resolve_mixed(cfg: TrainConfig, precision: Precision, zero_stage: int, device: Device) -> tuple[bool, str]:
-    m = cfg.precision.mixed
+def resolve_mixed(pcfg: PrecisionConfig, precision: Precision, zero_stage: int, device: Device) -> tuple[bool, str]:
+    m = pcfg.mixed
     if precision == "fp32":
         return False, "fp32: nothing to mix"
     if m == "autocast":
@@ -165,10 +164,10 @@ def resolve_mixed(cfg: TrainConfig, precision: Precision, zero_stage: int, devic
 
 
 def make_plan(cfg: TrainConfig) -> Plan:
-    device, device_reason = resolve_device(cfg)
+    device, device_reason = resolve_device(cfg.scaling)
     precision, precision_reason = resolve_precision(cfg, device)
     zero_stage, zero_reason = resolve_zero_stage(cfg, device)
-    autocast, mixed_reason = resolve_mixed(cfg, precision, zero_stage, device)
+    autocast, mixed_reason = resolve_mixed(cfg.precision, precision, zero_stage, device)
     return Plan(
         device=device,
         device_reason=device_reason,

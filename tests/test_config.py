@@ -120,13 +120,13 @@ def test_zero_stage_auto_follows_the_memory_rule(monkeypatch):
     from orchestrator import plan as plan_mod
 
     cfg = load_config(None, ["scaling.device=gpu", "model.name=dit-xl2"])
-    need = plan_mod.parameter_count(cfg) * plan_mod.STATE_BYTES_PER_PARAM
+    need = plan_mod.parameter_count(cfg.model, cfg.data) * plan_mod.STATE_BYTES_PER_PARAM
     # ~717.6M parameters (the registry test's unconditional count; 10 label embeddings add ~0.3M)
     # x 16 bytes.
     assert abs(need / 16 - 717.6e6) < 1e6
-    monkeypatch.setattr(plan_mod, "_gpu_bytes", lambda cfg: int(need / plan_mod.ZERO0_MEMORY_SHARE) + 1)
+    monkeypatch.setattr(plan_mod, "_gpu_bytes", lambda scaling: int(need / plan_mod.ZERO0_MEMORY_SHARE) + 1)
     assert plan_mod.resolve_zero_stage(cfg, "gpu")[0] == 0
-    monkeypatch.setattr(plan_mod, "_gpu_bytes", lambda cfg: int(need / plan_mod.ZERO0_MEMORY_SHARE) - 1)
+    monkeypatch.setattr(plan_mod, "_gpu_bytes", lambda scaling: int(need / plan_mod.ZERO0_MEMORY_SHARE) - 1)
     assert plan_mod.resolve_zero_stage(cfg, "gpu")[0] == 2
     assert make_plan(cfg).autocast is False  # stage 2: DeepSpeed's engine
 

@@ -146,8 +146,8 @@ def test_enabled_sink_without_its_package_is_a_config_error(key, package, monkey
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == package else real(name, *a))
     cfg = load_config(None, [f"logging.{key}.enabled=true"])
     with pytest.raises(ConfigError, match=f"pip install {package}"):
-        check_tracking_packages(cfg)
-    check_tracking_packages(load_config(None, []))  # nothing enabled, nothing needed
+        check_tracking_packages(cfg.logging)
+    check_tracking_packages(load_config(None, []).logging)  # nothing enabled, nothing needed
     # Through the CLI: exit 2 with one line, before any data is prepared or Ray started.
     assert main(["train", f"logging.{key}.enabled=true", "run.storage=/nonexistent/never-created"]) == 2
     err = capsys.readouterr().err.strip().splitlines()

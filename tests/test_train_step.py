@@ -30,7 +30,7 @@ def test_own_foreach_clipping_matches_deepspeed_clipping(monkeypatch):
     plan = make_plan(cfg)
     assert engine_mod.clips_outside_engine(plan)
     assert engine_mod.deepspeed_config(cfg.optim, cfg.precision, plan)["gradient_clipping"] == 0.0
-    batches = make_batches(cfg, 4, 10, torch.device("cpu"))
+    batches = make_batches(cfg.data, 4, 10, torch.device("cpu"))
     ours, w_ours, norms = _train(cfg, plan, batches)
     assert ours.own_clip and all(n is not None and n > 0.05 for n in norms)  # clipping was active
     assert ours.engine.enable_backward_allreduce is False  # one process: no all-reduce copies

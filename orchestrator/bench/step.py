@@ -33,15 +33,15 @@ from torch.profiler import ProfilerActivity, profile
 
 from orchestrator.bench.timing import Result, sync
 from orchestrator.builders import build_denoiser
-from orchestrator.config import TrainConfig, load_config
+from orchestrator.config import DataConfig, TrainConfig, load_config
 from orchestrator.plan import Plan, make_plan
 
 ROTATE = 4  # distinct batches, reused round-robin
 
 
-def make_batches(cfg: TrainConfig, batch: int, num_classes: int, device: torch.device, seed: int = 0) -> list[dict]:
+def make_batches(data: DataConfig, batch: int, num_classes: int, device: torch.device, seed: int = 0) -> list[dict]:
     g = torch.Generator().manual_seed(seed)
-    c, r = cfg.data.channels, cfg.data.resolution
+    c, r = data.channels, data.resolution
     return [{"image": (torch.rand(batch, c, r, r, generator=g) * 2 - 1).to(device),
              "label": torch.randint(0, num_classes, (batch,), generator=g).to(device)} for _ in range(ROTATE)]
 
@@ -256,7 +256,7 @@ def run_bench(model: str, batch: int, *, steps: int, warmup: int, compile: bool 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     init_single_process_group(device)
-    batches = make_batches(cfg, batch, num_classes, device)
+    batches = make_batches(cfg.data, batch, num_classes, device)
     half = _autocast_dtype(plan) or torch.float32
     rate = matmul_rate(device, half)
     flops = flops_per_image(cfg, num_classes, device)

@@ -102,7 +102,7 @@ def cmd_eval(args) -> int:
                           "Fix: --sampler ddim, or drop --eta")
     device = pick_device(args.device)
 
-    ref = load_reference(reference_data_config(cfg, args.reference), limit=args.reference_limit, seed=args.seed)
+    ref = load_reference(reference_data_config(cfg.data, args.reference), limit=args.reference_limit, seed=args.seed)
     feats, ref_images = _features(args, ref, device)
     ref_feats = feats(ref_images)
     if ck.num_classes is None:

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from orchestrator.config import DataConfig, TrainConfig
+from orchestrator.config import DataConfig
 from orchestrator.data import DataError
 from orchestrator.data.decode import decode_image, to_model_range
 from orchestrator.data.labels import label_problem
@@ -28,9 +28,8 @@ class Reference:
     skipped: int  # unreadable or unlabelled samples left out
 
 
-def reference_data_config(cfg: TrainConfig, reference: str | None) -> DataConfig:
-    """The training data of ``cfg`` (default) or ``reference``, with ``builtin`` written to disk."""
-    data = cfg.data
+def reference_data_config(data: DataConfig, reference: str | None) -> DataConfig:
+    """The training data ``data`` (default) or ``reference``, with ``builtin`` written to disk."""
     if reference is not None:
         data = data.model_copy(update={"source": reference, "format": "auto", "labels_file": None})
     return resolve_data_source(data) if data.source == "builtin" else data

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
-from orchestrator.config import ConfigError
+from orchestrator.config import ConfigError, LoggingConfig, TrainConfig
 from orchestrator.storage import join
 from orchestrator.tracking.scalars import scalars_of
-
-if TYPE_CHECKING:
-    from orchestrator.config import TrainConfig
 
 log = logging.getLogger("raydiff.tracking")
 
@@ -70,16 +67,16 @@ class Tracker:
 _PACKAGES = (("mlflow", "mlflow"), ("wandb", "wandb"))
 
 
-def check_tracking_packages(cfg: "TrainConfig") -> None:
+def check_tracking_packages(logging_cfg: LoggingConfig) -> None:
     """Enabled optional sinks need their package here (and on the workers: same environment)."""
     for key, package in _PACKAGES:
-        if getattr(cfg.logging, key).enabled and importlib.util.find_spec(package) is None:
+        if getattr(logging_cfg, key).enabled and importlib.util.find_spec(package) is None:
             raise ConfigError(f"logging.{key}.enabled=true but the {package} package is not installed. "
                               f"Fix: pip install {package} (in the environment of every node), or set "
                               f"logging.{key}.enabled=false")
 
 
-def build_tracker(cfg: "TrainConfig", run_uri: str, *, resume_step: int, params: dict[str, Any]) -> Tracker:
+def build_tracker(cfg: TrainConfig, run_uri: str, *, resume_step: int, params: dict[str, Any]) -> Tracker:
     """The sinks ``cfg.logging`` enables. ``params``: the run's config (secrets masked), logged
     by MLflow and W&B."""
     sinks: list[Sink] = []

@@ -78,7 +78,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from orchestrator.train.worker import WorkerArgs, train_worker
 
     t_start = time.time()
-    check_tracking_packages(cfg)  # MLflow / W&B enabled but not installed: say so before anything starts
+    check_tracking_packages(cfg.logging)  # MLflow / W&B enabled but not installed: say so before anything starts
     given = cfg = with_job_address(cfg)
     if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit
         done = _complete_outcome(resolve_paths(cfg))

@@ -21,9 +21,10 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 import torch
+import torch.distributed as dist
 
 from orchestrator.storage import RunDir, delete, filesystem_for, join, list_files
-from orchestrator.train.checkpoints import DS_TAG, EMA_FILE, MODEL_FILE, STATE_FILE, CheckpointRef
+from orchestrator.train.checkpoints import DS_TAG, EMA_FILE, MODEL_FILE, STATE_FILE, CheckpointRef, list_checkpoints
 from orchestrator.train.persist import MANIFEST_PREFIX, manifest_name, sha256_stream
 
 log = logging.getLogger("raydiff")
@@ -155,8 +156,6 @@ def newer_good_checkpoint(rundir: RunDir, known: str | None) -> str | None:
     controller has registered every rank's report, which lags persisting: a worker killed in
     between leaves a complete checkpoint that ``ray.train.get_checkpoint()`` does not return
     (seen: a kill just after the first checkpoint restarted the run from step 0)."""
-    from orchestrator.train.checkpoints import list_checkpoints
-
     after = checkpoint_step(known) if known else None
     refs = [r for r in list_checkpoints(rundir) if after is None or r.step > after]
     verdict = choose_resume_checkpoint(rundir, refs)
@@ -166,8 +165,6 @@ def newer_good_checkpoint(rundir: RunDir, known: str | None) -> str | None:
 def prepare_resume(rundir: RunDir) -> str | None:
     """Before a run starts: the URI of the checkpoint to resume from (None: start fresh). Bad
     newer checkpoints are set aside and recorded in events.jsonl; Ray's snapshot is dropped."""
-    from orchestrator.train.checkpoints import list_checkpoints
-
     verdict = choose_resume_checkpoint(rundir, list_checkpoints(rundir))
     for name, problem in verdict.skipped:
         moved = set_aside(rundir, name)
@@ -179,8 +176,6 @@ def prepare_resume(rundir: RunDir) -> str | None:
 def agreed_newer_checkpoint(rundir: RunDir, known: str | None, *, rank: int, world: int) -> str | None:
     """:func:`newer_good_checkpoint` chosen by rank 0 and broadcast (inside a worker group), so
     that every rank loads the same checkpoint even if another one lands meanwhile."""
-    import torch.distributed as dist
-
     choice = [newer_good_checkpoint(rundir, known) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(choice, src=0)
