@@ -155,7 +155,7 @@ def _train_in_process(cfg, images, labels, steps: int):
     from model.ema import EMA
     from model.objectives import DiffusionObjective
     from orchestrator.sampling import schedule_from_config
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     torch.manual_seed(0)
     model = build_denoiser(cfg, 10)
@@ -189,7 +189,7 @@ def one_thread():
 def test_eval_ranks_a_trained_checkpoint_far_above_an_untrained_one(tmp_path, capsys, one_thread):
     from orchestrator.data.demo import DEMO_CLASS_NAMES, write_demo_dataset
     from orchestrator.eval.reference import load_reference
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     data = write_demo_dataset(tmp_path / "shapes", 40, 16, 0)
     cfg = tiny_config(f"data.source={data}", "data.format=imagefolder")

@@ -213,7 +213,7 @@ def _grid_cfg(source: str):
 
 def test_latent_grids_are_decoded_by_the_vae_or_show_latent_channels(encoded, vae_dir, tmp_path, caplog):
     from orchestrator.sampling import generate, grid_labels, grid_png, sample_grid
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     dest, m = encoded
     cfg = _grid_cfg(dest)
@@ -248,7 +248,7 @@ def test_latent_grids_are_decoded_by_the_vae_or_show_latent_channels(encoded, va
 @pytest.mark.slow
 def test_train_on_latents_end_to_end(encoded, ray_local, tmp_path, capsys):
     from orchestrator.storage import RunDir
-    from orchestrator.train.checkpoints import list_checkpoints
+    from orchestrator.train.checkpoint.layout import list_checkpoints
 
     dest, _ = encoded
     args = [f"data.source={dest}", "data.format=latents", "data.resolution=8", "model.name=unet-tiny",

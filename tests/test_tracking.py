@@ -167,7 +167,7 @@ def test_build_tracker_follows_config(tmp_path):
 def test_mfu_estimate():
     from torch.utils.flop_counter import FlopCounterMode
 
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     cfg = load_config(None, ["model.name=unet-tiny", "data.resolution=16"])
     from torch.nn.attention import SDPBackend, sdpa_kernel

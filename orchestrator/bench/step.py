@@ -109,7 +109,7 @@ def _autocast_dtype(plan: Plan) -> torch.dtype | None:
 def plain_loop(cfg: TrainConfig, plan: Plan, batches: list[dict], device: torch.device, *, num_classes: int,
                compile: bool, warmup: int, steps: int, profile: bool = False) -> Result:
     """The hand-written reference (see the module docstring)."""
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     t_build = time.perf_counter()
     torch.manual_seed(cfg.seed)
@@ -211,7 +211,7 @@ def flops_per_image(cfg: TrainConfig, num_classes: int, device: torch.device) ->
     """Forward + backward FLOPs of one image, counted by torch's FlopCounterMode on a batch of 2."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     model = build_denoiser(cfg, num_classes).to(device)
     c, r = cfg.data.channels, cfg.data.resolution

@@ -1,7 +1,8 @@
 """Open a checkpoint for inference: ``raydiff sample``, ``export`` and ``eval`` share this.
 
-``--checkpoint`` names either a run directory (its latest complete checkpoint is used) or one
-checkpoint directory, on local disk or in S3. The denoiser comes back in eval mode with either
+``--checkpoint`` names either a run directory (its newest checkpoint that verifies is used) or
+one checkpoint directory, on local disk or in S3; the checkpoint owner (train/checkpoint/
+manager.py) chooses and verifies it as training would, and refuses a damaged one. The denoiser comes back in eval mode with either
 the EMA weights (``ema.pt``, what the training grids and the judge use) or the raw DeepSpeed
 weights: fp32 master weights consolidated from the ZeRO optimizer shards with DeepSpeed's
 ``zero_to_fp32`` when the checkpoint has them, else the module weights in
@@ -21,18 +22,11 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from orchestrator.builders import build_denoiser
 from orchestrator.config import ConfigError, TrainConfig, load_config_text
 from orchestrator.storage import RunDir, join, list_files, parse_uri, read_bytes, redact_uri
-from orchestrator.train.checkpoints import (
-    CONFIG_FILE,
-    DS_TAG,
-    MODEL_FILE,
-    STATE_FILE,
-    CheckpointRef,
-    build_denoiser,
-    list_checkpoints,
-    load_ema_model,
-)
+from orchestrator.train.checkpoint.layout import CONFIG_FILE, DS_TAG, MODEL_FILE, CheckpointRef
+from orchestrator.train.checkpoint.manager import Checkpointer
 
 if TYPE_CHECKING:
     from orchestrator.config import S3Config
@@ -59,37 +53,11 @@ class LoadedCheckpoint:
         return getattr(self.model, "num_classes", None)
 
 
-def _parent(uri: str) -> tuple[str, str]:
-    uri = uri.rstrip("/")
-    loc = parse_uri(uri)
-    if loc.is_s3:
-        head, _, name = uri.rpartition("/")
-        if not name or head.endswith(":/"):
-            raise ConfigError(f"{redact_uri(uri)} names a bucket, not a checkpoint directory")
-        return head, name
-    p = Path(loc.key)
-    return str(p.parent), p.name
-
-
 def resolve_checkpoint(uri: str, s3: "S3Config | None" = None, name: str | None = None) -> tuple[RunDir, CheckpointRef]:
-    """(run directory, checkpoint) for a run directory or a checkpoint directory ``uri``;
-    ``name`` picks one checkpoint directory of a run by name (default: the latest)."""
-    uri = uri.rstrip("/")
-    here = RunDir(uri, s3)
-    if name is None and here.exists(STATE_FILE):
-        parent, base = _parent(uri)
-        step = int(json.loads(here.read_text(STATE_FILE))["step"])
-        return RunDir(parent, s3), CheckpointRef(base, step)
-    refs = list_checkpoints(here)
-    if name is not None:
-        refs = [r for r in refs if r.name == name]
-    if not refs:
-        what = f"complete checkpoint named {name!r}" if name else "complete checkpoint (checkpoint_*/ with train_state.json)"
-        raise ConfigError(
-            f"--checkpoint {redact_uri(uri)}: found no {what} there. Fix: give a run directory "
-            "(e.g. runs/demo) or one of its checkpoint_* directories"
-        )
-    return here, refs[-1]
+    """(run directory, verified checkpoint) for a run directory or a checkpoint directory ``uri``;
+    ``name`` picks one checkpoint directory of a run by name (default: the newest good one)."""
+    ck, ref = Checkpointer.open(uri, s3, name)
+    return ck.rundir, ref
 
 
 def _class_names(run: RunDir, ref: CheckpointRef, meta: dict) -> tuple[str, ...] | None:
@@ -135,7 +103,8 @@ def _raw_state_dict(run: RunDir, ref: CheckpointRef) -> dict[str, torch.Tensor]:
 def load_checkpoint(uri: str, s3: "S3Config | None" = None, *, raw: bool = False,
                     name: str | None = None) -> LoadedCheckpoint:
     """The denoiser of checkpoint ``uri`` (run or checkpoint directory) with EMA or raw weights."""
-    run, ref = resolve_checkpoint(uri, s3, name)
+    ck, ref = Checkpointer.open(uri, s3, name)
+    run = ck.rundir
     meta = json.loads(run.read_text(posixpath.join(ref.name, MODEL_FILE)))
     if raw:
         cfg = load_config_text(run.read_text(posixpath.join(ref.name, CONFIG_FILE)))
@@ -143,7 +112,7 @@ def load_checkpoint(uri: str, s3: "S3Config | None" = None, *, raw: bool = False
         model.load_state_dict(_raw_state_dict(run, ref))
         model.eval()
     else:
-        model, cfg = load_ema_model(run, ref)
+        model, cfg = ck.ema_model(ref, verify=False)  # open() verified it
     return LoadedCheckpoint(model, cfg, _class_names(run, ref, meta), run, ref, "raw" if raw else "ema")
 
 

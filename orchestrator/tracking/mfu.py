@@ -45,7 +45,7 @@ def train_flops_per_image(cfg: "TrainConfig", num_classes: int | None) -> float:
     """3x the denoiser's forward FLOPs for one image (see the module docstring)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    from orchestrator.train.checkpoints import build_denoiser
+    from orchestrator.builders import build_denoiser
 
     with torch.device("meta"):
         model = build_denoiser(cfg, num_classes)

@@ -13,7 +13,8 @@ from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
-from orchestrator.train.faults import forwarded_env
+from orchestrator.train.checkpoint.manager import Checkpointer
+from orchestrator.train.faults import FaultHooks
 from orchestrator.train.startup import phase_event
 from orchestrator.storage import RunDir
 
@@ -113,7 +114,6 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from orchestrator.data.reader import make_train_reader
     from orchestrator.data.pipeline import load_validation_images
     from orchestrator.storage import check_writable, ray_storage
-    from orchestrator.train.verify import prepare_resume, prune
     from orchestrator.train.worker import WorkerArgs, train_worker
 
     t_start = time.time()
@@ -150,7 +150,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.write_text("plan.json", json.dumps(plan.as_dict(), indent=2))
         # Output for the user, not a log record (a WARNING prefix would misreport it).
         print(f"raydiff plan:\n{plan.describe(cfg, rundir.uri)}", flush=True)
-        resume_from = prepare_resume(rundir)  # raydiff, not Ray's snapshot, picks the checkpoint
+        checkpointer = Checkpointer(rundir)
+        resume_from = checkpointer.prepare_resume()  # raydiff, not Ray's snapshot, picks the checkpoint
 
         counter = f"raydiff-bad-samples-{cfg.run.name}"
         decoded_bytes = info.num_samples * cfg.data.channels * cfg.data.resolution**2 * 4
@@ -172,6 +173,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             progress=progress_mode(cfg.logging.progress),
             verbose=is_verbose(),
             reader=ray.put(reader),
+            # Test hooks read once, here: the workers read no environment (train/faults.py).
+            faults=FaultHooks.from_env(),
         )
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
@@ -194,7 +197,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
                 # (and warn about it).
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu",
-                                                 **worker_env(is_verbose()), **forwarded_env()}},
+                                                 **worker_env(is_verbose())}},
                 callbacks=list(callbacks) or None,
                 logging_config=TrainLoggingConfig(log_level=ray_train_log_level(is_verbose())),
             ),
@@ -202,11 +205,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.event(phase_event("data"))
         trainer.fit()
         # From storage, not Result.metrics: a run that was already complete reports nothing new.
-        from orchestrator.train.checkpoints import latest_checkpoint, list_checkpoints
-
-        # Ray keeps checkpoint.keep of this invocation's checkpoints; older invocations' are ours.
-        prune(rundir, list_checkpoints(rundir), cfg.checkpoint.keep)
-        latest = latest_checkpoint(rundir)
+        checkpointer.prune(cfg.checkpoint.keep)
+        latest = checkpointer.latest()
         final_step = latest.step if latest is not None else 0
         ckpt_path = f"{rundir.uri}/{latest.name}" if latest is not None else None
         eval_result = None

@@ -18,10 +18,10 @@ import torch
 from model import _random
 from model.ema import EMA
 from model.objectives import DiffusionObjective, LossOutput
+from orchestrator.builders import build_denoiser
 from orchestrator.config import TrainConfig
 from orchestrator.plan import Plan
 from orchestrator.sampling import schedule_from_config
-from orchestrator.train.checkpoints import build_denoiser
 from orchestrator.train.engine import build_engine, clips_outside_engine
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

@@ -1,14 +1,7 @@
-"""The checkpoint layout: what a checkpoint directory holds, how it is written and read back,
-and how the model is rebuilt from it.
+"""Writing and reading one checkpoint directory (layout.py says what it holds).
 
-Ray Train names checkpoint directories ``checkpoint_<timestamp>`` under ``{storage}/{name}``.
-Each holds the DeepSpeed shards of every rank (tag ``ds``), and from rank 0 ``ema.pt`` (the EMA
-weights), ``train_state.json`` (step, samples seen, data position), ``config.yaml`` (the
-resolved config, credentials masked) and ``model.json`` (what the config cannot say: the number
-of classes found in the data, the world size). ``train_state.json`` is written last by rank 0,
-so a directory without it is an incomplete upload and is never resumed from; each rank adds
-``manifest.rank<r>.json`` when it persists its part (train/persist.py), and train/verify.py
-decides which checkpoint can be trusted.
+Training writes and reads the whole directory through a DeepSpeed engine; inference reads the
+EMA weights only. Neither checks the checkpoint: verify.py does, and manager.py calls it first.
 """
 
 from __future__ import annotations
@@ -16,36 +9,32 @@ from __future__ import annotations
 import io
 import json
 import posixpath
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from model.ema import EMA
-from model.registry import build_model
+from orchestrator.builders import build_denoiser
 from orchestrator.config import TrainConfig, config_to_yaml, load_config_text
 from orchestrator.storage import RunDir
-from orchestrator.train.elastic import (
+from orchestrator.train.checkpoint.elastic import (
     loading_universal,
     needs_conversion,
-    saved_world_size,
     universal_client_state,
     universal_copy,
 )
+from orchestrator.train.checkpoint.layout import (
+    CONFIG_FILE,
+    DS_TAG,
+    EMA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointRef,
+    saved_world_size,
+)
 from orchestrator.train.state import TrainState
-
-DS_TAG = "ds"
-STATE_FILE = "train_state.json"
-EMA_FILE = "ema.pt"
-CONFIG_FILE = "config.yaml"
-MODEL_FILE = "model.json"
-
-
-def build_denoiser(cfg: TrainConfig, num_classes: int | None) -> torch.nn.Module:
-    """The registry model that ``cfg`` describes (trainer, sample grids and checkpoint loading)."""
-    return build_model(cfg.model.name, in_channels=cfg.data.channels, image_size=cfg.data.resolution,
-                       num_classes=num_classes)
 
 
 def write_checkpoint(directory: str | Path, *, engine: Any, ema: EMA, state: TrainState, cfg: TrainConfig,
@@ -67,11 +56,9 @@ def write_checkpoint(directory: str | Path, *, engine: Any, ema: EMA, state: Tra
 
 def read_checkpoint(directory: str | Path, *, engine: Any, ema: EMA) -> TrainState:
     """Load a checkpoint directory into ``engine`` and ``ema``; returns the saved state. A
-    checkpoint sharded over another number of workers is re-sharded (train/elastic.py)."""
+    checkpoint sharded over another number of workers is re-sharded (elastic.py)."""
     d = Path(directory)
     if needs_conversion(d, DS_TAG, engine.dp_world_size):
-        import torch.distributed as dist
-
         if engine.global_rank == 0:
             # print, like the worker's resume line: Ray drops worker log records below ERROR.
             print(f"raydiff: {d} was written by {saved_world_size(d)} workers, this run has {engine.dp_world_size}: "
@@ -87,46 +74,7 @@ def read_checkpoint(directory: str | Path, *, engine: Any, ema: EMA) -> TrainSta
     return TrainState(**json.loads((d / STATE_FILE).read_text()))
 
 
-def read_checkpoint_uri(uri: str, s3: Any, *, engine: Any, ema: EMA) -> TrainState:
-    """``read_checkpoint`` for a checkpoint directory given by URI (local or ``s3://``)."""
-    from ray.train import Checkpoint
-
-    from orchestrator.storage import ray_storage
-
-    path, fs = ray_storage(uri, s3)
-    with Checkpoint(path, filesystem=fs).as_directory() as d:
-        return read_checkpoint(d, engine=engine, ema=ema)
-
-
-def checkpoint_dir_name(step: int) -> str:
-    """Checkpoint directories are named by step, so a listing reads in training order."""
-    return f"checkpoint_{step:08d}"
-
-
-@dataclass(frozen=True)
-class CheckpointRef:
-    name: str  # directory name inside the run directory
-    step: int
-
-
-def list_checkpoints(rundir: RunDir) -> list[CheckpointRef]:
-    refs = []
-    for name in rundir.listdir():
-        if not name.startswith("checkpoint_"):
-            continue
-        rel = posixpath.join(name, STATE_FILE)
-        if not rundir.exists(rel):
-            continue  # an incomplete upload: never resume from it
-        refs.append(CheckpointRef(name, int(json.loads(rundir.read_text(rel))["step"])))
-    return sorted(refs, key=lambda r: r.step)
-
-
-def latest_checkpoint(rundir: RunDir) -> CheckpointRef | None:
-    refs = list_checkpoints(rundir)
-    return refs[-1] if refs else None
-
-
-def load_ema_model(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module, TrainConfig]:
+def read_ema_model(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module, TrainConfig]:
     """The denoiser with EMA weights from checkpoint ``ref``, and the config it was trained with."""
     num_classes = json.loads(rundir.read_text(posixpath.join(ref.name, MODEL_FILE)))["num_classes"]
     cfg = load_config_text(rundir.read_text(posixpath.join(ref.name, CONFIG_FILE)))
