@@ -92,7 +92,7 @@ def donor_checkpoint(uri: str, cfg: Any) -> str:
     if exists(join(uri, STATE_FILE), cfg.storage.s3):
         return uri
     donor = RunDir(uri.rstrip("/").rsplit("/", 1)[0], cfg.storage.s3)
-    latest = Checkpointer(donor).newest_good().ref
+    latest = Checkpointer(donor).latest()
     if latest is None:
         raise RuntimeError(f"PBT donor run {donor.uri} has no checkpoint left to continue from. "
                            "Fix: raise checkpoint.keep")
