@@ -1,14 +1,16 @@
 """Writing and reading one checkpoint directory (layout.py says what it holds).
 
 Training writes and reads the whole directory through a DeepSpeed engine; inference reads the
-EMA weights only. Neither checks the checkpoint: verify.py does, and manager.py calls it first.
+EMA weights, or the raw DeepSpeed weights consolidated to fp32. Neither checks the checkpoint: verify.py does, and manager.py calls it first.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import posixpath
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,8 +19,8 @@ import torch.distributed as dist
 
 from model.ema import EMA
 from orchestrator.builders import build_denoiser
-from orchestrator.config import TrainConfig, config_to_yaml, load_config_text
-from orchestrator.storage import RunDir
+from orchestrator.config import ConfigError, TrainConfig, config_to_yaml, load_config_text
+from orchestrator.storage import RunDir, join, list_files, parse_uri, read_bytes, redact_uri
 from orchestrator.train.checkpoint.elastic import (
     loading_universal,
     needs_conversion,
@@ -35,6 +37,8 @@ from orchestrator.train.checkpoint.layout import (
     saved_world_size,
 )
 from orchestrator.train.state import TrainState
+
+MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 def write_checkpoint(directory: str | Path, *, engine: Any, ema: EMA, state: TrainState, cfg: TrainConfig,
@@ -74,11 +78,24 @@ def read_checkpoint(directory: str | Path, *, engine: Any, ema: EMA) -> TrainSta
     return TrainState(**json.loads((d / STATE_FILE).read_text()))
 
 
-def read_ema_model(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module, TrainConfig]:
-    """The denoiser with EMA weights from checkpoint ``ref``, and the config it was trained with."""
+def _saved_denoiser(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module, TrainConfig]:
+    """The untrained denoiser checkpoint ``ref`` was trained as, and its config."""
     num_classes = json.loads(rundir.read_text(posixpath.join(ref.name, MODEL_FILE)))["num_classes"]
     cfg = load_config_text(rundir.read_text(posixpath.join(ref.name, CONFIG_FILE)))
-    model = build_denoiser(cfg, num_classes)
+    return build_denoiser(cfg, num_classes), cfg
+
+
+def read_raw_model(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module, TrainConfig]:
+    """The denoiser with the raw DeepSpeed weights of ``ref`` (eval mode), and its config."""
+    model, cfg = _saved_denoiser(rundir, ref)
+    model.load_state_dict(read_raw_state_dict(rundir, ref))
+    model.eval()
+    return model, cfg
+
+
+def read_ema_model(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module, TrainConfig]:
+    """The denoiser with EMA weights from checkpoint ``ref``, and the config it was trained with."""
+    model, cfg = _saved_denoiser(rundir, ref)
     state = torch.load(io.BytesIO(rundir.read_bytes(posixpath.join(ref.name, EMA_FILE))), map_location="cpu",
                        weights_only=True)
     ema = EMA(model)
@@ -86,3 +103,36 @@ def read_ema_model(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module,
     ema.copy_to(model)
     model.eval()
     return model, cfg
+
+
+def read_raw_state_dict(run: RunDir, ref: CheckpointRef) -> dict[str, torch.Tensor]:
+    """The raw DeepSpeed weights of ``ref`` in fp32: consolidated from the ZeRO optimizer shards
+    with DeepSpeed's ``zero_to_fp32`` when the checkpoint has them, else the module weights in
+    ``mp_rank_00_model_states.pt`` (ZeRO stage 0)."""
+    ds_uri = join(run.uri, ref.name, DS_TAG)
+    files = [rel for rel, _ in list_files(ds_uri, run.s3)]
+    if MODEL_STATES not in files and not any(f.endswith("_model_states.pt") for f in files):
+        raise ConfigError(
+            f"{redact_uri(ds_uri)} holds no DeepSpeed model states ({MODEL_STATES}); --raw needs the "
+            "DeepSpeed part of a checkpoint. Fix: drop --raw to use the EMA weights (ema.pt)"
+        )
+    loc = parse_uri(ds_uri)
+    with contextlib.ExitStack() as stack:
+        if loc.is_s3:
+            # zero_to_fp32 reads a local directory: copy the tag's files (shards included) down.
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raydiff-raw-")))
+            for rel in files:
+                dest = root / DS_TAG / rel
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                dest.write_bytes(read_bytes(join(ds_uri, rel), run.s3))
+        else:
+            root = Path(loc.key).parent
+        if any("zero_pp_rank_" in f and f.endswith("_optim_states.pt") for f in files):
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            # It prints progress to stdout and a shard bar to stderr; keep the output to raydiff's own.
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=DS_TAG)
+            return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+        blob = torch.load(root / DS_TAG / MODEL_STATES, map_location="cpu", weights_only=False)
+        return {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}

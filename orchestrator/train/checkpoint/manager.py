@@ -20,7 +20,7 @@ import torch
 
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.storage import RunDir, join, parse_uri, redact_uri
-from orchestrator.train.checkpoint.files import read_ema_model
+from orchestrator.train.checkpoint.files import read_ema_model, read_raw_model
 from orchestrator.train.checkpoint.layout import STATE_FILE, CheckpointRef, list_checkpoints, read_step, \
     scan_checkpoints
 from orchestrator.train.checkpoint.verify import (
@@ -150,3 +150,9 @@ class Checkpointer:
         if verify:
             ref = self.trusted(ref.name)
         return read_ema_model(self.rundir, ref)
+
+    def raw_model(self, ref: CheckpointRef, *, verify: bool = True) -> tuple[torch.nn.Module, TrainConfig]:
+        """``ema_model`` with the raw DeepSpeed weights (fp32 master weights where ZeRO kept them)."""
+        if verify:
+            ref = self.trusted(ref.name)
+        return read_raw_model(self.rundir, ref)
