@@ -1,4 +1,4 @@
-"""Checkpoints written without Ray or DeepSpeed, in the layout of orchestrator/train/checkpoints.py,
+"""Checkpoints written without Ray or DeepSpeed, in the layout of orchestrator/train/checkpoint/layout.py,
 for the sample / export / eval tests: ema.pt, config.yaml, model.json, train_state.json, and
 optionally ``ds/mp_rank_00_model_states.pt`` the way DeepSpeed writes it without ZeRO partitioning."""
 
@@ -12,7 +12,7 @@ import torch
 from model.ema import EMA
 from orchestrator.config import TrainConfig, config_to_yaml, load_config
 from orchestrator.builders import build_denoiser
-from orchestrator.train.checkpoints import CONFIG_FILE, DS_TAG, EMA_FILE, MODEL_FILE, STATE_FILE
+from orchestrator.train.checkpoint.layout import CONFIG_FILE, DS_TAG, EMA_FILE, MODEL_FILE, STATE_FILE
 from orchestrator.train.state import TrainState
 
 

@@ -65,7 +65,7 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace) -> None:
 def _run(setup: str, rank: int, world: int, a: argparse.Namespace) -> None:
     from orchestrator.config import load_config
     from orchestrator.plan import make_plan
-    from orchestrator.train.checkpoints import read_checkpoint, write_checkpoint
+    from orchestrator.train.checkpoint.files import read_checkpoint, write_checkpoint
     from orchestrator.train.state import TrainState
     from orchestrator.train.step import TrainStep
 

@@ -12,10 +12,10 @@ import torch
 
 from orchestrator.config import load_config
 from orchestrator.storage import RunDir
-from orchestrator.train.checkpoints import EMA_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
+from orchestrator.train.checkpoint.layout import EMA_FILE, MODEL_FILE, STATE_FILE, list_checkpoints
 from orchestrator.train.driver import run_training
-from orchestrator.train.persist import write_manifest
-from orchestrator.train.verify import CheckpointProblem, verify_checkpoint
+from orchestrator.train.checkpoint.persist import write_manifest
+from orchestrator.train.checkpoint.verify import CheckpointProblem, verify_checkpoint
 
 from test_train_e2e import TINY, builtin_cache  # noqa: F401 - fixture
 
@@ -104,9 +104,9 @@ def test_damaged_or_deleted_checkpoints_fall_back_to_the_newest_good_one(ray_loc
 
 @pytest.mark.slow
 def test_nan_at_a_step_rolls_back_and_training_completes(ray_local, builtin_cache, tmp_path, monkeypatch):
-    from orchestrator.train.divergence import FAULT_ENV
+    from orchestrator.train.faults import NAN_ENV
 
-    monkeypatch.setenv(FAULT_ENV, "5")  # the batch of step 5 is NaN
+    monkeypatch.setenv(NAN_ENV, "5")  # the batch of step 5 is NaN
     cfg = load_config(None, [f"run.storage={tmp_path}", "run.name=nan", "scaling.num_workers=1", "optim.batch_size=4",
                              "checkpoint.every_steps=2", "run.evaluate=false", "sampling.every_steps=1000",
                              "optim.steps=8", *[t for t in TINY if not t.startswith("optim.batch_size")]])

@@ -20,7 +20,7 @@ from orchestrator.cluster.local_head import LocalHead
 from orchestrator.data.demo import write_demo_dataset
 from orchestrator.data.upload import upload
 from orchestrator.storage import RunDir
-from orchestrator.train.checkpoints import list_checkpoints
+from orchestrator.train.checkpoint.layout import list_checkpoints
 
 pytestmark = pytest.mark.slow
 BUCKET = "raydiff-autoscaling"

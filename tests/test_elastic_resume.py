@@ -21,8 +21,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from orchestrator.train.checkpoints import DS_TAG
-from orchestrator.train.elastic import convert_to_universal, needs_conversion, optimizer_shards
+from orchestrator.train.checkpoint.layout import DS_TAG
+from orchestrator.train.checkpoint.elastic import convert_to_universal, needs_conversion, optimizer_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 # The CPU defaults (ZeRO-2 with bf16 where the CPU has it, fp32 otherwise) and unsharded fp32.

@@ -20,7 +20,7 @@ from PIL import Image
 
 from orchestrator.cluster.local_head import LocalHead
 from orchestrator.storage import RunDir
-from orchestrator.train.checkpoints import list_checkpoints
+from orchestrator.train.checkpoint.layout import list_checkpoints
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]

@@ -248,7 +248,7 @@ def test_latent_grids_are_decoded_by_the_vae_or_show_latent_channels(encoded, va
 @pytest.mark.slow
 def test_train_on_latents_end_to_end(encoded, ray_local, tmp_path, capsys):
     from orchestrator.storage import RunDir
-    from orchestrator.train.checkpoints import list_checkpoints
+    from orchestrator.train.checkpoint.layout import list_checkpoints
 
     dest, _ = encoded
     args = [f"data.source={dest}", "data.format=latents", "data.resolution=8", "model.name=unet-tiny",

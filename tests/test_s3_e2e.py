@@ -102,8 +102,8 @@ def test_s3_train_kill_resume_sample(s3_server, tmp_path):
         time.sleep(1)
     # raydiff, not Ray's snapshot, picks the resume point: the newest checkpoint whose every
     # rank's manifest is complete and verifies (possibly newer than the one Ray registered).
-    from orchestrator.train.checkpoints import list_checkpoints
-    from orchestrator.train.verify import choose_resume_checkpoint
+    from orchestrator.train.checkpoint.layout import list_checkpoints
+    from orchestrator.train.checkpoint.verify import choose_resume_checkpoint
 
     run_dir = RunDir(f"s3://{bucket}/runs/s3e2e", s3_server.s3_config())
     verdict = choose_resume_checkpoint(run_dir, list_checkpoints(run_dir))

@@ -168,7 +168,7 @@ import torch
 from orchestrator.bench.step import init_single_process_group
 from orchestrator.config import load_config
 from orchestrator.plan import make_plan
-from orchestrator.train.checkpoints import write_checkpoint
+from orchestrator.train.checkpoint.files import write_checkpoint
 from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
 

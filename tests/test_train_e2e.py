@@ -8,7 +8,8 @@ import json
 import pytest
 from PIL import Image
 
-from orchestrator.train.checkpoints import list_checkpoints, load_ema_model
+from orchestrator.train.checkpoint.layout import list_checkpoints
+from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.config import load_config
 from orchestrator.train.driver import run_training
 from orchestrator.train.startup import PHASES, startup_breakdown
@@ -86,7 +87,7 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     state = json.loads(rundir.read_text(f"{refs[-1].name}/train_state.json"))
     # 60 images / global batch 8 -> 7 steps per epoch: step 9 is epoch 1, batch 2 (16 samples into it).
     assert state == {"step": 9, "samples_seen": 72, "epoch": 1, "batch_in_epoch": 2, "samples_in_epoch": 16}
-    model, saved_cfg = load_ema_model(rundir, refs[-1])
+    model, saved_cfg = Checkpointer(rundir).ema_model(refs[-1])
     assert saved_cfg.optim.steps == 9 and model.num_classes == 10
 
     # A third invocation of the finished run trains nothing and still reports where it is.

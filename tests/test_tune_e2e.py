@@ -17,7 +17,7 @@ import yaml
 from PIL import Image
 
 from orchestrator.storage import RunDir
-from orchestrator.train.checkpoints import list_checkpoints
+from orchestrator.train.checkpoint.layout import list_checkpoints
 
 pytestmark = pytest.mark.slow
 

@@ -1,13 +1,13 @@
 """Kill a training worker mid-run (SIGKILL of the real process): Ray Train restarts the worker
 group, raydiff resumes from the newest persisted checkpoint, the run ends at the same final
 step, redoes at most one checkpoint interval, and metrics.jsonl holds each step once. Then the
-finished 2-worker run is continued with 1 worker (elastic resume, train/elastic.py).
+finished 2-worker run is continued with 1 worker (elastic resume, train/checkpoint/elastic.py).
 
 The process to kill is the one that wrote rank 1's part of the first checkpoint: its pid is in
-``manifest.rank1.json`` (train/persist.py), so the test never guesses among Ray's processes.
+``manifest.rank1.json`` (train/checkpoint/persist.py), so the test never guesses among Ray's processes.
 ``raydiff train`` runs in a subprocess with its own local Ray (RAY_ADDRESS removed: with it the
 subprocess would join the test session's Ray). A fast test covers the choice of checkpoint on
-a restart (train/verify.py: newer_good_checkpoint), which the kill first exposed: a worker killed
+a restart (train/checkpoint/verify.py: newer_good_checkpoint), which the kill first exposed: a worker killed
 after persisting a checkpoint but before Ray registered it restarted the run from step 0.
 """
 
@@ -27,10 +27,11 @@ import torch
 
 from orchestrator.config import load_config
 from orchestrator.storage import RunDir, join
-from orchestrator.train.checkpoints import EMA_FILE, MODEL_FILE, STATE_FILE, checkpoint_dir_name, list_checkpoints
+from orchestrator.train.checkpoint.layout import EMA_FILE, MODEL_FILE, STATE_FILE, checkpoint_dir_name, \
+    checkpoint_step, list_checkpoints
 from orchestrator.train.driver import run_training
-from orchestrator.train.persist import write_manifest
-from orchestrator.train.verify import checkpoint_step, newer_good_checkpoint
+from orchestrator.train.checkpoint.persist import write_manifest
+from orchestrator.train.checkpoint.verify import newer_good_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -18,9 +18,10 @@ import torch
 from orchestrator.config import TrainConfig
 from orchestrator.eval.classifier import train_classifier
 from orchestrator.eval.shape_judge import SHAPE_THRESHOLD, ShapeJudge
-from orchestrator.sampling import generate, grid_png
 from orchestrator.storage import RunDir
-from orchestrator.train.checkpoints import CheckpointRef, load_ema_model
+from orchestrator.train.checkpoint.layout import CheckpointRef
+from orchestrator.train.checkpoint.manager import Checkpointer
+from orchestrator.sampling import generate, grid_png
 
 log = logging.getLogger("raydiff")
 # The judge needs a few thousand real images, not a pass over a large dataset.
@@ -58,7 +59,7 @@ def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: Ru
     clf, val_acc = train_classifier(images, labels, num_classes, seed=cfg.seed)
     shape = ShapeJudge.train(images, labels, num_classes, seed=cfg.seed)
 
-    model, _ = load_ema_model(rundir, ref)
+    model, _ = Checkpointer(rundir).ema_model(ref)
     k = cfg.run.eval_per_class
     gen_labels = torch.arange(num_classes).repeat_interleave(k)
     samples = generate(model, cfg, gen_labels, len(gen_labels), seed=cfg.sampling.seed + 1)

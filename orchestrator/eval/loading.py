@@ -1,44 +1,30 @@
 """Open a checkpoint for inference: ``raydiff sample``, ``export`` and ``eval`` share this.
 
-``--checkpoint`` names either a run directory (its latest complete checkpoint is used) or one
-checkpoint directory, on local disk or in S3. The denoiser comes back in eval mode with either
-the EMA weights (``ema.pt``, what the training grids and the judge use) or the raw DeepSpeed
-weights: fp32 master weights consolidated from the ZeRO optimizer shards with DeepSpeed's
-``zero_to_fp32`` when the checkpoint has them, else the module weights in
-``mp_rank_00_model_states.pt`` (ZeRO stage 0).
+``--checkpoint`` names either a run directory (its newest checkpoint that verifies is used) or
+one checkpoint directory, on local disk or in S3. The checkpoint owner (train/checkpoint/
+manager.py) chooses and verifies it as training would, refuses a damaged one, and reads the
+denoiser in eval mode with either the EMA weights (``ema.pt``, what the training grids and the
+judge use) or the raw DeepSpeed weights (fp32, consolidated from ZeRO shards where there are any).
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import posixpath
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from orchestrator.config import ConfigError, TrainConfig, load_config_text
-from orchestrator.builders import build_denoiser
-from orchestrator.storage import RunDir, join, list_files, parse_uri, read_bytes, redact_uri
-from orchestrator.train.checkpoints import (
-    CONFIG_FILE,
-    DS_TAG,
-    MODEL_FILE,
-    STATE_FILE,
-    CheckpointRef,
-    list_checkpoints,
-    load_ema_model,
-)
+from orchestrator.config import ConfigError, TrainConfig
+from orchestrator.storage import RunDir, join
+from orchestrator.train.checkpoint.layout import MODEL_FILE, CheckpointRef
+from orchestrator.train.checkpoint.manager import Checkpointer
 
 if TYPE_CHECKING:
     from orchestrator.config import S3Config
 
 Weights = Literal["ema", "raw"]
-MODEL_STATES = "mp_rank_00_model_states.pt"
 
 
 @dataclass
@@ -59,39 +45,6 @@ class LoadedCheckpoint:
         return getattr(self.model, "num_classes", None)
 
 
-def _parent(uri: str) -> tuple[str, str]:
-    uri = uri.rstrip("/")
-    loc = parse_uri(uri)
-    if loc.is_s3:
-        head, _, name = uri.rpartition("/")
-        if not name or head.endswith(":/"):
-            raise ConfigError(f"{redact_uri(uri)} names a bucket, not a checkpoint directory")
-        return head, name
-    p = Path(loc.key)
-    return str(p.parent), p.name
-
-
-def resolve_checkpoint(uri: str, s3: "S3Config | None" = None, name: str | None = None) -> tuple[RunDir, CheckpointRef]:
-    """(run directory, checkpoint) for a run directory or a checkpoint directory ``uri``;
-    ``name`` picks one checkpoint directory of a run by name (default: the latest)."""
-    uri = uri.rstrip("/")
-    here = RunDir(uri, s3)
-    if name is None and here.exists(STATE_FILE):
-        parent, base = _parent(uri)
-        step = int(json.loads(here.read_text(STATE_FILE))["step"])
-        return RunDir(parent, s3), CheckpointRef(base, step)
-    refs = list_checkpoints(here)
-    if name is not None:
-        refs = [r for r in refs if r.name == name]
-    if not refs:
-        what = f"complete checkpoint named {name!r}" if name else "complete checkpoint (checkpoint_*/ with train_state.json)"
-        raise ConfigError(
-            f"--checkpoint {redact_uri(uri)}: found no {what} there. Fix: give a run directory "
-            "(e.g. runs/demo) or one of its checkpoint_* directories"
-        )
-    return here, refs[-1]
-
-
 def _class_names(run: RunDir, ref: CheckpointRef, meta: dict) -> tuple[str, ...] | None:
     names = meta.get("class_names")
     if names is None and run.exists("eval.json"):
@@ -102,48 +55,14 @@ def _class_names(run: RunDir, ref: CheckpointRef, meta: dict) -> tuple[str, ...]
     return tuple(str(n) for n in names)
 
 
-def _raw_state_dict(run: RunDir, ref: CheckpointRef) -> dict[str, torch.Tensor]:
-    ds_uri = join(run.uri, ref.name, DS_TAG)
-    files = [rel for rel, _ in list_files(ds_uri, run.s3)]
-    if MODEL_STATES not in files and not any(f.endswith("_model_states.pt") for f in files):
-        raise ConfigError(
-            f"{redact_uri(ds_uri)} holds no DeepSpeed model states ({MODEL_STATES}); --raw needs the "
-            "DeepSpeed part of a checkpoint. Fix: drop --raw to use the EMA weights (ema.pt)"
-        )
-    loc = parse_uri(ds_uri)
-    with contextlib.ExitStack() as stack:
-        if loc.is_s3:
-            # zero_to_fp32 reads a local directory: copy the tag's files (shards included) down.
-            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="raydiff-raw-")))
-            for rel in files:
-                dest = root / DS_TAG / rel
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                dest.write_bytes(read_bytes(join(ds_uri, rel), run.s3))
-        else:
-            root = Path(loc.key).parent
-        if any("zero_pp_rank_" in f and f.endswith("_optim_states.pt") for f in files):
-            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
-            # It prints progress to stdout and a shard bar to stderr; keep the output to raydiff's own.
-            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
-                state = get_fp32_state_dict_from_zero_checkpoint(str(root), tag=DS_TAG)
-            return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
-        blob = torch.load(root / DS_TAG / MODEL_STATES, map_location="cpu", weights_only=False)
-        return {k: v.float() if v.is_floating_point() else v for k, v in blob["module"].items()}
-
-
 def load_checkpoint(uri: str, s3: "S3Config | None" = None, *, raw: bool = False,
                     name: str | None = None) -> LoadedCheckpoint:
     """The denoiser of checkpoint ``uri`` (run or checkpoint directory) with EMA or raw weights."""
-    run, ref = resolve_checkpoint(uri, s3, name)
+    ck, ref = Checkpointer.open(uri, s3, name)
+    run = ck.rundir
     meta = json.loads(run.read_text(posixpath.join(ref.name, MODEL_FILE)))
-    if raw:
-        cfg = load_config_text(run.read_text(posixpath.join(ref.name, CONFIG_FILE)))
-        model = build_denoiser(cfg.model, cfg.data, meta["num_classes"])
-        model.load_state_dict(_raw_state_dict(run, ref))
-        model.eval()
-    else:
-        model, cfg = load_ema_model(run, ref)
+    # open() verified the checkpoint.
+    model, cfg = ck.raw_model(ref, verify=False) if raw else ck.ema_model(ref, verify=False)
     return LoadedCheckpoint(model, cfg, _class_names(run, ref, meta), run, ref, "raw" if raw else "ema")
 
 

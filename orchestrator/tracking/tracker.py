@@ -1,4 +1,5 @@
-"""The fan-out that rank 0 calls, and the package check that runs before Ray starts."""
+"""The fan-out that rank 0 calls (metrics.jsonl and the optional sinks), and the package check
+that runs before Ray starts."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ from typing import Any, Protocol
 
 from orchestrator.config import ConfigError, LoggingConfig, TrainConfig
 from orchestrator.storage import join
+from orchestrator.storage.jsonl import JsonlLog
+from orchestrator.storage.rundir import METRICS_LOG
 from orchestrator.tracking.scalars import scalars_of
 
 log = logging.getLogger("raydiff.tracking")
@@ -26,12 +29,14 @@ class Sink(Protocol):
 
 
 class Tracker:
-    """Every enabled sink gets each metrics record and sample grid. A sink that fails (a
-    tracking server down, a full disk) is reported once and dropped: training goes on, and
-    metrics.jsonl stays the record of the run."""
+    """Every enabled sink gets each metrics record and sample grid. ``record`` (metrics.jsonl)
+    gets each record whole and is the record of the run: its failures are not caught. An
+    optional sink that fails (a tracking server down, a full disk) is reported once and
+    dropped: training goes on."""
 
-    def __init__(self, sinks: list[Sink]):
+    def __init__(self, sinks: list[Sink], record: JsonlLog | None = None):
         self.sinks = list(sinks)
+        self.record = record
 
     def _each(self, method: str, *args: Any) -> None:
         for sink in list(self.sinks):
@@ -49,19 +54,30 @@ class Tracker:
 
     def log(self, record: dict[str, Any]) -> None:
         """One metrics record (as written to metrics.jsonl); needs its ``step``."""
+        if self.record is not None:
+            self.record.write(record)
         self._each("scalars", int(record["step"]), scalars_of(record))
 
     def image(self, step: int, png: bytes) -> None:
         self._each("image", step, png)
 
     def rewind(self, step: int) -> None:
+        """Training continues after ``step`` (a resume or a rollback): the steps after it are redone."""
+        if self.record is not None:
+            self.record.rewind(step)
         self._each("rewind", step)
 
     def flush(self) -> None:
+        if self.record is not None:
+            self.record.flush()  # the history reaches storage with every checkpoint
         self._each("flush")
 
     def close(self) -> None:
-        self._each("close")
+        try:
+            if self.record is not None:
+                self.record.close()
+        finally:
+            self._each("close")
 
 
 _PACKAGES = (("mlflow", "mlflow"), ("wandb", "wandb"))
@@ -77,8 +93,10 @@ def check_tracking_packages(logging_cfg: LoggingConfig) -> None:
 
 
 def build_tracker(cfg: TrainConfig, run_uri: str, *, resume_step: int, params: dict[str, Any]) -> Tracker:
-    """The sinks ``cfg.logging`` enables. ``params``: the run's config (secrets masked), logged
-    by MLflow and W&B."""
+    """metrics.jsonl, continued after ``resume_step`` (later records are redone), and the sinks
+    ``cfg.logging`` enables. ``params``: the run's config (secrets masked), logged by MLflow and W&B."""
+    record = JsonlLog(run_uri, METRICS_LOG, cfg.storage.s3)
+    record.rewind(resume_step)
     sinks: list[Sink] = []
     lg = cfg.logging
     if lg.tensorboard:
@@ -94,4 +112,4 @@ def build_tracker(cfg: TrainConfig, run_uri: str, *, resume_step: int, params: d
         from orchestrator.tracking.wandb_sink import WandbSink
 
         sinks.append(WandbSink(lg.wandb, cfg.run.name, run_uri, params, resume_step=resume_step))
-    return Tracker(sinks)
+    return Tracker(sinks, record)

@@ -9,35 +9,30 @@ runs, e.g. PaLM, Chowdhery et al. 2022, sec. 5.1: restart from a checkpoint ~100
 and skip the batches around the spike). After ``run.max_rollbacks`` rollbacks the run stops
 with the reason.
 
-``RAYDIFF_FAULT_NAN_AT_STEP=N`` (forwarded to the workers) poisons the batch of step N once
-per process, to test all of this on a real run.
+``RAYDIFF_FAULT_NAN_AT_STEP=N`` (read by the driver into ``FaultHooks.nan_at_step``,
+train/faults.py) poisons the batch of step N once per process, to test all of this on a real run.
 """
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
-
-FAULT_ENV = "RAYDIFF_FAULT_NAN_AT_STEP"
-
 
 class DivergenceError(RuntimeError):
     """Training diverged more often than run.max_rollbacks allows."""
 
 
 class DivergenceGuard:
-    def __init__(self, max_rollbacks: int, min_loss_scale: float, engine_fp16: bool):
+    def __init__(self, max_rollbacks: int, min_loss_scale: float, engine_fp16: bool, nan_at_step: int | None = None):
         self.max_rollbacks = max_rollbacks
         self.min_loss_scale = min_loss_scale
         self.engine_fp16 = engine_fp16  # DeepSpeed's fp16 engine: its loss scale can collapse
         self.rollbacks = 0
-        raw = os.environ.get(FAULT_ENV, "")
-        self._inject_at = int(raw) if raw.strip().isdigit() else None
+        self._inject_at = nan_at_step  # the test hook (FaultHooks.nan_at_step)
 
     def poison(self, batch: dict[str, torch.Tensor], step: int) -> dict[str, torch.Tensor]:
-        """The fault injection: NaN images for the step named by RAYDIFF_FAULT_NAN_AT_STEP."""
+        """The fault injection: NaN images for the step ``nan_at_step`` names."""
         if self._inject_at is None or step != self._inject_at:
             return batch
         self._inject_at = None  # once per process, so that the rollback can get past it

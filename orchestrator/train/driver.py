@@ -18,13 +18,12 @@ from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, wo
 from orchestrator.plan import local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
 from orchestrator.report import report_after_training
-from orchestrator.train.faults import forwarded_env
+from orchestrator.train.checkpoint.manager import Checkpointer
+from orchestrator.train.faults import FaultHooks
 from orchestrator.train.startup import phase_event
 from orchestrator.storage import RunDir, StorageError, acquire_lease, check_writable, ray_storage
 from orchestrator.tracking import check_tracking_packages
-from orchestrator.train.checkpoints import latest_checkpoint, list_checkpoints
 from orchestrator.train.status import FINISHED_EVENT, dry_run_lines, read_status
-from orchestrator.train.verify import prepare_resume, prune
 
 
 def dry_run_text(cfg: TrainConfig) -> str:
@@ -107,7 +106,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.write_text("plan.json", json.dumps(plan.as_dict(), indent=2))
         # Output for the user, not a log record (a WARNING prefix would misreport it).
         print(f"raydiff plan:\n{plan.describe(cfg, rundir.uri)}", flush=True)
-        resume_from = prepare_resume(rundir)  # raydiff, not Ray's snapshot, picks the checkpoint
+        checkpointer = Checkpointer(rundir)
+        resume_from = checkpointer.prepare_resume()  # raydiff, not Ray's snapshot, picks the checkpoint
 
         counter = f"raydiff-bad-samples-{cfg.run.name}"
         decoded_bytes = info.num_samples * cfg.data.channels * cfg.data.resolution**2 * 4
@@ -129,6 +129,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             progress=progress_mode(cfg.logging.progress),
             verbose=is_verbose(),
             reader=ray.put(reader),
+            # Test hooks read once, here: the workers read no environment (train/faults.py).
+            faults=FaultHooks.from_env(),
         )
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
@@ -151,7 +153,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
                 # (and warn about it).
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu",
-                                                 **worker_env(is_verbose()), **forwarded_env()}},
+                                                 **worker_env(is_verbose())}},
                 callbacks=list(callbacks) or None,
                 logging_config=TrainLoggingConfig(log_level=ray_train_log_level(is_verbose())),
             ),
@@ -159,9 +161,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.event(phase_event("data"))
         trainer.fit()
         # From storage, not Result.metrics: a run that was already complete reports nothing new.
-        # Ray keeps checkpoint.keep of this invocation's checkpoints; older invocations' are ours.
-        prune(rundir, list_checkpoints(rundir), cfg.checkpoint.keep)
-        latest = latest_checkpoint(rundir)
+        checkpointer.prune(cfg.checkpoint.keep)
+        latest = checkpointer.latest()
         final_step = latest.step if latest is not None else 0
         ckpt_path = f"{rundir.uri}/{latest.name}" if latest is not None else None
         eval_result = None

@@ -3,46 +3,59 @@
 * ``RAYDIFF_FAULT_EXIT_AT_STEP=N``: every training worker process exits hard (``os._exit``,
   no cleanup, like a killed process) right after step N, once its checkpoint, if any, has been
   handed to Ray Train. Re-running the same command then resumes the run.
+* ``RAYDIFF_FAULT_NAN_AT_STEP=N``: the batch of step N is poisoned with NaN once per process
+  (train/divergence.py), to test the rollback on a real run.
 * ``RAYDIFF_RECORD_SAMPLE_IDS=DIR``: every rank appends one JSON line per step,
   ``{"rank", "epoch", "step", "position", "ids"}`` (the ids of the samples of its micro-batch: file, or
   ``shard#j``), to ``DIR/rank{r}.jsonl`` on its node, to compare what runs trained on. Redone
   steps after a resume appear again; the last line of a (rank, step) is the one that counts.
 
-The driver forwards them, with ``RAYDIFF_FAULT_NAN_AT_STEP`` (train/divergence.py), to the
-workers.
+The variables are set where the run is started: the driver reads them once into ``FaultHooks``
+(``FaultHooks.from_env()``) and hands that to every worker in its arguments; the workers read no
+environment.
 """
 
 from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from orchestrator.train.divergence import FAULT_ENV as NAN_ENV
+from typing import Any, Mapping
 
 EXIT_ENV = "RAYDIFF_FAULT_EXIT_AT_STEP"
+NAN_ENV = "RAYDIFF_FAULT_NAN_AT_STEP"
 RECORD_ENV = "RAYDIFF_RECORD_SAMPLE_IDS"
-FORWARDED = (NAN_ENV, EXIT_ENV, RECORD_ENV)
 
 
-def forwarded_env() -> dict[str, str]:
-    """The hooks set in this process's environment, for the workers' runtime environment."""
-    return {k: os.environ[k] for k in FORWARDED if os.environ.get(k)}
+def _step(raw: str | None) -> int | None:
+    raw = (raw or "").strip()
+    return int(raw) if raw.isdigit() else None
 
 
-def exit_if_due(step: int) -> None:
-    raw = os.environ.get(EXIT_ENV, "").strip()
-    if raw.isdigit() and int(raw) == step:
-        print(f"raydiff: {EXIT_ENV}={raw}: this worker exits now", flush=True)
-        os._exit(17)
+@dataclass(frozen=True)
+class FaultHooks:
+    exit_at_step: int | None = None
+    nan_at_step: int | None = None
+    record_sample_ids_dir: str | None = None
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> "FaultHooks":
+        return cls(exit_at_step=_step(env.get(EXIT_ENV)), nan_at_step=_step(env.get(NAN_ENV)),
+                   record_sample_ids_dir=env.get(RECORD_ENV) or None)
+
+    def exit_if_due(self, step: int) -> None:
+        if self.exit_at_step is not None and self.exit_at_step == step:
+            print(f"raydiff: {EXIT_ENV}={step}: this worker exits now", flush=True)
+            os._exit(17)
 
 
 class SampleRecorder:
-    def __init__(self, rank: int):
-        d = os.environ.get(RECORD_ENV)
+    """The ``RAYDIFF_RECORD_SAMPLE_IDS`` hook of one rank (a no-op when ``directory`` is None)."""
+
+    def __init__(self, rank: int, directory: str | None):
         self.rank = rank
-        self.path = Path(d) / f"rank{rank}.jsonl" if d else None
+        self.path = Path(directory) / f"rank{rank}.jsonl" if directory else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 

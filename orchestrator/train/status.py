@@ -19,9 +19,9 @@ from typing import Any
 from orchestrator.config import TrainConfig
 from orchestrator.data import dropped
 from orchestrator.storage import RunDir, join
-from orchestrator.train.checkpoints import MODEL_FILE, CheckpointRef, list_checkpoints
+from orchestrator.train.checkpoint.layout import MODEL_FILE, CheckpointRef
+from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.train.startup import startup_line
-from orchestrator.train.verify import choose_resume_checkpoint
 
 FINISHED_EVENT = "finished"
 
@@ -56,7 +56,7 @@ def _json(rundir: RunDir, rel: str) -> Any:
 def read_status(cfg: TrainConfig) -> RunStatus:
     """Read-only: lists checkpoints and reads a few small JSON files (no checkpoint is loaded)."""
     rundir = RunDir.for_config(cfg)
-    st = RunStatus(rundir.uri, list_checkpoints(rundir))
+    st = RunStatus(rundir.uri, Checkpointer(rundir).checkpoints())
     st.eval = _json(rundir, "eval.json")
     st.bad_samples = _json(rundir, "bad_samples.json") or {}
     latest = st.latest
@@ -114,7 +114,7 @@ def eval_line(e: dict[str, Any]) -> str:
 
 def dry_run_lines(cfg: TrainConfig) -> list[str]:
     """The ``--dry-run`` section on the run directory: does the run exist, where would it resume.
-    Uses the resume choice of train/verify.py read-only (nothing is set aside here)."""
+    Uses the checkpoint owner's resume choice read-only (nothing is set aside here)."""
     st = read_status(cfg)
     if not st.exists:
         return [f"run: {st.uri} has no checkpoint: a new run starts at step 0"]
@@ -125,7 +125,7 @@ def dry_run_lines(cfg: TrainConfig) -> list[str]:
                      f"summary without starting Ray; raise optim.steps to train further")
         return lines
     problems: list[str] = []
-    verdict = choose_resume_checkpoint(RunDir.for_config(cfg), st.checkpoints, warn=problems.append)
+    verdict = Checkpointer.for_config(cfg).newest_good(warn=problems.append)
     lines += [f"  {p} (a real run sets it aside under corrupt/)" for p in problems]
     if verdict.ref is None:
         lines.append("no checkpoint verifies: training would start at step 0")

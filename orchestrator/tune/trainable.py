@@ -12,7 +12,7 @@ checkpoints for two things here:
   pointer and reruns the same run name, which Ray Train resumes from its own latest checkpoint;
 - population-based training: exploiting copies the donor's pointer into the weaker trial, which
   then starts a new run (``{trial}-x{step}-{donor}``) from the donor's checkpoint with its own,
-  perturbed hyperparameters (``init_checkpoint``; see train/warmstart.py).
+  perturbed hyperparameters (``init_checkpoint``; see train/checkpoint/warmstart.py).
 
 Each trial's runs live in the sweep directory: ``{run.storage}/{sweep}/{trial_id}`` (plus one
 run per PBT exploit).
@@ -36,7 +36,8 @@ from ray.util.queue import Empty, Queue
 
 from orchestrator.config import validate_config
 from orchestrator.storage import RunDir, exists, join
-from orchestrator.train.checkpoints import STATE_FILE, latest_checkpoint
+from orchestrator.train.checkpoint.layout import STATE_FILE
+from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.train.driver import run_training
 from orchestrator.tune.cleanup import PlacementGroupTracker
 from orchestrator.tune.space import trial_tree
@@ -95,7 +96,7 @@ def donor_checkpoint(uri: str, cfg: Any) -> str:
     if exists(join(uri, STATE_FILE), cfg.storage.s3):
         return uri
     donor = RunDir(uri.rstrip("/").rsplit("/", 1)[0], cfg.storage.s3)
-    latest = latest_checkpoint(donor)
+    latest = Checkpointer(donor).latest()
     if latest is None:
         raise RuntimeError(f"PBT donor run {donor.uri} has no checkpoint left to continue from. "
                            "Fix: raise checkpoint.keep")

@@ -1,7 +1,7 @@
 """Starting a run from another run's checkpoint, with this run's hyperparameters.
 
 Population-based training exploits a better trial by continuing from its checkpoint with
-perturbed hyperparameters. ``read_checkpoint`` restores everything, including state that
+perturbed hyperparameters. ``read_checkpoint`` (files.py) restores everything, including state that
 encodes the *other* run's hyperparameters: DeepSpeed loads the optimizer's param groups (lr,
 betas, eps, weight decay) and the LR scheduler's base learning rates, and ``ema.pt`` holds the
 EMA decay. Left alone, a perturbed learning rate or EMA decay would silently not apply; this
@@ -14,10 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 from model.ema import EMA
-from orchestrator.config import S3Config, TrainConfig
-from orchestrator.train.checkpoints import read_checkpoint_uri
+from orchestrator.config import TrainConfig
 from orchestrator.builders import lr_lambda
-from orchestrator.train.state import TrainState
 
 
 def apply_hyperparameters(engine: Any, ema: EMA, cfg: TrainConfig) -> None:
@@ -39,11 +37,3 @@ def apply_hyperparameters(engine: Any, ema: EMA, cfg: TrainConfig) -> None:
             g["eps"] = o.eps
             # build_engine puts decayed parameters in group 0 and norms/biases (no decay) in group 1.
             g["weight_decay"] = o.weight_decay if i == 0 else 0.0
-
-
-def load_initial_checkpoint(uri: str, s3: S3Config | None, *, engine: Any, ema: EMA, cfg: TrainConfig) -> TrainState:
-    """Load checkpoint directory ``uri`` (local or ``s3://``) into ``engine`` and ``ema``, then
-    apply ``cfg``'s hyperparameters; returns the saved training state (step, data position)."""
-    state = read_checkpoint_uri(uri, s3, engine=engine, ema=ema)
-    apply_hyperparameters(engine, ema, cfg)
-    return state

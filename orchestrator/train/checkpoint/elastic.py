@@ -10,22 +10,23 @@ step) and loaded with ``load_universal``, which re-partitions the state over the
 Without ZeRO (stage 0, bf16 or fp32) DeepSpeed 0.19 saves no shards: the whole optimizer is in
 ``mp_rank_00_model_states.pt`` and loads at any world size as it is.
 
-Measured here (DeepSpeed 0.19.8, CPU, gloo; tests/test_elastic_resume.py): ZeRO-1 and ZeRO-2
-with bf16 and fp32, 2 -> 1 and 1 -> 2 workers, fp32 weights, exp_avg, exp_avg_sq and step
-bit-identical after the move. ZeRO-3 (the converter's stage-3 branch) was checked the same way
-once, bf16 2 -> 1 (``python tests/elastic_ranks.py ... bf16-zero3``), and is not in the test.
+Measured here (DeepSpeed 0.19.8, CPU, gloo). tests/test_elastic_resume.py covers ZeRO-2 with
+bf16 and fp32 (converted) and ZeRO-0 with fp32 (loaded as it is), 2 -> 1 and 1 -> 2 workers:
+fp32 weights, exp_avg, exp_avg_sq and step bit-identical after the move. ZeRO-1 is not in the
+test (tests/elastic_ranks.py can run it as ``fp32-zero1``); ZeRO-3 (the converter's stage-3
+branch) was checked once, bf16 2 -> 1 (``python tests/elastic_ranks.py ... bf16-zero3``), and
+is not in the test either.
 
 The converted copy goes to a node-local temporary directory, written by each node's local rank 0
 (the conversion is deterministic; a node's ranks see the same path, other nodes make their own)
 and removed after every rank has loaded it. The checkpoint itself is never modified: its
-manifest (train/persist.py) stays valid.
+manifest (persist.py) stays valid.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import os
 import shutil
@@ -35,7 +36,10 @@ from argparse import Namespace
 from pathlib import Path
 from typing import Any, Iterator
 
+from orchestrator.train.checkpoint.layout import saved_world_size
+
 log = logging.getLogger("raydiff")
+
 
 def universal_client_state() -> dict[str, Any]:
     """What the universal conversion needs in a checkpoint's client state: the format version
@@ -50,16 +54,6 @@ def optimizer_shards(ds_dir: str | Path) -> list[Path]:
     """The per-rank optimizer shard files of a DeepSpeed checkpoint tag directory (empty when the
     whole optimizer state is in the model-states file)."""
     return sorted(Path(ds_dir).glob("*_optim_states.pt"))
-
-
-def saved_world_size(checkpoint_dir: str | Path) -> int | None:
-    """The world size a checkpoint was written with (model.json), None when not recorded."""
-    from orchestrator.train.checkpoints import MODEL_FILE
-
-    try:
-        return json.loads((Path(checkpoint_dir) / MODEL_FILE).read_text()).get("world_size")
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
 
 
 def needs_conversion(checkpoint_dir: str | Path, ds_tag: str, world: int) -> bool:

@@ -6,7 +6,7 @@ with ``checkpoint_upload_mode=ASYNC``: training goes on while a Ray thread runs
 sha256) in ``manifest.rank<r>.json`` — hashing here costs the step nothing — and then moves
 the files into ``{run}/checkpoint_<step>`` (a rename for local run directories, staged inside
 the run directory so that it is the same filesystem) or copies them to object storage. A
-checkpoint counts only when the manifest of every rank is there and matches (train/verify.py).
+checkpoint counts only when the manifest of every rank is there and matches (verify.py).
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import socket
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import pyarrow.fs as pafs
 
 from orchestrator.storage import filesystem_for, parse_uri
 
@@ -76,6 +78,7 @@ class PersistCheckpoint:
         self.rank, self.world, self.step = rank, world, step
 
     def __call__(self, checkpoint: Any, dir_name: str) -> Any:
+        # Here, not at the top: verify.py (and so `raydiff sample`) reads manifests without Ray.
         from ray.train import Checkpoint
 
         src = Path(checkpoint.path)
@@ -89,8 +92,6 @@ class PersistCheckpoint:
                 os.replace(f, target)
             shutil.rmtree(src, ignore_errors=True)
             return Checkpoint.from_directory(str(dest))
-        import pyarrow.fs as pafs
-
         fs, root = filesystem_for(self.run_uri, self.s3cfg)
         dest = f"{root}/{dir_name}"
         pafs.copy_files(str(src), dest, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)

@@ -1,7 +1,8 @@
 """Which checkpoint can be trusted, chosen by raydiff rather than by Ray's run snapshot.
 
-A checkpoint is good when ``train_state.json`` is there, every rank's manifest is there and
-every file listed in it has its size and sha256, and the EMA and model weights are finite.
+A checkpoint is good when ``train_state.json`` is there and readable, every rank's manifest is
+there and every file listed in it has its size and sha256, and the EMA and model weights are
+finite. Training, ``raydiff sample``, ``export`` and ``eval`` all ask this (through manager.py).
 On resume the newest good checkpoint is used; newer ones that fail are set aside under
 ``{run}/corrupt/`` with a warning naming the file, so that a damaged or half-written
 checkpoint never makes a run unrecoverable and is never trained from. Ray Train's own
@@ -24,8 +25,17 @@ import torch
 import torch.distributed as dist
 
 from orchestrator.storage import RunDir, delete, filesystem_for, join, list_files
-from orchestrator.train.checkpoints import DS_TAG, EMA_FILE, MODEL_FILE, STATE_FILE, CheckpointRef, list_checkpoints
-from orchestrator.train.persist import MANIFEST_PREFIX, manifest_name, sha256_stream
+from orchestrator.train.checkpoint.layout import (
+    DS_TAG,
+    EMA_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointRef,
+    checkpoint_step,
+    list_checkpoints,
+    read_step,
+)
+from orchestrator.train.checkpoint.persist import MANIFEST_PREFIX, manifest_name, sha256_stream
 
 log = logging.getLogger("raydiff")
 RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"
@@ -62,8 +72,12 @@ def verify_checkpoint(rundir: RunDir, name: str) -> None:
     if STATE_FILE not in files:
         raise CheckpointProblem(f"{where}: incomplete, {STATE_FILE} is missing")
     try:
+        read_step(rundir, name)
+    except ValueError as e:
+        raise CheckpointProblem(str(e)) from None
+    try:
         model = json.loads(rundir.read_text(posixpath.join(name, MODEL_FILE)))
-    except (FileNotFoundError, json.JSONDecodeError) as e:
+    except (FileNotFoundError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointProblem(f"{join(where, MODEL_FILE)}: unreadable ({e})") from None
     world = model.get("world_size")
     manifests = sorted(f for f in files if f.startswith(MANIFEST_PREFIX))
@@ -73,7 +87,10 @@ def verify_checkpoint(rundir: RunDir, name: str) -> None:
         mname = manifest_name(rank)
         if mname not in files:
             raise CheckpointProblem(f"{join(where, mname)} is missing: rank {rank} never finished persisting")
-        manifest = json.loads(rundir.read_text(posixpath.join(name, mname)))
+        try:
+            manifest = json.loads(rundir.read_text(posixpath.join(name, mname)))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointProblem(f"{join(where, mname)}: unreadable ({e})") from None
         fs, root = filesystem_for(where, rundir.s3)
         for rel, meta in manifest["files"].items():
             path = join(where, rel)
@@ -142,13 +159,6 @@ def prune(rundir: RunDir, refs: list[CheckpointRef], keep: int, protect: str | N
     return doomed
 
 
-def checkpoint_step(uri: str) -> int | None:
-    """The step in a checkpoint directory's name (``checkpoint_<step>``, train/checkpoints.py)."""
-    name = posixpath.basename(uri.rstrip("/"))
-    head, _, digits = name.partition("_")
-    return int(digits) if head == "checkpoint" and digits.isdigit() else None
-
-
 def newer_good_checkpoint(rundir: RunDir, known: str | None) -> str | None:
     """When a worker group restarts inside a run: the URI of the newest checkpoint in the run
     directory that is newer than ``known`` (the one Ray Train hands back, or the driver's
@@ -160,23 +170,3 @@ def newer_good_checkpoint(rundir: RunDir, known: str | None) -> str | None:
     refs = [r for r in list_checkpoints(rundir) if after is None or r.step > after]
     verdict = choose_resume_checkpoint(rundir, refs)
     return join(rundir.uri, verdict.ref.name) if verdict.ref is not None else None
-
-
-def prepare_resume(rundir: RunDir) -> str | None:
-    """Before a run starts: the URI of the checkpoint to resume from (None: start fresh). Bad
-    newer checkpoints are set aside and recorded in events.jsonl; Ray's snapshot is dropped."""
-    verdict = choose_resume_checkpoint(rundir, list_checkpoints(rundir))
-    for name, problem in verdict.skipped:
-        moved = set_aside(rundir, name)
-        rundir.event({"event": "checkpoint_skipped", "checkpoint": name, "problem": problem, "moved_to": moved})
-    forget_ray_snapshot(rundir)
-    return join(rundir.uri, verdict.ref.name) if verdict.ref is not None else None
-
-
-def agreed_newer_checkpoint(rundir: RunDir, known: str | None, *, rank: int, world: int) -> str | None:
-    """:func:`newer_good_checkpoint` chosen by rank 0 and broadcast (inside a worker group), so
-    that every rank loads the same checkpoint even if another one lands meanwhile."""
-    choice = [newer_good_checkpoint(rundir, known) if rank == 0 else None]
-    if world > 1:
-        dist.broadcast_object_list(choice, src=0)
-    return choice[0]
