@@ -28,6 +28,7 @@ from typing import Any, Callable
 
 import torch
 
+from model.conditioning import ClassLabels
 from orchestrator.config import TrainConfig, load_config
 from orchestrator.plan import Plan, make_plan
 
@@ -217,7 +218,7 @@ def flops_per_image(cfg: TrainConfig, num_classes: int, device: torch.device) ->
     c, r = cfg.data.channels, cfg.data.resolution
     x = torch.randn(2, c, r, r, device=device)
     t = torch.randint(0, cfg.diffusion.num_timesteps, (2,), device=device)
-    y = torch.randint(0, num_classes, (2,), device=device)
+    y = ClassLabels(torch.randint(0, num_classes, (2,), device=device), num_classes)
     with FlopCounterMode(display=False) as fc:
         model(x, t, y).float().pow(2).mean().backward()
     return fc.get_total_flops() / 2

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from model.conditioning import ClassLabels
 from orchestrator.train.checkpoints import CheckpointRef, load_ema_model
 from orchestrator.config import TrainConfig
 from orchestrator.storage import RunDir
@@ -122,7 +123,7 @@ def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: Ru
     model, _ = load_ema_model(rundir, ref)
     k = cfg.run.eval_per_class
     gen_labels = torch.arange(num_classes).repeat_interleave(k)
-    samples = generate(model, cfg, gen_labels, len(gen_labels), seed=cfg.sampling.seed + 1)
+    samples = generate(model, cfg, ClassLabels(gen_labels, num_classes), len(gen_labels), seed=cfg.sampling.seed + 1)
     clf.eval()
     with torch.no_grad():
         pred = torch.cat([clf(samples[i : i + 256]).argmax(1) for i in range(0, len(samples), 256)])

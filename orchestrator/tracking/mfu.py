@@ -15,6 +15,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from model.conditioning import class_conditioning
+
 if TYPE_CHECKING:
     from orchestrator.config import TrainConfig
 
@@ -52,7 +54,7 @@ def train_flops_per_image(cfg: "TrainConfig", num_classes: int | None) -> float:
         c, r = cfg.data.channels, cfg.data.resolution
         x = torch.zeros(1, c, r, r)
         t = torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long) if num_classes is not None else None
+        y = class_conditioning(torch.zeros(1, dtype=torch.long), num_classes)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t, y)
     return 3.0 * counter.get_total_flops()

@@ -16,6 +16,7 @@ import contextlib
 import torch
 
 from model import _random
+from model.conditioning import Conditioning, class_conditioning
 from model.ema import EMA
 from model.objectives import DiffusionObjective, LossOutput
 from orchestrator.config import TrainConfig
@@ -59,8 +60,7 @@ class TrainStep:
             min_snr_gamma=d.min_snr_gamma,
             p2_gamma=d.p2_gamma,
             p2_k=d.p2_k,
-            num_classes=num_classes,
-            label_dropout=d.label_dropout,
+            cond_dropout=d.label_dropout,
         )
 
     def gathered(self):
@@ -78,9 +78,9 @@ class TrainStep:
         g.manual_seed(((self.cfg.seed * 1_000_003 + self.rank) * 1_000_003 + step) % (2**63))
         return g
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
         # DeepSpeed's bf16/fp16 engines keep module weights in half precision; inputs must match.
-        return self.engine(x.to(self.dtype), t, labels)
+        return self.engine(x.to(self.dtype), t, cond)
 
     def _flip(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if not self.cfg.data.random_flip:
@@ -92,8 +92,8 @@ class TrainStep:
         """Train on one micro-batch ({"image": [B,C,H,W] in [-1,1], "label": [B]}) as step ``step``."""
         g = self.generator(step)
         x0 = self._flip(batch["image"], g)
-        labels = batch["label"] if self.num_classes is not None else None
-        out = self.objective.training_losses(self._forward, x0, labels, generator=g)
+        cond = class_conditioning(batch.get("label"), self.num_classes)
+        out = self.objective.training_losses(self._forward, x0, cond, generator=g)
         self.engine.backward(out.loss)
         if self.own_clip:
             scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)

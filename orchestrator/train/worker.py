@@ -98,10 +98,11 @@ class Worker:
         if val_images is not None and cfg.logging.val_every_steps:
             import ray
 
+            from model.conditioning import class_conditioning
             from orchestrator.train.validation import Validator
 
             held = ray.get(val_images)
-            self.validator = Validator(held["image"], held["label"] if num_classes is not None else None,
+            self.validator = Validator(held["image"], class_conditioning(held.get("label"), num_classes),
                                        self.train.objective, timesteps=cfg.logging.val_timesteps, seed=cfg.data.seed,
                                        rank=self.rank, world=self.world, device=self.device,
                                        batch_size=plan.micro_batch_size)
