@@ -152,6 +152,7 @@ def test_inception_torchscript_is_loaded_and_fed_8bit_rgb(tmp_path):
 
 def _train_in_process(cfg, images, labels, steps: int):
     """The Denoiser trained with raydiff's objective (model/objectives.py) and EMA, no Ray."""
+    from model.conditioning import ClassLabels
     from model.ema import EMA
     from model.objectives import DiffusionObjective
     from orchestrator.sampling import schedule_from_config
@@ -161,13 +162,12 @@ def _train_in_process(cfg, images, labels, steps: int):
     model = build_denoiser(cfg, 10)
     ema = EMA(model, decay=0.99)
     d = cfg.diffusion
-    obj = DiffusionObjective(schedule_from_config(cfg), d.prediction, d.weighting, num_classes=10,
-                             label_dropout=d.label_dropout)
+    obj = DiffusionObjective(schedule_from_config(cfg), d.prediction, d.weighting, cond_dropout=d.label_dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(0, len(images), (32,), generator=g)
-        loss = obj.training_losses(model, images[idx], labels[idx], generator=g).loss
+        loss = obj.training_losses(model, images[idx], ClassLabels(labels[idx], 10), generator=g).loss
         opt.zero_grad()
         loss.backward()
         opt.step()
