@@ -74,7 +74,7 @@ def test_export_loads_in_diffusers_and_reproduces_raydiff_sample(name, tmp_path)
     t = torch.tensor([0, 250, 640, 999])
     labels = torch.tensor([0, 9, 4, 10])  # 10 = the null class
     with torch.no_grad():
-        ours, theirs = ck.model(x, t, labels), _call(backbone, case["sub"], x, t, labels)
+        ours, theirs = ck.model(x, t, ClassLabels(labels, 10)), _call(backbone, case["sub"], x, t, labels)
     assert ours.abs().mean() > 0.05  # a non-trivial function of its inputs
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
