@@ -68,8 +68,10 @@ class ClassLabels(Conditioning):
             raise ValueError(f"null_index must be a positive int (the number of classes), got {self.null_index!r}")
         labels = torch.as_tensor(self.labels)
         if labels.dtype.is_floating_point or labels.dtype == torch.bool or labels.ndim != 1:
-            raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}")
-        check_range(labels, 0, self.null_index, f"labels must lie in [0, {self.null_index}] ({self.null_index} = null class)")
+            raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} "
+                             f"shape {tuple(labels.shape)}")
+        n = self.null_index
+        check_range(labels, 0, n, f"labels must lie in [0, {n}] ({n} = null class)")
         object.__setattr__(self, "labels", labels.long())
 
     @property

@@ -87,7 +87,8 @@ def generate(
         T = schedule.num_timesteps
         timesteps = timesteps_for(scfg.spacing, min(scfg.num_steps, T), T)
         g = torch.Generator(device="cpu").manual_seed(seed)
-        x = initial_noise((num, cfg.data.channels, cfg.data.resolution, cfg.data.resolution), generator=g, device=device)
+        side = cfg.data.resolution
+        x = initial_noise((num, cfg.data.channels, side, side), generator=g, device=device)
         guided = CFGDenoiser(model, None if cond is None else cond.to(device), scfg.guidance_scale)
         out = sample(guided, x, schedule, timesteps, prediction=cfg.diffusion.prediction,
                      options=sampler_options(scfg), generator=g)

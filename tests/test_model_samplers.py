@@ -220,7 +220,8 @@ def test_seeded_sampling_is_reproducible():
 
     def draw(options, seed):
         g = torch.Generator().manual_seed(seed)
-        return sample(toy_model, initial_noise(SHAPE, generator=g), sched, ts, prediction="v", options=options, generator=g)
+        x = initial_noise(SHAPE, generator=g)
+        return sample(toy_model, x, sched, ts, prediction="v", options=options, generator=g)
 
     for options in (DDPMOptions(), DDIMOptions(), DDIMOptions(eta=1.0)):
         a, b, c = draw(options, 5), draw(options, 5), draw(options, 6)
