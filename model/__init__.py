@@ -5,8 +5,9 @@ torch.distributed (enforced by tests/test_model_imports.py), so every piece can 
 tested on a CPU and reused by any training loop.
 """
 
+from .conditioning import ClassLabels, Conditioning, class_conditioning
 from .ema import EMA
-from .guidance import guided_model_output
+from .guidance import CFGDenoiser
 from .networks import Denoiser
 from .objectives import (
     PREDICTION_TYPES,
@@ -23,12 +24,16 @@ from .samplers import (
     SAMPLER_NAMES,
     SAMPLERS,
     SPACINGS,
+    DDIMOptions,
+    DDPMOptions,
     SamplerName,
+    SamplerOptions,
     Spacing,
     ddim_sample,
     ddim_step,
     ddpm_sample,
     ddpm_step,
+    initial_noise,
     sample,
     timesteps_for,
 )
@@ -43,6 +48,11 @@ from .schedules import (
 )
 
 __all__ = [
+    "CFGDenoiser",
+    "ClassLabels",
+    "Conditioning",
+    "DDIMOptions",
+    "DDPMOptions",
     "EMA",
     "MODEL_NAMES",
     "PREDICTION_TYPES",
@@ -58,17 +68,19 @@ __all__ = [
     "NoiseSchedule",
     "PredictionType",
     "SamplerName",
+    "SamplerOptions",
     "ScheduleKind",
     "Spacing",
     "Weighting",
     "build_model",
+    "class_conditioning",
     "cosine_betas",
     "count_parameters",
     "ddim_sample",
     "ddim_step",
     "ddpm_sample",
     "ddpm_step",
-    "guided_model_output",
+    "initial_noise",
     "linear_betas",
     "loss_per_timestep_bin",
     "make_schedule",

@@ -1,8 +1,10 @@
-"""Uniform wrapper around diffusers backbones: ``Denoiser.forward(x, t, labels) -> Tensor``.
+"""Uniform wrapper around diffusers backbones: ``Denoiser.forward(x, t, cond) -> Tensor``.
 
-Class conditioning reserves one extra embedding row, index ``num_classes``, as the
-learned "null" class used by label dropout during training and by classifier-free
-guidance at sampling (Ho & Salimans 2022, Sec. 3.2; DiT's ``LabelEmbedding`` does the same).
+The denoiser is the one place that opens the conditioning object (model/conditioning.py) and
+maps it to the backbone's inputs: :class:`ClassLabels` become ``class_labels``. Class
+conditioning reserves one extra embedding row, index ``num_classes``, as the learned "null"
+class used by label dropout during training and by classifier-free guidance at sampling
+(Ho & Salimans 2022, Sec. 3.2; DiT's ``LabelEmbedding`` does the same).
 """
 
 from __future__ import annotations
@@ -12,18 +14,18 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_range
+from .conditioning import ClassLabels, Conditioning
 
 BackboneKind = Literal["unet", "dit"]
 
 
 class Denoiser(nn.Module):
-    """Wraps ``UNet2DModel`` or ``DiTTransformer2DModel`` behind ``forward(x, t, labels=None)``.
+    """Wraps ``UNet2DModel`` or ``DiTTransformer2DModel`` behind ``forward(x, t, cond=None)``.
 
     * ``t``: LongTensor [B] (or a 0-d tensor / int, broadcast to the batch).
-    * ``labels``: LongTensor [B] with values in [0, num_classes]; ``num_classes`` is the
-      null class. For a class-conditional model ``labels=None`` means "unconditional" and
-      feeds the null class. An unconditional model (num_classes None) rejects labels.
+    * ``cond``: :class:`ClassLabels` [B] whose ``null_index`` is ``num_classes`` (the null
+      class). For a class-conditional model ``cond=None`` means "unconditional" and feeds the
+      null class. An unconditional model (num_classes None) rejects any conditioning.
     * returns a tensor of the same shape as ``x`` (eps / v / x0, as the objective defines).
     """
 
@@ -46,24 +48,27 @@ class Denoiser(nn.Module):
         self.num_classes = num_classes
         self.null_label = num_classes
 
-    def _labels(self, labels: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+    def _labels(self, cond: Conditioning | None, batch: int, device: torch.device) -> Tensor | None:
         if self.num_classes is None:
-            if labels is not None:
-                raise ValueError("this model is unconditional (num_classes=None) but labels were given")
+            if cond is not None:
+                raise ValueError(f"this model is unconditional (num_classes=None) but {type(cond).__name__} was given")
             if self.kind == "dit":
                 # diffusers' DiT (norm_type "ada_norm_zero") always embeds a class label;
                 # an unconditional DiT is built with a single class and always sees label 0.
                 return torch.zeros(batch, dtype=torch.long, device=device)
             return None
-        if labels is None:
+        if cond is None:
             return torch.full((batch,), self.null_label, dtype=torch.long, device=device)
-        labels = torch.as_tensor(labels, device=device)
-        if labels.dtype.is_floating_point or labels.shape != (batch,):
-            raise ValueError(f"labels must be an integer tensor of shape ({batch},), got {labels.dtype} {tuple(labels.shape)}")
-        check_range(labels, 0, self.num_classes, f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class)")
-        return labels.long()
+        if not isinstance(cond, ClassLabels):
+            raise ValueError(f"this model is class-conditional: it takes ClassLabels, got {type(cond).__name__}")
+        if cond.null_index != self.num_classes:
+            raise ValueError(f"ClassLabels with null_index {cond.null_index} given to a model with "
+                             f"{self.num_classes} classes (null class {self.num_classes})")
+        if cond.batch_size != batch:
+            raise ValueError(f"conditioning for {cond.batch_size} samples given with a batch of {batch}")
+        return cond.labels.to(device)
 
-    def forward(self, x: Tensor, t: Tensor | int, labels: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, t: Tensor | int, cond: Conditioning | None = None) -> Tensor:
         if x.ndim != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected x of shape (B, {self.in_channels}, H, W), got {tuple(x.shape)}")
         b = x.shape[0]
@@ -72,7 +77,7 @@ class Denoiser(nn.Module):
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape ({b},), got {tuple(t.shape)}")
-        class_labels = self._labels(labels, b, x.device)
+        class_labels = self._labels(cond, b, x.device)
         if self.kind == "unet":
             out = self.backbone(x, t, class_labels=class_labels).sample
         else:

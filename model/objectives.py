@@ -2,7 +2,8 @@
 
 The network only predicts; :class:`DiffusionObjective` owns the forward process (noising),
 the regression target for the chosen parameterisation, the per-timestep loss weight and
-classifier-free-guidance label dropout -- the same split as DiT's
+classifier-free-guidance conditioning dropout (through the conditioning object of
+model/conditioning.py, whatever its kind) -- the same split as DiT's
 ``diffusion.training_losses`` or k-diffusion's ``Denoiser``.
 
 Notation: α = sqrt(ᾱ_t), σ = sqrt(1 - ᾱ_t), SNR = α²/σ², x_t = α x0 + σ ε.
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from . import _random
 from ._checks import check_range
+from .conditioning import Conditioning
 from .schedules import NoiseSchedule
 
 PredictionType = Literal["eps", "v", "x0"]
@@ -112,8 +114,7 @@ class DiffusionObjective:
         min_snr_gamma: float = 5.0,
         p2_gamma: float = 1.0,
         p2_k: float = 1.0,
-        num_classes: int | None = None,
-        label_dropout: float = 0.1,
+        cond_dropout: float = 0.1,
     ) -> None:
         if not isinstance(schedule, NoiseSchedule):
             raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
@@ -126,27 +127,19 @@ class DiffusionObjective:
             raise ValueError(f"p2_gamma must be >= 0, got {p2_gamma}")
         if not p2_k > 0:
             raise ValueError(f"p2_k must be > 0 (it keeps 1/(k+SNR) finite), got {p2_k}")
-        if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
-            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
-        if not (0.0 <= label_dropout <= 1.0):
-            raise ValueError(f"label_dropout must be in [0, 1], got {label_dropout}")
+        if not (0.0 <= cond_dropout <= 1.0):
+            raise ValueError(f"cond_dropout must be in [0, 1], got {cond_dropout}")
         self.schedule = schedule
         self.prediction: PredictionType = prediction
         self.weighting: Weighting = weighting
         self.min_snr_gamma = float(min_snr_gamma)
         self.p2_gamma = float(p2_gamma)
         self.p2_k = float(p2_k)
-        self.num_classes = num_classes
-        self.label_dropout = float(label_dropout)
+        self.cond_dropout = float(cond_dropout)
 
     @property
     def num_timesteps(self) -> int:
         return self.schedule.num_timesteps
-
-    @property
-    def null_label(self) -> int | None:
-        """Index of the learned "null" class used for CFG (Ho & Salimans 2022)."""
-        return self.num_classes
 
     # -- forward process -------------------------------------------------------------
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor) -> Tensor:
@@ -204,42 +197,32 @@ class DiffusionObjective:
         )
 
     # -- classifier-free guidance --------------------------------------------------------
-    def drop_labels(self, labels: Tensor | None, generator: torch.Generator | None = None) -> Tensor | None:
-        """Replace each label by the null class ``num_classes`` with probability
-        ``label_dropout`` so one network learns both p(x|c) and p(x) (Ho & Salimans 2022,
-        Algorithm 1). Unconditional objectives (num_classes None) return None."""
-        if self.num_classes is None:
-            return None
-        if labels is None:
-            raise ValueError("this objective is class-conditional (num_classes set) but labels is None")
-        labels = self._check_labels(labels)
-        if self.label_dropout == 0.0:
-            return labels
-        drop = _random.rand(labels.shape, generator=generator, device=labels.device) < self.label_dropout
-        return torch.where(drop, torch.full_like(labels, self.num_classes), labels)
-
-    def _check_labels(self, labels: Tensor) -> Tensor:
-        labels = torch.as_tensor(labels)
-        if labels.dtype.is_floating_point or labels.ndim != 1:
-            raise ValueError(f"labels must be a 1-D integer tensor, got dtype {labels.dtype} shape {tuple(labels.shape)}")
-        check_range(labels, 0, self.num_classes, f"labels must lie in [0, {self.num_classes}] (num_classes is the null class)")
-        return labels.long()
+    def drop_cond(self, cond: Conditioning | None, *, generator: torch.Generator | None = None,
+                  device: torch.device | str = "cpu") -> Conditioning | None:
+        """Replace each sample's conditioning by the null conditioning (the null class for class
+        labels) with probability ``cond_dropout``, so one network learns both p(x|c) and p(x)
+        (Ho & Salimans 2022, Algorithm 1). Unconditional training (``cond`` None) draws nothing.
+        ``device``: where ``cond`` lives (the batch's device); the mask is drawn on the generator's."""
+        if cond is None or self.cond_dropout == 0.0:
+            return cond
+        drop = _random.rand((cond.batch_size,), generator=generator, device=device) < self.cond_dropout
+        return cond.drop(drop)
 
     # -- the loss ------------------------------------------------------------------------
     def training_losses(
         self,
         model: Callable[..., Tensor],
         x0: Tensor,
-        labels: Tensor | None = None,
+        cond: Conditioning | None = None,
         *,
         generator: torch.Generator | None = None,
         t: Tensor | None = None,
         noise: Tensor | None = None,
     ) -> LossOutput:
-        """Sample t ~ U{0..T-1} and ε ~ N(0, I) (from ``generator``), apply label dropout,
-        call ``model(x_t, t, labels)`` and return the weighted MSE.
+        """Sample t ~ U{0..T-1} and ε ~ N(0, I) (from ``generator``), apply conditioning dropout,
+        call ``model(x_t, t, cond)`` and return the weighted MSE.
 
-        Random draws happen in a fixed order (t, noise, label dropout) so a seeded
+        Random draws happen in a fixed order (t, noise, conditioning dropout) so a seeded
         generator fully determines the batch. The loss is computed in float32 even for
         bf16/fp16 model outputs: squaring small residuals in half precision loses most of
         the signal at low-noise timesteps.
@@ -259,12 +242,12 @@ class DiffusionObjective:
             noise = _random.randn(x0.shape, generator=generator, device=device, dtype=x0.dtype)
         elif noise.shape != x0.shape:
             raise ValueError(f"noise shape {tuple(noise.shape)} != x0 shape {tuple(x0.shape)}")
-        if labels is not None and self.num_classes is not None and labels.shape[0] != b:
-            raise ValueError(f"labels has {labels.shape[0]} entries but the batch has {b}")
-        model_labels = self.drop_labels(labels.to(device) if labels is not None else None, generator)
+        if cond is not None and cond.batch_size != b:
+            raise ValueError(f"conditioning has {cond.batch_size} entries but the batch has {b}")
+        model_cond = self.drop_cond(cond.to(device) if cond is not None else None, generator=generator, device=device)
 
         x_t = self.q_sample(x0, t, noise)
-        out = model(x_t, t, model_labels)
+        out = model(x_t, t, model_cond)
         if out.shape != x0.shape:
             raise ValueError(f"model output shape {tuple(out.shape)} != input shape {tuple(x0.shape)}")
         target = self.target(x0.float(), noise.float(), t)

@@ -133,7 +133,7 @@ def build_model(
         if isinstance(m, LabelEmbedding):
             if m.embedding_table.num_embeddings != m.num_classes + 1:
                 raise RuntimeError("unexpected diffusers LabelEmbedding layout (no null row)")
-            # Disable diffusers' internal, unseeded label dropout: DiffusionObjective.drop_labels
+            # Disable diffusers' internal, unseeded label dropout: DiffusionObjective.drop_cond
             # does it with the caller's generator, and dropping twice would change the rate.
             m.dropout_prob = 0.0
     return Denoiser(backbone, "dit", in_channels=in_channels, image_size=image_size, num_classes=num_classes)

@@ -5,11 +5,18 @@ lists, same previous-timestep rule, same x0 clipping, same order of random draws
 CPU generator), so a model trained here can be sampled with either library and the
 results agree to float32 rounding. Coefficients are computed in float64 from the
 schedule and applied to the float32 sample.
+
+Every sampler has one signature, ``sampler(model, x, schedule, timesteps, *, prediction,
+options, generator)`` (k-diffusion's shape): ``model(x, t) -> output`` is the network already
+wrapped for conditioning and guidance (model/guidance.py), ``x`` the initial noise
+(:func:`initial_noise`), ``timesteps`` the descending list of :func:`timesteps_for`, and the
+sampler's own knobs travel in its options dataclass. The sampler chosen is the options' type.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Callable, Literal, get_args
 
 import numpy as np
@@ -17,7 +24,6 @@ import torch
 from torch import Tensor
 
 from . import _random
-from .guidance import guided_model_output
 from .objectives import PredictionType, check_prediction, prediction_to_x0_eps
 from .schedules import NoiseSchedule
 
@@ -25,6 +31,36 @@ Spacing = Literal["leading", "trailing", "linspace"]
 SamplerName = Literal["ddpm", "ddim"]
 SPACINGS: tuple[str, ...] = get_args(Spacing)
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
+
+# What the samplers call: (x_t, t [B]) -> model output, conditioning and guidance already applied.
+Model = Callable[[Tensor, Tensor], Tensor]
+
+
+@dataclass(frozen=True)
+class DDPMOptions:
+    """Ancestral DDPM. ``clip_sample`` clips x̂0 to [-1, 1] (diffusers' default). DDPM has no
+    η (it is ancestral, η = 1 in DDIM's terms) and no ``use_clipped_model_output``: its
+    posterior mean (Ho et al. 2020, eq. 7) is built from x̂0 and x_t, never from ε̂."""
+
+    clip_sample: bool = True
+
+
+@dataclass(frozen=True)
+class DDIMOptions:
+    """DDIM. ``eta`` scales the noise added per step (0 = deterministic, Song et al. 2021
+    eq. 16); ``clip_sample`` clips x̂0 to [-1, 1]; ``use_clipped_model_output`` recomputes ε̂
+    from the clipped x̂0 (see :func:`ddim_step`)."""
+
+    eta: float = 0.0
+    clip_sample: bool = True
+    use_clipped_model_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not self.eta >= 0:
+            raise ValueError(f"eta must be >= 0, got {self.eta}")
+
+
+SamplerOptions = DDPMOptions | DDIMOptions
 
 
 def timesteps_for(spacing: Spacing, num_steps: int, num_train_timesteps: int) -> Tensor:
@@ -72,7 +108,7 @@ def ddpm_step(
     schedule: NoiseSchedule,
     *,
     prediction: PredictionType,
-    clip_sample: bool = True,
+    options: DDPMOptions = DDPMOptions(),
     noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """One ancestral step x_t -> x_{prev_t} (Ho et al. 2020, eqs. 6-7) on a possibly
@@ -90,7 +126,7 @@ def ddpm_step(
     cur_beta = 1.0 - cur_alpha
 
     x0, _ = prediction_to_x0_eps(prediction, model_output, x_t, math.sqrt(ab_t), math.sqrt(beta_prod_t))
-    x0 = _clip(x0, clip_sample)
+    x0 = _clip(x0, options.clip_sample)
 
     # Posterior mean μ̃(x_t, x̂0), Ho et al. 2020 eq. 7.
     c_x0 = math.sqrt(ab_prev) * cur_beta / beta_prod_t
@@ -112,26 +148,25 @@ def ddim_step(
     schedule: NoiseSchedule,
     *,
     prediction: PredictionType,
-    eta: float = 0.0,
-    clip_sample: bool = True,
+    options: DDIMOptions = DDIMOptions(),
     noise: Tensor | None = None,
-    use_clipped_model_output: bool = False,
 ) -> tuple[Tensor, Tensor]:
     """One DDIM step (Song et al. 2021, eq. 12) with σ_t(η) from eq. 16:
         x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z,
         σ = η sqrt((1-ᾱ_prev)/(1-ᾱ_t)) sqrt(1 - ᾱ_t/ᾱ_prev).
     For prev_t < 0, ᾱ_prev = 1 (diffusers' default ``set_alpha_to_one=True``), so the
     last step returns x̂0. By default ε̂ is the *unclipped* model estimate (diffusers'
-    ``use_clipped_model_output=False``); with ``use_clipped_model_output`` it is recomputed
+    ``use_clipped_model_output=False``); with ``options.use_clipped_model_output`` it is recomputed
     from the clipped x̂0, ε̂ = (x_t - sqrt(ᾱ_t) x̂0)/sqrt(1-ᾱ_t), so that x̂0 and ε̂ again
     describe the same x_t. Without that, clipping at high noise leaves the energy removed
     from x̂0 in ε̂, and eps-prediction samples keep a grey, noisy background.
     Returns (x_prev, x0_hat)."""
     ab_t = _coef(schedule, t)
     ab_prev = _coef(schedule, prev_t) if prev_t >= 0 else 1.0
+    eta = options.eta
     x0, eps = prediction_to_x0_eps(prediction, model_output, x_t, math.sqrt(ab_t), math.sqrt(1.0 - ab_t))
-    x0 = _clip(x0, clip_sample)
-    if use_clipped_model_output and clip_sample:
+    x0 = _clip(x0, options.clip_sample)
+    if options.use_clipped_model_output and options.clip_sample:
         eps = (x_t.float() - math.sqrt(ab_t) * x0) / math.sqrt(1.0 - ab_t)
     var = (1.0 - ab_prev) / (1.0 - ab_t) * (1.0 - ab_t / ab_prev)
     std = eta * math.sqrt(var)
@@ -143,156 +178,112 @@ def ddim_step(
     return x_prev, x0
 
 
-def _prepare(
-    model,
-    schedule: NoiseSchedule,
-    shape,
-    prediction: str,
-    num_steps: int | None,
-    labels: Tensor | None,
-    guidance_scale: float,
-    null_label: int | None,
-    eta: float,
-    spacing: str,
-    generator: torch.Generator | None,
-    device,
-    noise: Tensor | None,
-):
-    if not isinstance(schedule, NoiseSchedule):
-        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
-    check_prediction(prediction)
+def initial_noise(shape, *, generator: torch.Generator | None = None, device="cpu") -> Tensor:
+    """x_T ~ N(0, I) in float32, drawn first from ``generator`` (on its own device, then moved),
+    as diffusers' pipelines draw it; the samplers then draw their per-step noise from the same
+    generator, so one seed fixes the whole chain."""
     shape = tuple(int(s) for s in shape)
     if len(shape) < 2 or any(s < 1 for s in shape):
         raise ValueError(f"shape must be (batch, ...) with positive sizes, got {shape}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    return _random.randn(shape, generator=generator, device=device)
+
+
+def _prepare(model: Model, x: Tensor, schedule: NoiseSchedule, timesteps, prediction: str):
+    """Checks shared by the samplers; returns the timesteps as ints and a ``predict(x, t)``
+    that calls the model with a [B] timestep tensor and returns its float32 output."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise ValueError(f"schedule must be a NoiseSchedule, got {type(schedule).__name__}")
+    check_prediction(prediction)
+    if x.ndim < 2 or x.shape[0] < 1:
+        raise ValueError(f"x must be a batch (B, ...) of initial noise, got shape {tuple(x.shape)}")
     T = schedule.num_timesteps
-    ts = timesteps_for(spacing, T if num_steps is None else num_steps, T)
-    if prediction == "eps" and _coef(schedule, int(ts[0])) == 0.0:
+    ts = [int(t) for t in torch.as_tensor(timesteps).reshape(-1).tolist()]
+    if not ts or any(not 0 <= t < T for t in ts) or any(a <= b for a, b in zip(ts, ts[1:])):
+        raise ValueError(f"timesteps must be a non-empty, strictly descending list in [0, {T}) "
+                         f"(see timesteps_for), got {ts[:5]}{'...' if len(ts) > 5 else ''}")
+    if prediction == "eps" and _coef(schedule, ts[0]) == 0.0:
         raise ValueError(
             "eps-prediction cannot start from a timestep with SNR = 0 (zero-terminal-SNR schedule): "
             "x0 = (x_t - σ ε)/sqrt(ᾱ) is undefined there; use prediction='v' (Lin et al. 2023, Sec. 3.2)"
         )
-    device = torch.device(device)
-    cond = labels is not None
-    if cond:
-        labels = torch.as_tensor(labels, device=device).long()
-        if labels.shape != (shape[0],):
-            raise ValueError(f"labels must have shape ({shape[0]},), got {tuple(labels.shape)}")
-        if null_label is None:
-            null_label = getattr(model, "null_label", None)
-        if guidance_scale != 1.0 and null_label is None:
-            raise ValueError("guidance_scale != 1 needs null_label (or a model with a .null_label attribute)")
-    # labels None = unconditional sampling: there is nothing to guide towards, so
-    # guidance_scale is ignored, exactly as guided_model_output(labels=None) does. This
-    # lets one sampling config (e.g. guidance 2.0) serve conditional and unconditional runs.
+    batch = x.shape[0]
 
     def predict(x: Tensor, t: int) -> Tensor:
-        tt = torch.full((shape[0],), t, dtype=torch.long, device=device)
-        if not cond:
-            out = model(x, tt, None)
-        elif guidance_scale == 1.0:
-            # w = 1 is exactly the conditional model; skip the unconditional half.
-            out = model(x, tt, labels)
-        else:
-            out = guided_model_output(model, x, tt, labels, guidance_scale, null_label)
+        out = model(x, torch.full((batch,), t, dtype=torch.long, device=x.device))
         if out.shape != x.shape:
             raise ValueError(f"model output shape {tuple(out.shape)} != sample shape {tuple(x.shape)}")
         return out.float()
 
-    if noise is None:
-        x = _random.randn(shape, generator=generator, device=device)
-    else:
-        if tuple(noise.shape) != shape:
-            raise ValueError(f"noise shape {tuple(noise.shape)} != requested shape {shape}")
-        x = noise.to(device=device, dtype=torch.float32)
-    return ts.tolist(), x, predict
+    return ts, predict
 
 
 @torch.no_grad()
 def ddpm_sample(
-    model,
+    model: Model,
+    x: Tensor,
     schedule: NoiseSchedule,
-    shape,
+    timesteps,
     *,
     prediction: PredictionType,
-    num_steps: int | None = None,
-    labels: Tensor | None = None,
-    guidance_scale: float = 1.0,
-    null_label: int | None = None,
-    eta: float = 1.0,
-    spacing: Spacing = "leading",
+    options: DDPMOptions = DDPMOptions(),
     generator: torch.Generator | None = None,
-    device="cpu",
-    clip_sample: bool = True,
-    noise: Tensor | None = None,
-    use_clipped_model_output: bool = False,
 ) -> Tensor:
-    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) over ``num_steps`` respaced
-    steps (default: all T). The previous timestep is the next entry of the timestep
-    list (-1 after the last), as in diffusers' DDPMScheduler after ``set_timesteps``.
-    ``eta`` exists only for signature compatibility with :func:`ddim_sample`; ancestral
-    DDPM is DDIM with η = 1 in spirit, so values other than 1 are rejected. So does
-    ``use_clipped_model_output``: the DDPM posterior mean (eq. 7) is built from x̂0 and x_t,
-    never from ε̂, so clipping x̂0 is already consistent and the flag changes nothing.
-    The model is called as ``model(x_t, t, labels)``; put it in eval mode first."""
-    if eta != 1.0:
-        raise ValueError(f"ddpm_sample is ancestral (eta = 1); got eta={eta}. Use ddim_sample for other eta")
-    ts, x, predict = _prepare(
-        model, schedule, shape, prediction, num_steps, labels, guidance_scale, null_label, eta, spacing,
-        generator, device, noise,
-    )
+    """Ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) from the initial noise ``x`` over
+    ``timesteps`` (all T, or respaced). The previous timestep is the next entry of the list
+    (-1 after the last), as in diffusers' DDPMScheduler after ``set_timesteps``. Per-step noise
+    is drawn from ``generator``. Put the network in eval mode first."""
+    ts, predict = _prepare(model, x, schedule, timesteps, prediction)
+    x = x.float()
     for i, t in enumerate(ts):
         prev_t = ts[i + 1] if i + 1 < len(ts) else -1
         out = predict(x, t)
         z = _random.randn(x.shape, generator=generator, device=x.device) if t > 0 else None
-        x, _ = ddpm_step(out, t, prev_t, x, schedule, prediction=prediction, clip_sample=clip_sample, noise=z)
+        x, _ = ddpm_step(out, t, prev_t, x, schedule, prediction=prediction, options=options, noise=z)
     return x
 
 
 @torch.no_grad()
 def ddim_sample(
-    model,
+    model: Model,
+    x: Tensor,
     schedule: NoiseSchedule,
-    shape,
+    timesteps,
     *,
     prediction: PredictionType,
-    num_steps: int | None = None,
-    labels: Tensor | None = None,
-    guidance_scale: float = 1.0,
-    null_label: int | None = None,
-    eta: float = 0.0,
-    spacing: Spacing = "leading",
+    options: DDIMOptions = DDIMOptions(),
     generator: torch.Generator | None = None,
-    device="cpu",
-    clip_sample: bool = True,
-    noise: Tensor | None = None,
-    use_clipped_model_output: bool = False,
 ) -> Tensor:
-    """DDIM sampling (Song et al. 2021, eq. 12); η = 0 is deterministic given the initial
-    noise. The previous timestep is t - T // num_steps for every spacing, which is what
-    diffusers' DDIMScheduler.step does (for "linspace"/"trailing" with T % n != 0 this
-    is not exactly the next listed timestep; we keep diffusers' rule for compatibility)."""
-    ts, x, predict = _prepare(
-        model, schedule, shape, prediction, num_steps, labels, guidance_scale, null_label, eta, spacing,
-        generator, device, noise,
-    )
+    """DDIM sampling (Song et al. 2021, eq. 12) from the initial noise ``x``; η = 0 is
+    deterministic given ``x``. The previous timestep is t - T // len(timesteps) for every
+    spacing, which is what diffusers' DDIMScheduler.step does (for "linspace"/"trailing" with
+    T % n != 0 this is not exactly the next listed timestep; we keep diffusers' rule for
+    compatibility)."""
+    ts, predict = _prepare(model, x, schedule, timesteps, prediction)
+    x = x.float()
     stride = schedule.num_timesteps // len(ts)
     for t in ts:
         out = predict(x, t)
-        z = _random.randn(x.shape, generator=generator, device=x.device) if eta > 0 else None
-        x, _ = ddim_step(
-            out, t, t - stride, x, schedule, prediction=prediction, eta=eta, clip_sample=clip_sample, noise=z,
-            use_clipped_model_output=use_clipped_model_output,
-        )
+        z = _random.randn(x.shape, generator=generator, device=x.device) if options.eta > 0 else None
+        x, _ = ddim_step(out, t, t - stride, x, schedule, prediction=prediction, options=options, noise=z)
     return x
 
 
 SAMPLERS: dict[str, Callable[..., Tensor]] = {"ddpm": ddpm_sample, "ddim": ddim_sample}
 
 
-def sample(name: SamplerName, model, schedule: NoiseSchedule, shape, **kwargs) -> Tensor:
-    """Dispatch to a sampler by name (CLI convenience)."""
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; choose one of {tuple(SAMPLERS)}")
-    return SAMPLERS[name](model, schedule, shape, **kwargs)
+def sample(
+    model: Model,
+    x: Tensor,
+    schedule: NoiseSchedule,
+    timesteps,
+    *,
+    prediction: PredictionType,
+    options: SamplerOptions,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """The sampler that ``options`` configures (:class:`DDPMOptions` or :class:`DDIMOptions`)."""
+    if isinstance(options, DDIMOptions):
+        return ddim_sample(model, x, schedule, timesteps, prediction=prediction, options=options, generator=generator)
+    if isinstance(options, DDPMOptions):
+        return ddpm_sample(model, x, schedule, timesteps, prediction=prediction, options=options, generator=generator)
+    raise ValueError(f"unknown sampler options {type(options).__name__}; give DDPMOptions or DDIMOptions")

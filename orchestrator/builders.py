@@ -29,9 +29,10 @@ def build_schedule(diffusion: DiffusionConfig) -> NoiseSchedule:
     return make_schedule(diffusion.schedule, diffusion.num_timesteps, zero_terminal_snr=diffusion.zero_terminal_snr)
 
 
-def build_objective(diffusion: DiffusionConfig, num_classes: int | None) -> DiffusionObjective:
+def build_objective(diffusion: DiffusionConfig) -> DiffusionObjective:
     """The training loss on ``build_schedule(diffusion)``: prediction target, loss weighting and
-    label dropout (classifier-free guidance) as configured."""
+    conditioning dropout (``diffusion.label_dropout``: classifier-free guidance's unconditional
+    branch, Ho & Salimans 2022)."""
     return DiffusionObjective(
         build_schedule(diffusion),
         diffusion.prediction,
@@ -39,8 +40,7 @@ def build_objective(diffusion: DiffusionConfig, num_classes: int | None) -> Diff
         min_snr_gamma=diffusion.min_snr_gamma,
         p2_gamma=diffusion.p2_gamma,
         p2_k=diffusion.p2_k,
-        num_classes=num_classes,
-        label_dropout=diffusion.label_dropout,
+        cond_dropout=diffusion.label_dropout,
     )
 
 

@@ -5,18 +5,24 @@ that ``raydiff data encode`` recorded in the dataset's ``latents.json`` (loaded 
 on the sampling device); where that VAE is not on this machine, or is not the one that encoded
 the data, the grid shows latent channels 0-2 instead, with a warning. ``grid_png`` of latents
 (``raydiff sample``, the evaluation grid) shows those channels too.
+
+What to draw arrives as a conditioning object (model/conditioning.py, None for an unconditional
+model); guidance wraps the network (model/guidance.py) before the sampler sees it.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from typing import Protocol
 
 import numpy as np
 import torch
 from PIL import Image
 
-from model.samplers import sample
+from model.conditioning import Conditioning, class_conditioning
+from model.guidance import CFGDenoiser
+from model.samplers import DDIMOptions, DDPMOptions, SamplerOptions, initial_noise, sample, timesteps_for
 from model.schedules import NoiseSchedule
 from orchestrator.builders import build_schedule
 from orchestrator.config import SamplingConfig, TrainConfig
@@ -31,6 +37,24 @@ def schedule_from_config(cfg: TrainConfig) -> NoiseSchedule:
     return build_schedule(cfg.diffusion)
 
 
+class SamplerSettings(Protocol):
+    """The sampler fields of ``SamplingConfig`` (and of ``raydiff bench quality``'s specs)."""
+
+    sampler: str
+    eta: float
+    clip_sample: bool
+    use_clipped_model_output: bool
+
+
+def sampler_options(s: SamplerSettings) -> SamplerOptions:
+    """The options of the sampler ``s.sampler`` names; DDPM takes no eta (it is ancestral)."""
+    if s.sampler == "ddpm":
+        return DDPMOptions(clip_sample=s.clip_sample)
+    if s.sampler == "ddim":
+        return DDIMOptions(eta=s.eta, clip_sample=s.clip_sample, use_clipped_model_output=s.use_clipped_model_output)
+    raise ValueError(f"unknown sampler {s.sampler!r}; choose ddpm or ddim")
+
+
 def grid_labels(num_classes: int | None, scfg: SamplingConfig) -> torch.Tensor | None:
     """One row per class (first ``max_rows`` classes), ``per_class`` columns."""
     if num_classes is None:
@@ -43,35 +67,32 @@ def grid_labels(num_classes: int | None, scfg: SamplingConfig) -> torch.Tensor |
 def generate(
     model: torch.nn.Module,
     cfg: TrainConfig,
-    labels: torch.Tensor | None,
+    cond: Conditioning | None,
     num: int,
     *,
     seed: int,
     device: torch.device | str = "cpu",
     scfg: SamplingConfig | None = None,
 ) -> torch.Tensor:
-    """``num`` images in [-1, 1] from ``model`` (put EMA weights in first); latents, unclamped,
-    for a latent model."""
+    """``num`` images in [-1, 1] from ``model`` (put EMA weights in first) conditioned on ``cond``
+    (``num`` entries; None for an unconditional model); latents, unclamped, for a latent model.
+    The initial noise and then the sampler's per-step noise come from one CPU generator seeded
+    ``seed``."""
     scfg = scfg or cfg.sampling
+    if cond is not None and cond.batch_size != num:
+        raise ValueError(f"conditioning for {cond.batch_size} samples given for {num} images")
     was_training = model.training
     model.eval()
     try:
-        kwargs = dict(
-            prediction=cfg.diffusion.prediction,
-            num_steps=min(scfg.num_steps, cfg.diffusion.num_timesteps),
-            labels=None if labels is None else labels.to(device),
-            guidance_scale=scfg.guidance_scale,
-            null_label=getattr(model, "null_label", None),
-            spacing=scfg.spacing,
-            generator=torch.Generator(device="cpu").manual_seed(seed),
-            device=device,
-            clip_sample=scfg.clip_sample,
-        )
-        if scfg.sampler == "ddim":
-            kwargs["eta"] = scfg.eta
-            kwargs["use_clipped_model_output"] = scfg.use_clipped_model_output
-        shape = (num, cfg.data.channels, cfg.data.resolution, cfg.data.resolution)
-        out = sample(scfg.sampler, model, schedule_from_config(cfg), shape, **kwargs)
+        schedule = schedule_from_config(cfg)
+        T = schedule.num_timesteps
+        timesteps = timesteps_for(scfg.spacing, min(scfg.num_steps, T), T)
+        g = torch.Generator(device="cpu").manual_seed(seed)
+        side = cfg.data.resolution
+        x = initial_noise((num, cfg.data.channels, side, side), generator=g, device=device)
+        guided = CFGDenoiser(model, None if cond is None else cond.to(device), scfg.guidance_scale)
+        out = sample(guided, x, schedule, timesteps, prediction=cfg.diffusion.prediction,
+                     options=sampler_options(scfg), generator=g)
         return (out if is_latent(cfg) else out.clamp(-1, 1)).cpu()
     finally:
         model.train(was_training)
@@ -106,9 +127,10 @@ def grid_png(images: torch.Tensor, columns: int, upscale: int = 2) -> bytes:
 
 
 def sample_grid(model: torch.nn.Module, cfg: TrainConfig, *, device="cpu") -> bytes:
-    labels = grid_labels(getattr(model, "num_classes", None), cfg.sampling)
-    num = cfg.sampling.per_class if labels is None else len(labels)
-    images = generate(model, cfg, labels, num, seed=cfg.sampling.seed, device=device)
+    num_classes = getattr(model, "num_classes", None)
+    cond = class_conditioning(grid_labels(num_classes, cfg.sampling), num_classes)
+    num = cfg.sampling.per_class if cond is None else cond.batch_size
+    images = generate(model, cfg, cond, num, seed=cfg.sampling.seed, device=device)
     if is_latent(cfg):
         from orchestrator.data.vae import latents_to_images
 

@@ -17,6 +17,7 @@ from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, UNet2
 from PIL import Image
 
 from checkpoint_factory import perturbed_model, tiny_config, write_checkpoint_dir
+from model.conditioning import ClassLabels
 from model.schedules import make_schedule
 from orchestrator.cli import main
 from orchestrator.data.demo import DEMO_CLASS_NAMES
@@ -73,7 +74,7 @@ def test_export_loads_in_diffusers_and_reproduces_raydiff_sample(name, tmp_path)
     t = torch.tensor([0, 250, 640, 999])
     labels = torch.tensor([0, 9, 4, 10])  # 10 = the null class
     with torch.no_grad():
-        ours, theirs = ck.model(x, t, labels), _call(backbone, case["sub"], x, t, labels)
+        ours, theirs = ck.model(x, t, ClassLabels(labels, 10)), _call(backbone, case["sub"], x, t, labels)
     assert ours.abs().mean() > 0.05  # a non-trivial function of its inputs
     torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=1e-5)
 
@@ -92,7 +93,7 @@ def test_export_loads_in_diffusers_and_reproduces_raydiff_sample(name, tmp_path)
                                         shape=(len(gen_labels), 3, 16, 16), seed=case["seed"], eta=case["eta"],
                                         guidance=GUIDANCE, steps=STEPS)
     scfg = ck.cfg.sampling.model_copy(update={"eta": case["eta"], "guidance_scale": GUIDANCE, "seed": case["seed"]})
-    got = generate_batched(ck.model, ck.cfg, gen_labels, len(gen_labels), seed=case["seed"], scfg=scfg)
+    got = generate_batched(ck.model, ck.cfg, ClassLabels(gen_labels, 10), len(gen_labels), seed=case["seed"], scfg=scfg)
     assert expected.std() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 

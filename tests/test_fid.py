@@ -152,18 +152,19 @@ def test_inception_torchscript_is_loaded_and_fed_8bit_rgb(tmp_path):
 
 def _train_in_process(cfg, images, labels, steps: int):
     """The Denoiser trained with raydiff's objective (model/objectives.py) and EMA, no Ray."""
+    from model.conditioning import ClassLabels
     from model.ema import EMA
     from orchestrator.builders import build_denoiser, build_objective
 
     torch.manual_seed(0)
     model = build_denoiser(cfg.model, cfg.data, 10)
     ema = EMA(model, decay=0.99)
-    obj = build_objective(cfg.diffusion, 10)
+    obj = build_objective(cfg.diffusion)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     g = torch.Generator().manual_seed(0)
     for _ in range(steps):
         idx = torch.randint(0, len(images), (32,), generator=g)
-        loss = obj.training_losses(model, images[idx], labels[idx], generator=g).loss
+        loss = obj.training_losses(model, images[idx], ClassLabels(labels[idx], 10), generator=g).loss
         opt.zero_grad()
         loss.backward()
         opt.step()

@@ -212,6 +212,7 @@ def _grid_cfg(source: str):
 
 
 def test_latent_grids_are_decoded_by_the_vae_or_show_latent_channels(encoded, vae_dir, tmp_path, caplog):
+    from model.conditioning import ClassLabels
     from orchestrator.sampling import generate, grid_labels, grid_png, sample_grid
     from orchestrator.builders import build_denoiser
 
@@ -220,7 +221,7 @@ def test_latent_grids_are_decoded_by_the_vae_or_show_latent_channels(encoded, va
     torch.manual_seed(0)
     model = build_denoiser(cfg.model, cfg.data, 10)
     labels = grid_labels(10, cfg.sampling)
-    latents = generate(model, cfg, labels, len(labels), seed=cfg.sampling.seed)
+    latents = generate(model, cfg, ClassLabels(labels, 10), len(labels), seed=cfg.sampling.seed)
     assert latents.shape == (4, *LATENT) and latents.abs().max() > 1  # not clamped to the pixel range
 
     png = sample_grid(model, cfg)

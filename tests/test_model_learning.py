@@ -15,8 +15,10 @@ import pytest
 import torch
 from torch import nn
 
+from model.conditioning import ClassLabels
+from model.guidance import CFGDenoiser
 from model.objectives import DiffusionObjective
-from model.samplers import SAMPLERS
+from model.samplers import DDIMOptions, DDPMOptions, initial_noise, sample, timesteps_for
 from model.schedules import make_schedule
 
 MODES = torch.tensor([[-0.5, -0.5], [0.5, -0.5], [-0.5, 0.5], [0.5, 0.5]])
@@ -31,7 +33,6 @@ class MLPDenoiser(nn.Module):
 
     def __init__(self, hidden: int = 128, emb: int = 32):
         super().__init__()
-        self.null_label = K
         self.emb = emb
         self.label_emb = nn.Embedding(K + 1, emb)
         self.net = nn.Sequential(
@@ -41,9 +42,8 @@ class MLPDenoiser(nn.Module):
             nn.Linear(hidden, 2),
         )
 
-    def forward(self, x, t, labels=None):
-        if labels is None:
-            labels = torch.full((x.shape[0],), K, dtype=torch.long)
+    def forward(self, x, t, cond=None):
+        labels = torch.full((x.shape[0],), K, dtype=torch.long) if cond is None else cond.labels
         freqs = torch.exp(-math.log(1000.0) * torch.arange(self.emb // 2) / (self.emb // 2))
         ang = t.float()[:, None] * freqs[None] * (1000.0 / T)
         temb = torch.cat([ang.sin(), ang.cos()], dim=1)
@@ -70,13 +70,13 @@ def trained():
         schedule = make_schedule("cosine", T)
         # label_dropout 0.5 (higher than the usual 0.1) so the unconditional branch, which
         # must represent all four modes, gets enough of the short training budget.
-        obj = DiffusionObjective(schedule, "eps", "uniform", num_classes=K, label_dropout=0.5)
+        obj = DiffusionObjective(schedule, "eps", "uniform", cond_dropout=0.5)
         model = MLPDenoiser()
         opt = torch.optim.Adam(model.parameters(), lr=1e-2)
         lr_sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, STEPS)
         for _ in range(STEPS):
             x0, labels = _data(256, g)
-            out = obj.training_losses(model, x0, labels, generator=g)
+            out = obj.training_losses(model, x0, ClassLabels(labels, K), generator=g)
             opt.zero_grad()
             out.loss.backward()
             opt.step()
@@ -90,23 +90,28 @@ def trained():
 # DDIM (which we match) keeps the *unclipped* ε̂, so strongly guided, clipped x̂0 and ε̂
 # disagree and η=0 DDIM drifts off the modes; without clipping all samplers are exact.
 SAMPLER_SETTINGS = {
-    "ddpm": dict(num_steps=T, clip_sample=False),
-    "ddim": dict(num_steps=25, eta=0.0, clip_sample=False),
+    "ddpm": (T, DDPMOptions(clip_sample=False)),
+    "ddim": (25, DDIMOptions(eta=0.0, clip_sample=False)),
 }
+
+
+def _draw(name, model, schedule, n, labels, *, seed, guidance=1.0):
+    steps, options = SAMPLER_SETTINGS[name]
+    g = torch.Generator().manual_seed(seed)
+    cond = None if labels is None else ClassLabels(labels, K)
+    return sample(CFGDenoiser(model, cond, guidance), initial_noise((n, 2), generator=g), schedule,
+                  timesteps_for("leading", steps, T), prediction="eps", options=options, generator=g)
 
 
 def _nearest_mode(x):
     return torch.cdist(x, MODES).argmin(dim=1)
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", sorted(SAMPLER_SETTINGS))
 def test_conditional_samples_match_modes(trained, name):
     model, schedule = trained
     labels = torch.arange(K).repeat_interleave(N_PER_CLASS)
-    x = SAMPLERS[name](
-        model, schedule, (len(labels), 2), prediction="eps", labels=labels,
-        generator=torch.Generator().manual_seed(1), **SAMPLER_SETTINGS[name],
-    )
+    x = _draw(name, model, schedule, len(labels), labels, seed=1)
     assert torch.isfinite(x).all()
     for k in range(K):
         xs = x[labels == k]
@@ -127,23 +132,17 @@ def test_conditional_samples_match_modes(trained, name):
         assert (_nearest_mode(xs) == k).float().mean().item() >= 0.95, (name, k)
 
 
-@pytest.mark.parametrize("name", sorted(SAMPLERS))
+@pytest.mark.parametrize("name", sorted(SAMPLER_SETTINGS))
 def test_guided_and_unconditional_sampling(trained, name):
     model, schedule = trained
     labels = torch.arange(K).repeat_interleave(N_PER_CLASS)
-    guided = SAMPLERS[name](
-        model, schedule, (len(labels), 2), prediction="eps", labels=labels, guidance_scale=3.0,
-        generator=torch.Generator().manual_seed(2), **SAMPLER_SETTINGS[name],
-    )
+    guided = _draw(name, model, schedule, len(labels), labels, seed=2, guidance=3.0)
     # Guidance sharpens p(x|c): essentially every sample lands on its class's mode.
     assert (_nearest_mode(guided) == labels).float().mean().item() >= 0.98
     # Unconditional (null class, learned via label dropout): all four modes covered with
     # roughly equal mass. True share 25%, binomial SE with 1000 samples 1.4%; we accept
     # 15%..35% and require samples to sit on modes (within 4 std of the nearest one).
-    uncond = SAMPLERS[name](
-        model, schedule, (K * N_PER_CLASS, 2), prediction="eps",
-        generator=torch.Generator().manual_seed(3), **SAMPLER_SETTINGS[name],
-    )
+    uncond = _draw(name, model, schedule, K * N_PER_CLASS, None, seed=3)
     share = torch.bincount(_nearest_mode(uncond), minlength=K).float() / len(uncond)
     assert ((share > 0.15) & (share < 0.35)).all(), (name, share)
     dist = torch.cdist(uncond, MODES).min(dim=1).values

@@ -1,5 +1,5 @@
-"""DiffusionObjective: targets, loss weights (min-SNR, P2), label dropout, timestep bins,
-and classifier-free guidance."""
+"""DiffusionObjective: targets, loss weights (min-SNR, P2), conditioning (label) dropout and
+timestep bins. Guidance and the conditioning objects: tests/test_model_conditioning.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from model.guidance import guided_model_output
+from model.conditioning import ClassLabels
 from model.objectives import DiffusionObjective, loss_per_timestep_bin, prediction_to_x0_eps
 from model.schedules import make_schedule
 
@@ -85,24 +85,28 @@ def test_target_and_conversion_roundtrip(prediction):
 
 def test_training_losses_deterministic_and_weighted():
     sched = make_schedule("linear")
-    obj = DiffusionObjective(sched, "v", "min_snr", num_classes=3, label_dropout=0.5)
+    obj = DiffusionObjective(sched, "v", "min_snr", cond_dropout=0.5)
     seen = {}
 
-    def model(x, t, labels):
-        seen["labels"] = labels
+    def model(x, t, cond):
+        seen["labels"] = cond.labels
         return (0.5 * x).to(torch.bfloat16)  # half-precision output: loss must still be fp32
 
     x0 = torch.randn(64, 2, 4, 4, generator=torch.Generator().manual_seed(1))
     labels = torch.randint(0, 3, (64,), generator=torch.Generator().manual_seed(2))
-    a = obj.training_losses(model, x0, labels, generator=torch.Generator().manual_seed(3))
+    a = obj.training_losses(model, x0, ClassLabels(labels, 3), generator=torch.Generator().manual_seed(3))
     labels_a = seen["labels"]
-    b = obj.training_losses(model, x0, labels, generator=torch.Generator().manual_seed(3))
+    b = obj.training_losses(model, x0, ClassLabels(labels, 3), generator=torch.Generator().manual_seed(3))
     assert torch.equal(a.per_sample, b.per_sample) and torch.equal(a.t, b.t) and torch.equal(labels_a, seen["labels"])
     assert a.loss.dtype == torch.float32 and a.per_sample.shape == (64,) and not a.per_sample.requires_grad
     # Dropped labels become the null class 3, kept ones are unchanged.
     dropped = labels_a == 3
     assert 10 < int(dropped.sum()) < 54
     assert torch.equal(labels_a[~dropped], labels[~dropped])
+    # The dropout mask is the third draw of the generator (after t and the noise), as before.
+    g = torch.Generator().manual_seed(3)
+    torch.randint(0, 1000, (64,), generator=g), torch.randn(x0.shape, generator=g)
+    assert torch.equal(dropped, torch.rand(64, generator=g) < 0.5)
     # Recompute the loss by hand from the returned t.
     noise = None
     g = torch.Generator().manual_seed(3)
@@ -117,24 +121,27 @@ def test_training_losses_deterministic_and_weighted():
     torch.testing.assert_close(a.loss, (mse * obj.loss_weight(t)).mean())
 
 
-def test_unconditional_objective_ignores_labels_and_validates():
-    obj = DiffusionObjective(make_schedule("linear", 100), "eps")
+def test_unconditional_objective_passes_none_and_validates():
+    obj = DiffusionObjective(make_schedule("linear", 100), "eps", cond_dropout=0.5)
     calls = []
-    obj.training_losses(lambda x, t, l: calls.append(l) or x, torch.zeros(2, 1, 2, 2), torch.tensor([0, 1]))
+    g = torch.Generator().manual_seed(0)
+    obj.training_losses(lambda x, t, c: calls.append(c) or x, torch.zeros(2, 1, 2, 2), generator=g)
     assert calls == [None]
-    cond = DiffusionObjective(make_schedule("linear", 100), num_classes=2)
-    with pytest.raises(ValueError, match="labels"):
-        cond.training_losses(lambda x, t, l: x, torch.zeros(2, 1, 2, 2))
-    with pytest.raises(ValueError, match="labels must lie"):
-        cond.drop_labels(torch.tensor([0, 5]))
+    # Unconditional training draws no dropout mask: the generator moved by t and the noise only.
+    ref = torch.Generator().manual_seed(0)
+    torch.randint(0, 100, (2,), generator=ref), torch.randn(2, 1, 2, 2, generator=ref)
+    assert torch.equal(torch.rand(3, generator=g), torch.rand(3, generator=ref))
+    assert obj.drop_cond(None, generator=g) is None
+    with pytest.raises(ValueError, match="conditioning has 3 entries"):
+        obj.training_losses(lambda x, t, c: x, torch.zeros(2, 1, 2, 2), ClassLabels(torch.tensor([0, 1, 0]), 2))
     with pytest.raises(ValueError, match="output shape"):
         obj.training_losses(lambda x, t, l: x[:, :0], torch.zeros(2, 1, 2, 2))
     with pytest.raises(ValueError, match="prediction"):
         DiffusionObjective(make_schedule(), "score")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="weighting"):
         DiffusionObjective(make_schedule(), "eps", "snr")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="label_dropout"):
-        DiffusionObjective(make_schedule(), num_classes=3, label_dropout=1.5)
+    with pytest.raises(ValueError, match="cond_dropout"):
+        DiffusionObjective(make_schedule(), cond_dropout=1.5)
 
 
 def test_loss_per_timestep_bin():
@@ -154,41 +161,3 @@ def test_prediction_conversion_broadcasts_per_sample_coefficients():
     sigma = (1 - alpha**2).sqrt()
     x0, eps = prediction_to_x0_eps("v", out, x_t, alpha, sigma)
     torch.testing.assert_close(x0[1], 0.5 * x_t[1] - sigma[1].float() * out[1])
-
-
-class _LabelModel(torch.nn.Module):
-    """Output depends nonlinearly on x, t and the label so guidance is non-trivial."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb = torch.nn.Embedding(5, 3)
-        self.calls = 0
-
-    def forward(self, x, t, labels):
-        self.calls += 1
-        e = self.emb(labels)[:, :, None, None] if labels is not None else 0.0
-        return torch.tanh(x * 1.7 + e) + t.float()[:, None, None, None] / 1000.0
-
-
-def test_guidance_scale_one_is_conditional_zero_is_unconditional():
-    torch.manual_seed(0)
-    model = _LabelModel()
-    x = torch.randn(4, 3, 2, 2)
-    t = torch.tensor([1, 200, 500, 999])
-    labels = torch.tensor([0, 1, 2, 3])
-    null = 4
-    with torch.no_grad():
-        cond = model(x, t, labels)
-        uncond = model(x, t, torch.full_like(labels, null))
-        model.calls = 0
-        g1 = guided_model_output(model, x, t, labels, 1.0, null)
-        assert model.calls == 1  # one batched forward for both halves
-        g0 = guided_model_output(model, x, t, labels, 0.0, null)
-        g3 = guided_model_output(model, x, t, labels, 3.0, null)
-        assert not torch.allclose(cond, uncond)
-        torch.testing.assert_close(g1, cond, rtol=0, atol=1e-6)
-        torch.testing.assert_close(g0, uncond, rtol=0, atol=1e-6)
-        torch.testing.assert_close(g3, uncond + 3.0 * (cond - uncond), rtol=0, atol=1e-6)
-        torch.testing.assert_close(guided_model_output(model, x, t, None, 3.0, null), model(x, t, None))
-    with pytest.raises(ValueError, match="null_label"):
-        guided_model_output(model, x, t, labels, 2.0, None)  # type: ignore[arg-type]

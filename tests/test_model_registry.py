@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from model.conditioning import ClassLabels
 from model.networks import Denoiser
 from model.registry import MODEL_NAMES, build_model, count_parameters
 
@@ -63,8 +64,8 @@ def test_build_forward_backward(name):
     model.eval()  # disable dropout so the calls below are comparable
     x = torch.randn(batch, 3, size, size)
     t = torch.randint(0, 1000, (batch,))
-    out_cond = model(x, t, torch.arange(batch) % NUM_CLASSES)
-    # labels=None on a conditional model feeds the null class (unconditional branch).
+    out_cond = model(x, t, ClassLabels(torch.arange(batch) % NUM_CLASSES, NUM_CLASSES))
+    # cond=None on a conditional model feeds the null class (unconditional branch).
     out_none = model(x, t, None)
     assert out_cond.shape == out_none.shape == x.shape
     # One backward through both calls: the expensive part for the big DiTs is
@@ -72,7 +73,7 @@ def test_build_forward_backward(name):
     (out_cond.square().mean() + out_none.square().mean()).backward()
     _check_grads(model)
     with torch.no_grad():
-        torch.testing.assert_close(out_none, model(x, t, torch.full((batch,), NUM_CLASSES)))
+        torch.testing.assert_close(out_none, model(x, t, ClassLabels(torch.full((batch,), NUM_CLASSES), NUM_CLASSES)))
 
 
 @pytest.mark.parametrize("name", ["unet-tiny", "unet-small", "dit-s2"])
@@ -82,7 +83,7 @@ def test_unconditional_and_latent_channels(name):
     assert model.num_classes is None and model.null_label is None
     _fwd_bwd(model, 16, 1, None)
     with pytest.raises(ValueError, match="unconditional"):
-        model(torch.randn(1, 4, 16, 16), torch.tensor([1]), torch.tensor([0]))
+        model(torch.randn(1, 4, 16, 16), torch.tensor([1]), ClassLabels(torch.tensor([0]), 1))
 
 
 def test_unet_cifar_matches_ddpm_parameter_count():
@@ -106,7 +107,7 @@ def test_unet_demo_attends_only_at_the_lowest_resolution():
         if type(m).__name__ == "Attention":
             m.register_forward_hook(lambda mod, args, out: seen.append(args[0].shape))
     with torch.no_grad():
-        model(torch.randn(1, 3, 32, 32), torch.tensor([10]), torch.tensor([0]))
+        model(torch.randn(1, 3, 32, 32), torch.tensor([10]), ClassLabels(torch.tensor([0]), 10))
     assert seen, "no attention layer ran"
     # diffusers' Attention receives [B, C, H, W] feature maps in the U-Net blocks.
     assert {tuple(s[-2:]) for s in seen} == {(8, 8)}
@@ -116,7 +117,7 @@ def test_dit_has_no_internal_label_dropout():
     model = build_model("dit-s2", image_size=8, num_classes=3).train()
     x = torch.randn(16, 3, 8, 8)
     t = torch.full((16,), 10)
-    labels = torch.arange(16) % 3
+    labels = ClassLabels(torch.arange(16) % 3, 3)
     with torch.no_grad():
         torch.testing.assert_close(model(x, t, labels), model(x, t, labels))  # no random drop in train mode
 
@@ -133,6 +134,6 @@ def test_bad_arguments():
         build_model("unet-tiny", num_classes=0)
     model = build_model("unet-tiny", num_classes=2)
     with pytest.raises(ValueError, match="labels must lie"):
-        model(torch.randn(1, 3, 32, 32), torch.tensor([1]), torch.tensor([3]))
+        model(torch.randn(1, 3, 32, 32), torch.tensor([1]), ClassLabels(torch.tensor([3]), 2))
     with pytest.raises(ValueError, match="expected x"):
         model(torch.randn(1, 4, 32, 32), torch.tensor([1]))

@@ -9,11 +9,23 @@ and the step/loop tests hand diffusers our float64 table (see _diffusers).
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from model.samplers import SAMPLERS, ddim_sample, ddim_step, ddpm_sample, ddpm_step, sample, timesteps_for
+from model.samplers import (
+    DDIMOptions,
+    DDPMOptions,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    ddpm_step,
+    initial_noise,
+    sample,
+    timesteps_for,
+)
 from model.schedules import make_schedule
 
 PRED_TO_DIFFUSERS = {"eps": "epsilon", "v": "v_prediction", "x0": "sample"}
@@ -103,7 +115,8 @@ def test_ddpm_single_steps_match(kind, zts, prediction, spacing, n, clip):
         out = torch.randn(SHAPE, generator=gen)
         expected = ref.step(out, t, x, generator=torch.Generator().manual_seed(123))
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(123))
-        got, x0 = ddpm_step(out, t, prev_t, x, sched, prediction=prediction, clip_sample=clip, noise=noise)
+        got, x0 = ddpm_step(out, t, prev_t, x, sched, prediction=prediction, options=DDPMOptions(clip_sample=clip),
+                            noise=noise)
         torch.testing.assert_close(x0, expected.pred_original_sample, **TOL)
         torch.testing.assert_close(got, expected.prev_sample, **TOL)
 
@@ -129,8 +142,8 @@ def test_ddim_single_steps_match(kind, zts, prediction, spacing, n, clip, eta, c
         z = torch.randn(SHAPE, generator=gen)
         expected = ref.step(out, t, x, eta=eta, variance_noise=z if eta > 0 else None,
                             use_clipped_model_output=clipped_eps)
-        got, x0 = ddim_step(out, t, t - stride, x, sched, prediction=prediction, eta=eta, clip_sample=clip, noise=z,
-                            use_clipped_model_output=clipped_eps)
+        opts = DDIMOptions(eta=eta, clip_sample=clip, use_clipped_model_output=clipped_eps)
+        got, x0 = ddim_step(out, t, t - stride, x, sched, prediction=prediction, options=opts, noise=z)
         torch.testing.assert_close(x0, expected.pred_original_sample, **TOL)
         torch.testing.assert_close(got, expected.prev_sample, **TOL)
 
@@ -162,9 +175,10 @@ def test_ddpm_loop_matches(kind, zts, prediction, spacing, n, clip):
     sched = make_schedule(kind, zero_terminal_snr=zts)
     ref = _diffusers(DDPMScheduler, sched, prediction, spacing, clip)
     expected = _diffusers_loop(ref, n, seed=7)
+    g = torch.Generator().manual_seed(7)
     got = ddpm_sample(
-        toy_model, sched, SHAPE, prediction=prediction, num_steps=n, spacing=spacing,
-        generator=torch.Generator().manual_seed(7), clip_sample=clip,
+        toy_model, initial_noise(SHAPE, generator=g), sched, timesteps_for(spacing, n, sched.num_timesteps),
+        prediction=prediction, options=DDPMOptions(clip_sample=clip), generator=g,
     )
     torch.testing.assert_close(got, expected, **TOL)
 
@@ -175,9 +189,10 @@ def test_ddim_loop_matches(kind, zts, prediction, spacing, n, clip, eta):
     sched = make_schedule(kind, zero_terminal_snr=zts)
     ref = _diffusers(DDIMScheduler, sched, prediction, spacing, clip)
     expected = _diffusers_loop(ref, n, seed=11, eta=eta)
+    g = torch.Generator().manual_seed(11)
     got = ddim_sample(
-        toy_model, sched, SHAPE, prediction=prediction, num_steps=n, spacing=spacing, eta=eta,
-        generator=torch.Generator().manual_seed(11), clip_sample=clip,
+        toy_model, initial_noise(SHAPE, generator=g), sched, timesteps_for(spacing, n, sched.num_timesteps),
+        prediction=prediction, options=DDIMOptions(eta=eta, clip_sample=clip), generator=g,
     )
     torch.testing.assert_close(got, expected, **TOL)
 
@@ -192,28 +207,58 @@ def test_rescaled_schedule_matches_diffusers_rescale():
 def test_ddim_eta0_is_deterministic_and_generator_independent():
     sched = make_schedule("linear")
     x_T = torch.randn(SHAPE, generator=torch.Generator().manual_seed(3))
-    kw = dict(prediction="eps", num_steps=20, noise=x_T)
-    a = ddim_sample(toy_model, sched, SHAPE, generator=torch.Generator().manual_seed(1), **kw)
-    b = ddim_sample(toy_model, sched, SHAPE, generator=torch.Generator().manual_seed(999), **kw)
-    c = ddim_sample(toy_model, sched, SHAPE, **kw)
+    ts = timesteps_for("leading", 20, 1000)
+    a = ddim_sample(toy_model, x_T, sched, ts, prediction="eps", generator=torch.Generator().manual_seed(1))
+    b = ddim_sample(toy_model, x_T, sched, ts, prediction="eps", generator=torch.Generator().manual_seed(999))
+    c = ddim_sample(toy_model, x_T, sched, ts, prediction="eps")
     assert torch.equal(a, b) and torch.equal(a, c)
 
 
 def test_seeded_sampling_is_reproducible():
     sched = make_schedule("cosine")
-    kw = dict(prediction="v", num_steps=10)
-    for name in SAMPLERS:
-        a = sample(name, toy_model, sched, SHAPE, generator=torch.Generator().manual_seed(5), **kw)
-        b = sample(name, toy_model, sched, SHAPE, generator=torch.Generator().manual_seed(5), **kw)
-        c = sample(name, toy_model, sched, SHAPE, generator=torch.Generator().manual_seed(6), **kw)
+    ts = timesteps_for("leading", 10, 1000)
+
+    def draw(options, seed):
+        g = torch.Generator().manual_seed(seed)
+        x = initial_noise(SHAPE, generator=g)
+        return sample(toy_model, x, sched, ts, prediction="v", options=options, generator=g)
+
+    for options in (DDPMOptions(), DDIMOptions(), DDIMOptions(eta=1.0)):
+        a, b, c = draw(options, 5), draw(options, 5), draw(options, 6)
         assert torch.equal(a, b)
         assert not torch.equal(a, c)
 
 
-def test_guidance_scale_ignored_without_labels():
+def test_sample_dispatches_on_the_options_type():
     sched = make_schedule("linear", 100)
-    kw = dict(prediction="eps", num_steps=10, noise=torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)))
-    assert torch.equal(ddim_sample(toy_model, sched, SHAPE, guidance_scale=4.0, **kw), ddim_sample(toy_model, sched, SHAPE, **kw))
+    ts = timesteps_for("trailing", 10, 100)
+    for options, sampler in ((DDPMOptions(clip_sample=False), ddpm_sample), (DDIMOptions(eta=0.5), ddim_sample)):
+        g1, g2 = torch.Generator().manual_seed(2), torch.Generator().manual_seed(2)
+        x = initial_noise(SHAPE, generator=torch.Generator().manual_seed(1))
+        got = sample(toy_model, x, sched, ts, prediction="v", options=options, generator=g1)
+        assert torch.equal(got, sampler(toy_model, x, sched, ts, prediction="v", options=options, generator=g2))
+
+
+@pytest.mark.parametrize("sampler", [ddpm_sample, ddim_sample, sample])
+def test_one_sampler_signature_with_few_parameters(sampler):
+    params = inspect.signature(sampler).parameters
+    assert len(params) <= 8
+    assert list(params)[:4] == ["model", "x", "schedule", "timesteps"]
+    # Nothing a sampler would accept only to reject: DDPM has no eta, labels or guidance.
+    assert not {"eta", "labels", "guidance_scale", "null_label", "use_clipped_model_output"} & set(params)
+    assert inspect.signature(ddpm_sample).parameters.keys() == inspect.signature(ddim_sample).parameters.keys()
+
+
+def test_samplers_call_the_model_with_x_and_a_batch_of_timesteps():
+    calls = []
+
+    def model(x, t):
+        calls.append(t.clone())
+        return toy_model(x, t)
+
+    ts = timesteps_for("leading", 4, 100)
+    ddim_sample(model, initial_noise(SHAPE), make_schedule("linear", 100), ts, prediction="eps")
+    assert [c.tolist() for c in calls] == [[int(t)] * SHAPE[0] for t in ts]
 
 
 def test_bad_arguments_raise():
@@ -222,14 +267,23 @@ def test_bad_arguments_raise():
         timesteps_for("leading", 0, 100)
     with pytest.raises(ValueError, match="spacing"):
         timesteps_for("quadratic", 10, 100)  # type: ignore[arg-type]
+    x, ts = initial_noise(SHAPE), timesteps_for("leading", 10, 100)
     with pytest.raises(ValueError, match="unknown sampler"):
-        sample("euler", toy_model, sched, SHAPE, prediction="eps")  # type: ignore[arg-type]
+        sample(toy_model, x, sched, ts, prediction="eps", options="euler")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="prediction"):
-        ddim_sample(toy_model, sched, SHAPE, prediction="score")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="null_label"):
-        ddim_sample(toy_model, sched, SHAPE, prediction="eps", labels=torch.zeros(3, dtype=torch.long), guidance_scale=3.0)
+        ddim_sample(toy_model, x, sched, ts, prediction="score")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="eta"):
-        ddpm_sample(toy_model, sched, SHAPE, prediction="eps", eta=0.0)
+        DDIMOptions(eta=-0.5)
+    with pytest.raises(TypeError):
+        DDPMOptions(eta=0.0)  # type: ignore[call-arg]  # ancestral DDPM has no eta to set
+    with pytest.raises(ValueError, match="descending"):
+        ddpm_sample(toy_model, x, sched, ts.flip(0), prediction="eps")
+    with pytest.raises(ValueError, match="descending"):
+        ddpm_sample(toy_model, x, sched, [100, 50], prediction="eps")
+    with pytest.raises(ValueError, match="shape"):
+        initial_noise((0, 2, 4, 4))
+    with pytest.raises(ValueError, match="output shape"):
+        ddim_sample(lambda x, t: x[:, :1], x, sched, ts, prediction="eps")
     zts = make_schedule("linear", 100, zero_terminal_snr=True)
     with pytest.raises(ValueError, match="SNR = 0"):
-        ddim_sample(toy_model, zts, SHAPE, prediction="eps", spacing="trailing", num_steps=10)
+        ddim_sample(toy_model, x, zts, timesteps_for("trailing", 10, 100), prediction="eps")

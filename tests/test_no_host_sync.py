@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from model import _checks
+from model.conditioning import ClassLabels
 from model.objectives import DiffusionObjective, loss_per_timestep_bin
 from model.registry import build_model
 from model.schedules import make_schedule
@@ -33,9 +34,9 @@ def test_range_checks_run_on_cpu_and_are_skipped_elsewhere():
 
 def test_objective_schedule_and_loss_bins_do_no_host_reads():
     sched = make_schedule("cosine", 1000)
-    obj = DiffusionObjective(sched, "v", "min_snr", num_classes=10, label_dropout=0.1)
+    obj = DiffusionObjective(sched, "v", "min_snr", cond_dropout=0.1)
     x0 = torch.zeros(4, 3, 8, 8, device=META)
-    labels = torch.zeros(4, dtype=torch.long, device=META)
+    labels = ClassLabels(torch.zeros(4, dtype=torch.long, device=META), 10)
     t = torch.zeros(4, dtype=torch.long, device=META)
     noise = torch.zeros_like(x0)
     out = obj.training_losses(lambda x, tt, y: x * 1.0, x0, labels, t=t, noise=noise)
@@ -46,7 +47,7 @@ def test_objective_schedule_and_loss_bins_do_no_host_reads():
 
 def test_denoiser_label_check_does_no_host_read():
     net = build_model("unet-tiny", in_channels=3, image_size=32, num_classes=10)
-    labels = torch.zeros(2, dtype=torch.long, device=META)
+    labels = ClassLabels(torch.zeros(2, dtype=torch.long, device=META), 10)  # range check skipped: no host read
     assert net._labels(labels, 2, META).device == META
     with pytest.raises(ValueError, match="labels must lie"):
-        net._labels(torch.tensor([0, 11]), 2, torch.device("cpu"))
+        ClassLabels(torch.tensor([0, 11]), 10)

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 
 from checkpoint_factory import perturbed_model, tiny_config, write_checkpoint_dir
+from model.conditioning import ClassLabels
 from orchestrator.cli import main
 from orchestrator.data.demo import DEMO_CLASS_NAMES
 from orchestrator.eval.generate import generate_batched
@@ -71,7 +72,7 @@ def test_labels_num_out_dir_and_settings(run, tmp_path):
     assert names == [f"0000{i}_00-red-circle.png" for i in range(3)] + [f"0000{i}_09-pink-dot-pair.png" for i in range(3, 6)]
     ck = load_checkpoint(str(run))
     scfg = ck.cfg.sampling.model_copy(update={"num_steps": 3, "guidance_scale": 1.5, "eta": 0.3, "seed": 4})
-    labels = torch.tensor([0, 0, 0, 9, 9, 9])
+    labels = ClassLabels(torch.tensor([0, 0, 0, 9, 9, 9]), 10)
     expected = generate(ck.model, ck.cfg, labels, 6, seed=4, scfg=scfg)
     # The grid (one row per label, --num columns) and the single PNGs hold exactly these images.
     assert grid.read_bytes() == grid_png(expected, 3)
@@ -93,9 +94,9 @@ def test_raw_weights_come_from_the_deepspeed_part(run, tmp_path):
 
 def test_batches_use_consecutive_seeds(run):
     ck = load_checkpoint(str(run))
-    labels = torch.arange(5)
+    labels = ClassLabels(torch.arange(5), 10)
     got = generate_batched(ck.model, ck.cfg, labels, 5, seed=7, batch_size=2)
-    parts = [generate(ck.model, ck.cfg, labels[s:s + 2], len(labels[s:s + 2]), seed=7 + i)
+    parts = [generate(ck.model, ck.cfg, labels[s:s + 2], labels[s:s + 2].batch_size, seed=7 + i)
              for i, s in enumerate(range(0, 5, 2))]
     torch.testing.assert_close(got, torch.cat(parts), rtol=0, atol=0)
     assert not ck.model.training  # left in eval mode
@@ -103,9 +104,9 @@ def test_batches_use_consecutive_seeds(run):
 
 def test_progress_bar_only_on_a_terminal(run, capsys):
     ck = load_checkpoint(str(run))
-    generate_batched(ck.model, ck.cfg, torch.arange(2), 2, seed=0)  # captured stdout is not a TTY
+    generate_batched(ck.model, ck.cfg, ClassLabels(torch.arange(2), 10), 2, seed=0)  # captured stdout is not a TTY
     assert capsys.readouterr().err == ""
-    generate_batched(ck.model, ck.cfg, torch.arange(2), 2, seed=0, progress=True, desc="drawing")
+    generate_batched(ck.model, ck.cfg, ClassLabels(torch.arange(2), 10), 2, seed=0, progress=True, desc="drawing")
     assert "drawing" in capsys.readouterr().err
 
 

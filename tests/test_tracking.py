@@ -12,6 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
+from model.conditioning import ClassLabels
 from orchestrator.cli import main
 from orchestrator.config import ConfigError, load_config
 from orchestrator.storage import listdir, read_bytes
@@ -176,7 +177,7 @@ def test_mfu_estimate():
     # kernel: the flop counter does not see inside CPU's fused attention, and would miss it).
     model = build_denoiser(cfg.model, cfg.data, 10)
     with FlopCounterMode(display=False) as fc, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
-        model(torch.randn(1, 3, 16, 16), torch.tensor([5]), torch.tensor([1]))
+        model(torch.randn(1, 3, 16, 16), torch.tensor([5]), ClassLabels(torch.tensor([1]), 10))
     assert fc.get_flop_counts()["Global"][torch.ops.aten.bmm] > 0  # attention counted
     assert train_flops_per_image(cfg.model, cfg.data, 10) == 3 * fc.get_total_flops() > 0
     # DiT-S/2 on 32x32 latents: Peebles & Xie 2023 give 6.06 Gflops (multiply-adds) per forward.

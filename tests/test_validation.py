@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from model.conditioning import ClassLabels
 from model.objectives import DiffusionObjective
 from model.schedules import make_schedule
 from orchestrator.train.validation import Validator, validation_timesteps
@@ -24,7 +25,8 @@ class Oracle(torch.nn.Module):
         super().__init__()
         self.objective, self.x0 = objective, x0
 
-    def forward(self, x_t, t, labels):
+    def forward(self, x_t, t, cond):
+        labels = cond.labels
         # Find each row's image: the one whose noise estimate is smallest in norm is not unique,
         # so the test passes labels = image index.
         x0 = self.x0[labels]
@@ -43,9 +45,9 @@ def test_timesteps_are_evenly_spaced_midpoints():
 @pytest.mark.parametrize("prediction", ["eps", "v", "x0"])
 def test_oracle_scores_zero_for_every_prediction_type(prediction):
     sched = make_schedule("linear", 100)
-    obj = DiffusionObjective(sched, prediction, "min_snr", num_classes=6)
+    obj = DiffusionObjective(sched, prediction, "min_snr")
     imgs = _images()
-    v = Validator(imgs, np.arange(6), obj, timesteps=5, seed=3, batch_size=4)
+    v = Validator(imgs, ClassLabels(torch.arange(6), 6), obj, timesteps=5, seed=3, batch_size=4)
     out = v.run(Oracle(obj, torch.from_numpy(imgs)))
     assert out["val_loss"] < 1e-6 and len(out["val_loss_per_t"]) == 5
 
@@ -53,11 +55,11 @@ def test_oracle_scores_zero_for_every_prediction_type(prediction):
 def test_same_model_same_number_whatever_weighting_and_repeat():
     torch.manual_seed(0)
     net = torch.nn.Conv2d(3, 3, 3, padding=1)
-    model = lambda x, t, labels: net(x)  # noqa: E731
+    model = lambda x, t, cond: net(x)  # noqa: E731
     imgs = _images()
     results = []
     for weighting in ("uniform", "min_snr", "p2"):
-        obj = DiffusionObjective(make_schedule("linear", 100), "eps", weighting, num_classes=None)
+        obj = DiffusionObjective(make_schedule("linear", 100), "eps", weighting)
         v = Validator(imgs, None, obj, timesteps=4, seed=1)
         results += [v.run(model)["val_loss"], v.run(model)["val_loss"]]
     assert max(results) - min(results) < 1e-7
@@ -67,12 +69,12 @@ def test_same_model_same_number_whatever_weighting_and_repeat():
 
 
 def test_ranks_split_images_and_sum_to_the_single_process_result():
-    obj = DiffusionObjective(make_schedule("cosine", 50), "v", "uniform", num_classes=10, label_dropout=0.9)
-    imgs, labels = _images(7), np.arange(7) % 10
+    obj = DiffusionObjective(make_schedule("cosine", 50), "v", "uniform", cond_dropout=0.9)
+    imgs, labels = _images(7), ClassLabels(torch.arange(7) % 10, 10)
     seen: list[torch.Tensor] = []
 
-    def model(x, t, lab):
-        seen.append(lab.clone())
+    def model(x, t, cond):
+        seen.append(cond.labels.clone())
         return torch.tanh(x * 0.5)
 
     whole = Validator(imgs, labels, obj, timesteps=3, seed=0, batch_size=5).partial(model)

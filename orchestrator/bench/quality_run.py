@@ -21,10 +21,12 @@ from typing import Callable
 import numpy as np
 import torch
 
+from model.conditioning import ClassLabels
 from model.ema import EMA
+from model.guidance import CFGDenoiser
 from model.objectives import DiffusionObjective
 from model.registry import build_model
-from model.samplers import sample
+from model.samplers import initial_noise, sample, timesteps_for
 from model.schedules import make_schedule
 from orchestrator.bench.quality_arms import Arm, SamplerSpec, Setting
 from orchestrator.builders import lr_lambda
@@ -32,6 +34,7 @@ from orchestrator.data.demo import DEMO_CLASSES, render_demo_image
 from orchestrator.eval.features import CNNFeatures
 from orchestrator.eval.fid import fid_from_features, kernel_inception_distance
 from orchestrator.eval.shape_judge import ShapeJudge
+from orchestrator.sampling import sampler_options
 from orchestrator.train.validation import Validator
 
 NUM_CLASSES = len(DEMO_CLASSES)
@@ -75,7 +78,8 @@ class Scorer:
                 "class_acc": float((pred == labels).float().mean()), "shape_acc": shape_acc}
 
     def val_loss(self, model: torch.nn.Module, objective: DiffusionObjective) -> float:
-        v = Validator(self.val_images, self.val_labels, objective, timesteps=8, seed=0, batch_size=128)
+        v = Validator(self.val_images, ClassLabels(torch.from_numpy(self.val_labels), NUM_CLASSES), objective,
+                      timesteps=8, seed=0, batch_size=128)
         with torch.no_grad():
             return float(v.run(model)["val_loss"])
 
@@ -86,16 +90,14 @@ def draw_samples(model: torch.nn.Module, arm: Arm, spec: SamplerSpec, per_class:
     sampler's arithmetic stays fp32)."""
     labels = torch.arange(NUM_CLASSES).repeat_interleave(per_class)
     schedule = make_schedule(arm.schedule, 1000)
-    kwargs = dict(prediction=arm.prediction, num_steps=spec.num_steps, labels=labels,
-                  guidance_scale=spec.guidance_scale, null_label=model.null_label, spacing=spec.spacing,
-                  generator=torch.Generator().manual_seed(seed), clip_sample=spec.clip_sample)
-    if spec.sampler == "ddim":
-        kwargs["use_clipped_model_output"] = spec.use_clipped_model_output
-        kwargs["eta"] = spec.eta
+    g = torch.Generator().manual_seed(seed)
+    x = initial_noise((len(labels), 3, model.image_size, model.image_size), generator=g)
+    guided = CFGDenoiser(model, ClassLabels(labels, NUM_CLASSES), spec.guidance_scale)
     model.eval()
     try:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = sample(spec.sampler, model, schedule, (len(labels), 3, model.image_size, model.image_size), **kwargs)
+            out = sample(guided, x, schedule, timesteps_for(spec.spacing, spec.num_steps, 1000),
+                         prediction=arm.prediction, options=sampler_options(spec), generator=g)
         out = out.float()
     finally:
         model.train()
@@ -120,7 +122,7 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
     torch.manual_seed(seed)
     model = build_model(s.model, in_channels=images.shape[1], image_size=s.resolution, num_classes=NUM_CLASSES)
     objective = DiffusionObjective(make_schedule(arm.schedule, 1000), arm.prediction, arm.weighting,
-                                   num_classes=NUM_CLASSES, label_dropout=arm.label_dropout)
+                                   cond_dropout=arm.label_dropout)
     opt = torch.optim.AdamW(model.parameters(), lr=s.lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(s.optim()))  # raydiff train's schedule
     ema = EMA(model, decay=s.ema_decay, warmup=True)
@@ -134,7 +136,7 @@ def train_arm(arm: Arm, s: Setting, data: tuple[torch.Tensor, torch.Tensor], sco
         flip = torch.rand(s.batch, generator=g) < 0.5
         x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = objective.training_losses(model, x0, labels[idx], generator=g).loss
+            loss = objective.training_losses(model, x0, ClassLabels(labels[idx], NUM_CLASSES), generator=g).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

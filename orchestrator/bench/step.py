@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 from torch.profiler import ProfilerActivity, profile
 
+from model.conditioning import ClassLabels
 from orchestrator.bench.timing import Result, sync
 from orchestrator.builders import build_denoiser
 from orchestrator.config import DataConfig, TrainConfig, load_config
@@ -200,7 +201,7 @@ def flops_per_image(cfg: TrainConfig, num_classes: int, device: torch.device) ->
     c, r = cfg.data.channels, cfg.data.resolution
     x = torch.randn(2, c, r, r, device=device)
     t = torch.randint(0, cfg.diffusion.num_timesteps, (2,), device=device)
-    y = torch.randint(0, num_classes, (2,), device=device)
+    y = ClassLabels(torch.randint(0, num_classes, (2,), device=device), num_classes)
     with FlopCounterMode(display=False) as fc:
         model(x, t, y).float().pow(2).mean().backward()
     return fc.get_total_flops() / 2

@@ -13,6 +13,7 @@ import time
 
 import torch
 
+from model.conditioning import class_conditioning
 from orchestrator.cli.sample import SAMPLE_OVERRIDES, add_checkpoint_args, checkpoint_uri, s3_from_overrides
 from orchestrator.config import ConfigError, apply_overrides, config_to_dict, validate_config
 
@@ -106,12 +107,12 @@ def cmd_eval(args) -> int:
     feats, ref_images = _features(args, ref, device)
     ref_feats = feats(ref_images)
     if ck.num_classes is None:
-        labels = None
+        cond = None
         if guidance_list != [1.0]:
             print("unconditional model: guidance does not apply, evaluating guidance 1 only")
         guidance_list = [1.0]
     else:
-        labels = torch.arange(args.num) % ck.num_classes  # every class equally often
+        cond = class_conditioning(torch.arange(args.num) % ck.num_classes, ck.num_classes)  # every class equally often
 
     fid_name, kid_name = metric_label("FID", feats), metric_label("KID", feats)
     print(f"{fid_name} / {kid_name}: {ck.uri} (step {ck.ref.step}, {ck.weights.upper()} weights), "
@@ -123,7 +124,7 @@ def cmd_eval(args) -> int:
         for w in guidance_list:
             scfg = cfg.sampling.model_copy(update={"num_steps": steps, "guidance_scale": w})
             t0 = time.perf_counter()
-            images = generate_batched(ck.model, cfg, labels, args.num, seed=args.seed, batch_size=args.batch_size,
+            images = generate_batched(ck.model, cfg, cond, args.num, seed=args.seed, batch_size=args.batch_size,
                                       device=device, scfg=scfg, desc=f"steps {steps} guidance {w:g}")
             f = feats(images)
             kid = kernel_inception_distance(f, ref_feats, subsets=args.kid_subsets,

@@ -8,6 +8,7 @@ import io
 import torch
 from PIL import Image
 
+from model.conditioning import class_conditioning
 from orchestrator.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_override, validate_config
 from orchestrator.storage import join, write_bytes
 
@@ -119,7 +120,8 @@ def cmd_sample(args) -> int:
                    else list(range(min(ck.num_classes, scfg.max_rows))))
         labels, columns = torch.tensor(classes).repeat_interleave(per), per
     num = per if labels is None else len(labels)
-    images = generate_batched(ck.model, cfg, labels, num, seed=scfg.seed, batch_size=args.batch_size,
+    cond = class_conditioning(labels, ck.num_classes)
+    images = generate_batched(ck.model, cfg, cond, num, seed=scfg.seed, batch_size=args.batch_size,
                               device=pick_device(args.device), desc=f"{scfg.sampler} {scfg.num_steps} steps")
     if is_latent(cfg):
         from orchestrator.data.vae import latents_to_images

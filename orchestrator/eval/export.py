@@ -7,8 +7,9 @@ Layout of the output directory::
     raydiff.json            classes, null class, prediction type and sampling settings
     README.md               model card: training config, classes, a diffusers-only sampling loop
 
-The denoiser (model/networks.py) is a thin wrapper: it passes (x, t, class_labels) straight to
-the diffusers backbone, and its "null" class for classifier-free guidance is the extra
+The denoiser (model/networks.py) is a thin wrapper: it maps its conditioning (``ClassLabels``,
+model/conditioning.py) to ``class_labels`` and passes (x, t, class_labels) straight to the
+diffusers backbone, and its "null" class for classifier-free guidance is the extra
 embedding row ``num_classes`` (U-Net: ``num_class_embeds = num_classes + 1``; DiT: the
 LabelEmbedding's own CFG row). So the backbone alone, fed ``class_labels = num_classes`` for
 the unconditional half, reproduces raydiff's guided sampling with any diffusers scheduler whose

@@ -12,6 +12,7 @@ import sys
 import torch
 from torch import nn
 
+from model.conditioning import Conditioning
 from orchestrator.config import ConfigError, SamplingConfig, TrainConfig
 from orchestrator.sampling import generate
 
@@ -32,27 +33,25 @@ class _Counted(nn.Module):
         super().__init__()
         self.inner = inner
         self.bar = bar
-        self.null_label = getattr(inner, "null_label", None)
-        self.num_classes = getattr(inner, "num_classes", None)
         self.train(inner.training)  # sampling.generate restores this mode on the way out
 
-    def forward(self, x, t, labels=None):
-        out = self.inner(x, t, labels)
+    def forward(self, x, t, cond: Conditioning | None = None):
+        out = self.inner(x, t, cond)
         self.bar.update(1)
         return out
 
 
-def generate_batched(model: nn.Module, cfg: TrainConfig, labels: torch.Tensor | None, num: int, *, seed: int,
+def generate_batched(model: nn.Module, cfg: TrainConfig, cond: Conditioning | None, num: int, *, seed: int,
                      batch_size: int | None = None, device: torch.device | str = "cpu",
                      scfg: SamplingConfig | None = None, desc: str = "sampling",
                      progress: bool | None = None) -> torch.Tensor:
-    """``num`` images in [-1, 1] (CPU, float32); ``labels`` is None (unconditional) or [num].
-    ``progress`` None shows a tqdm bar only when stdout is a terminal."""
+    """``num`` images in [-1, 1] (CPU, float32); ``cond`` is None (unconditional) or has ``num``
+    entries. ``progress`` None shows a tqdm bar only when stdout is a terminal."""
     from tqdm import tqdm
 
     scfg = scfg or cfg.sampling
-    if labels is not None and labels.shape != (num,):
-        raise ValueError(f"labels must have shape ({num},), got {tuple(labels.shape)}")
+    if cond is not None and cond.batch_size != num:
+        raise ValueError(f"conditioning for {cond.batch_size} samples given for {num} images")
     bs = num if not batch_size else min(batch_size, num)
     starts = list(range(0, num, bs))
     steps = min(scfg.num_steps, cfg.diffusion.num_timesteps)
@@ -64,6 +63,6 @@ def generate_batched(model: nn.Module, cfg: TrainConfig, labels: torch.Tensor | 
         counted = _Counted(model, bar)
         for i, s in enumerate(starts):
             n = min(bs, num - s)
-            lab = None if labels is None else labels[s : s + n]
-            out.append(generate(counted, cfg, lab, n, seed=seed + i, device=device, scfg=scfg))
+            part = None if cond is None else cond[s : s + n]
+            out.append(generate(counted, cfg, part, n, seed=seed + i, device=device, scfg=scfg))
     return torch.cat(out)

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from model.conditioning import ClassLabels
 from orchestrator.config import TrainConfig
 from orchestrator.eval.classifier import train_classifier
 from orchestrator.eval.shape_judge import SHAPE_THRESHOLD, ShapeJudge
@@ -62,7 +63,7 @@ def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: Ru
     model, _ = Checkpointer(rundir).ema_model(ref)
     k = cfg.run.eval_per_class
     gen_labels = torch.arange(num_classes).repeat_interleave(k)
-    samples = generate(model, cfg, gen_labels, len(gen_labels), seed=cfg.sampling.seed + 1)
+    samples = generate(model, cfg, ClassLabels(gen_labels, num_classes), len(gen_labels), seed=cfg.sampling.seed + 1)
     clf.eval()
     with torch.no_grad():
         pred = torch.cat([clf(samples[i : i + 256]).argmax(1) for i in range(0, len(samples), 256)])

@@ -19,6 +19,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from orchestrator.builders import build_denoiser
 from orchestrator.config import DataConfig, ModelConfig
 
+from model.conditioning import class_conditioning
+
 if TYPE_CHECKING:
     from orchestrator.config import TrainConfig
 
@@ -52,7 +54,7 @@ def train_flops_per_image(model_cfg: ModelConfig, data: DataConfig, num_classes:
         c, r = data.channels, data.resolution
         x = torch.zeros(1, c, r, r)
         t = torch.zeros(1, dtype=torch.long)
-        y = torch.zeros(1, dtype=torch.long) if num_classes is not None else None
+        y = class_conditioning(torch.zeros(1, dtype=torch.long), num_classes)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t, y)
     return 3.0 * counter.get_total_flops()

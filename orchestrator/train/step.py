@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import contextlib
 
-import deepspeed
 import torch
 
 from model import _random
+from model.conditioning import Conditioning, class_conditioning
 from model.ema import EMA
 from model.objectives import LossOutput
 from orchestrator.builders import build_denoiser, build_objective
@@ -51,11 +51,13 @@ class TrainStep:
         self.grad_norm: torch.Tensor | None = None
         with self.gathered():
             self.ema = EMA(self.engine.module, decay=cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
-        self.objective = build_objective(cfg.diffusion, num_classes)
+        self.objective = build_objective(cfg.diffusion)
 
     def gathered(self):
         """Full parameters on every rank under ZeRO-3 (partitioned otherwise); no-op below 3."""
         if self.plan.zero_stage == 3:
+            import deepspeed  # where it is used: the driver imports this module and never needs DeepSpeed
+
             return deepspeed.zero.GatheredParameters(list(self.engine.module.parameters()), modifier_rank=None)
         return contextlib.nullcontext()
 
@@ -66,9 +68,9 @@ class TrainStep:
         g.manual_seed(((self.cfg.seed * 1_000_003 + self.rank) * 1_000_003 + step) % (2**63))
         return g
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor | None) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None) -> torch.Tensor:
         # DeepSpeed's bf16/fp16 engines keep module weights in half precision; inputs must match.
-        return self.engine(x.to(self.dtype), t, labels)
+        return self.engine(x.to(self.dtype), t, cond)
 
     def _flip(self, images: torch.Tensor, g: torch.Generator) -> torch.Tensor:
         if not self.cfg.data.random_flip:
@@ -80,8 +82,8 @@ class TrainStep:
         """Train on one micro-batch ({"image": [B,C,H,W] in [-1,1], "label": [B]}) as step ``step``."""
         g = self.generator(step)
         x0 = self._flip(batch["image"], g)
-        labels = batch["label"] if self.num_classes is not None else None
-        out = self.objective.training_losses(self._forward, x0, labels, generator=g)
+        cond = class_conditioning(batch.get("label"), self.num_classes)
+        out = self.objective.training_losses(self._forward, x0, cond, generator=g)
         self.engine.backward(out.loss)
         if self.own_clip:
             scaler = getattr(self.engine, "torch_autocast_z0_gradscaler", None)

@@ -21,9 +21,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from model.conditioning import Conditioning
 from model.objectives import DiffusionObjective
 
-Denoiser = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+Denoiser = Callable[[torch.Tensor, torch.Tensor, "Conditioning | None"], torch.Tensor]
 
 
 def validation_timesteps(num_timesteps: int, count: int) -> np.ndarray:
@@ -44,7 +45,7 @@ class Validator:
     """This rank's share (images ``rank::world``) of the held-out set, with its noise, on the
     device. ``run`` is a collective: every rank calls it at the same steps."""
 
-    def __init__(self, images: np.ndarray, labels: np.ndarray | None, objective: DiffusionObjective, *,
+    def __init__(self, images: np.ndarray, cond: Conditioning | None, objective: DiffusionObjective, *,
                  timesteps: int, seed: int, rank: int = 0, world: int = 1, device: torch.device | str = "cpu",
                  batch_size: int = 64):
         if images.ndim != 4 or len(images) == 0:
@@ -55,7 +56,7 @@ class Validator:
         self.t_values = torch.as_tensor(validation_timesteps(objective.num_timesteps, timesteps), dtype=torch.long)
         k = len(self.t_values)
         self.x0 = torch.from_numpy(np.ascontiguousarray(images[mine])).to(self.device)
-        self.labels = torch.from_numpy(labels[mine]).long().to(self.device) if labels is not None else None
+        self.cond = cond[torch.from_numpy(mine)].to(self.device) if cond is not None else None
         shape = tuple(images.shape[1:])
         noise = [image_noise(seed, int(i), k, shape) for i in mine]
         self.noise = (torch.stack(noise) if noise else torch.zeros((0, k, *shape))).to(self.device)
@@ -73,7 +74,7 @@ class Validator:
             img, tk = p // k, p % k
             x0, t, noise = self.x0[img], t_all[tk], self.noise[img, tk]
             x_t = self.objective.q_sample(x0, t, noise)
-            out = model(x_t, t, self.labels[img] if self.labels is not None else None)
+            out = model(x_t, t, self.cond[img] if self.cond is not None else None)
             _, eps = self.objective.predict_x0_eps(out.float(), x_t.float(), t)
             mse = ((eps.float() - noise.float()) ** 2).flatten(1).mean(dim=1)
             sums.index_add_(0, tk, mse)

@@ -17,6 +17,7 @@ from typing import Any
 import ray.train
 import torch
 
+from model.conditioning import class_conditioning
 from orchestrator.config import validate_config
 from orchestrator.data import bad_sample_counts
 from orchestrator.logs import configure_worker, library_prints
@@ -95,7 +96,7 @@ class Worker:
         self.validator = None
         if args.val_images is not None and cfg.logging.val_every_steps:
             held = ray.get(args.val_images)
-            self.validator = Validator(held["image"], held["label"] if args.num_classes is not None else None,
+            self.validator = Validator(held["image"], class_conditioning(held.get("label"), args.num_classes),
                                        self.train.objective, timesteps=cfg.logging.val_timesteps, seed=cfg.data.seed,
                                        rank=self.rank, world=self.world, device=self.device,
                                        batch_size=plan.micro_batch_size)
