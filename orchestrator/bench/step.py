@@ -106,9 +106,11 @@ def plain_loop(cfg: TrainConfig, plan: Plan, batches: list[dict], device: torch.
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     alphas = torch.linspace(0.9999, 0.02, cfg.diffusion.num_timesteps, device=device)
 
+    conds = [ClassLabels(b["label"], num_classes) for b in batches]  # built once, outside the timed step
+
     def step(i: int) -> None:
         b = batches[i % ROTATE]
-        x0, y = b["image"], b["label"]
+        x0, y = b["image"], conds[i % ROTATE]
         t = torch.randint(0, cfg.diffusion.num_timesteps, (x0.shape[0],), device=device)
         noise = torch.randn_like(x0)
         a = alphas[t].view(-1, 1, 1, 1)
@@ -169,7 +171,8 @@ def host_sync_check(ts, window, batch: dict) -> str:
     torch.cuda.set_sync_debug_mode("error")
     try:
         x0 = ts._flip(batch["image"], g)
-        out = ts.objective.training_losses(ts._forward, x0, batch["label"], generator=g)
+        cond = ClassLabels(batch["label"], ts.num_classes) if ts.num_classes is not None else None
+        out = ts.objective.training_losses(ts._forward, x0, cond, generator=g)
         window.add(out, x0.shape[0], 0.0)
         verdict = "no host sync in raydiff's step code"
     except RuntimeError as e:
