@@ -170,6 +170,7 @@ from orchestrator.bench.step import init_single_process_group
 from orchestrator.config import load_config
 from orchestrator.plan import make_plan
 from orchestrator.train.checkpoint.files import write_checkpoint
+from orchestrator.train.checkpoint.persist import write_manifest
 from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
 
@@ -185,6 +186,7 @@ for i in range(2):
     ts.step(batch, i)
 out.mkdir(parents=True)
 write_checkpoint(out, engine=ts.engine, ema=ts.ema, state=TrainState(step=2), cfg=cfg, num_classes=10, rank=0)
+write_manifest(out, rank=0, world=1, step=2)  # as persisting does: the inference commands verify it
 torch.save(ts.engine.module.state_dict(), out.parent / "module.pt")
 """
 
