@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from collections import Counter
 from pathlib import Path
 
@@ -69,18 +68,21 @@ def _seen(before: list[dict], after: list[dict]) -> dict[int, Counter[str]]:
     return out
 
 
-def _check_fault_exit(error: WorkerGroupError, step: int) -> None:
+def _check_fault_exit(error: WorkerGroupError, records: list[dict], step: int) -> None:
     """The run failed because its workers exited at the injected fault, nothing else: Ray Train's
-    health check found each failed worker's process dead (``os._exit`` reports no exception), and
-    the log of each of those workers ends its training with the fault hook's line."""
+    health check found each failed worker's process dead (``os._exit`` reports no exception, a
+    raised error would be a user error instead), and every rank's last trained step is the fault's.
+    (The hook's printed line is not checked: where a worker's stdout lands depends on which Ray
+    the run uses; Ray Train's structured worker log, named in the error, does not always hold it.)"""
     assert error.worker_failures, error
     for rank, failure in error.worker_failures.items():
         assert isinstance(failure, WorkerHealthCheckFailedError), (rank, failure)
         assert isinstance(failure.health_check_failure, ActorDiedError), (rank, failure)
         assert "its worker process has died" in str(failure.health_check_failure), (rank, failure)
-        log_file = re.search(r"log_file_path='([^']+)'", str(failure))
-        assert log_file, (rank, failure)
-        assert f"{EXIT_ENV}={step}: this worker exits now" in Path(log_file[1]).read_text(), (rank, log_file[1])
+    last = {}
+    for r in records:
+        last[r["rank"]] = max(last.get(r["rank"], 0), r["step"])
+    assert last and set(last.values()) == {step}, last
 
 
 def _interrupted_run(common: list[str], tmp_path: Path, monkeypatch, all_ids: list[str],
@@ -96,8 +98,8 @@ def _interrupted_run(common: list[str], tmp_path: Path, monkeypatch, all_ids: li
     cfg = load_config(None, [*common, "run.name=cut"])
     with pytest.raises(WorkerGroupError) as failed:
         run_training(cfg)
-    _check_fault_exit(failed.value, step=7)
     before = _records(record)
+    _check_fault_exit(failed.value, before, step=7)
     assert max(r["step"] for r in before) == 7
     monkeypatch.delenv(EXIT_ENV)
     # The same command again (possibly on another number of workers): resumes.
