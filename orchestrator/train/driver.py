@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.cluster.rules import check_cluster_paths, with_job_address
-from orchestrator.config import TrainConfig, config_to_dict, config_to_yaml
+from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.data import bad_sample_counts, build_train_dataset, inspect_dataset
 from orchestrator.data.pipeline import load_validation_images
 from orchestrator.data.reader import make_train_reader
@@ -56,6 +56,13 @@ class TrainOutcome:
 def _complete_outcome(cfg: TrainConfig) -> TrainOutcome | None:
     """The outcome of a run that is already complete (train/status.py), read without Ray."""
     st = read_status(cfg)
+    if not st.complete and st.latest is not None and st.latest.step > cfg.optim.steps:
+        # Resuming would start Ray and the workers only to train nothing, and the run's newest
+        # files (grids, metrics) come from steps this config does not ask for.
+        raise ConfigError(
+            f"run {st.uri} is already at step {st.latest.step}, past optim.steps={cfg.optim.steps}: there is "
+            f"nothing to train. Fix: set optim.steps={st.latest.step} or more to continue it, or a new "
+            "run.name to train a new run with these settings")
     if not st.complete:
         return None
     return TrainOutcome(st.uri, st.latest.step, st.checkpoint_uri(), st.eval, st.bad_samples, already_complete=True)
