@@ -213,15 +213,16 @@ def test_tracker_writes_metrics_jsonl_and_rewinds_it(tmp_path):
     assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
 
 
-def test_train_refuses_a_run_already_past_optim_steps_before_ray_starts(tmp_path):
+def test_train_refuses_a_run_already_past_optim_steps_before_ray_starts(tmp_path, monkeypatch):
     """A rerun with optim.steps below the run's step: one clear error, no Ray start (issue 19)."""
-    import ray
-
     from orchestrator.config import ConfigError
-    from orchestrator.train.driver import run_training
+    from orchestrator.train import driver
 
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started for a run with nothing to train")
+
+    monkeypatch.setattr(driver, "init_ray", no_ray)
     cfg = tiny_config(f"run.storage={tmp_path}", "run.name=r", "optim.steps=5")
     write_checkpoint_dir(tmp_path / "r", cfg, perturbed_model(cfg, 10, 0), step=10, num_classes=10)
     with pytest.raises(ConfigError, match=r"already at step 10, past optim.steps=5.*optim.steps=10 or more"):
-        run_training(cfg)
-    assert not ray.is_initialized()
+        driver.run_training(cfg)
