@@ -32,6 +32,8 @@ from typing import Any
 import psutil
 import yaml
 
+from orchestrator.cluster.submit import auth_token
+
 
 # Object store per node (head and fake workers): small runs need little, and /dev/shm is shared.
 OBJECT_STORE_BYTES = 300 * 1024 * 1024
@@ -128,16 +130,11 @@ class LocalHead:
     @property
     def token(self) -> str | None:
         """The token clients of this head must send (None: the head runs without authentication)."""
-        env = {**os.environ, **self.extra_env}
         if self.token_file is not None:
             return Path(self.token_file).read_text().strip()
-        if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
-            return None
-        if env.get("RAY_AUTH_TOKEN", "").strip():
-            return env["RAY_AUTH_TOKEN"].strip()
-        if env.get("RAY_AUTH_TOKEN_PATH"):
-            return Path(env["RAY_AUTH_TOKEN_PATH"]).expanduser().read_text().strip()
-        return None  # a head adopted from a record written before heads had their own token
+        # The caller's explicit mode or token, read as every client reads it (None also for a head
+        # adopted from a record written before heads had their own token).
+        return auth_token({**os.environ, **self.extra_env})
 
     # -- start ----------------------------------------------------------------------------------
     def command(self) -> list[str]:

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, Mapping, TextIO
 
 from orchestrator.config import ConfigError, load_config
 
@@ -115,13 +115,15 @@ def build_submission(spec: str, overrides: list[str] | tuple[str, ...] = (), *, 
 # Talking to the cluster
 
 
-def auth_token() -> str | None:
-    """The token to send, by Ray's precedence (see the module docstring), or None."""
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+def auth_token(env: "Mapping[str, str] | None" = None) -> str | None:
+    """The token to send, by Ray's precedence (see the module docstring), or None; ``env``: the
+    environment to read (default: this process's)."""
+    env = os.environ if env is None else env
+    if env.get("RAY_AUTH_MODE", "").lower() == "disabled":
         return None
-    if os.environ.get("RAY_AUTH_TOKEN", "").strip():
-        return os.environ["RAY_AUTH_TOKEN"].strip()
-    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if env.get("RAY_AUTH_TOKEN", "").strip():
+        return env["RAY_AUTH_TOKEN"].strip()
+    path = env.get("RAY_AUTH_TOKEN_PATH")
     if path:
         try:
             token = Path(path).expanduser().read_text().strip()
@@ -131,7 +133,7 @@ def auth_token() -> str | None:
         if not token:
             raise ConfigError(f"RAY_AUTH_TOKEN_PATH={path!r} is empty. Fix: put the cluster's token in it")
         return token
-    if os.environ.get("RAY_AUTH_MODE", "").lower() == "token":
+    if env.get("RAY_AUTH_MODE", "").lower() == "token":
         default = Path.home() / ".ray" / "auth_token"
         if default.is_file() and default.read_text().strip():
             return default.read_text().strip()
