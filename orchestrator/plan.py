@@ -12,9 +12,6 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import torch
-
-from orchestrator.builders import build_denoiser
 from orchestrator.config import ConfigError, DataConfig, ModelConfig, PrecisionConfig, ScalingConfig, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -71,6 +68,8 @@ def cpu_has_bf16() -> bool:
 def _cluster_has_gpus(ray_address: str | None) -> bool | None:
     """GPU presence without starting anything: locally from torch; on a cluster only once connected."""
     if ray_address is None:
+        import torch
+
         return torch.cuda.is_available()
     try:
         import ray
@@ -121,6 +120,10 @@ DEFAULT_GPU_BYTES = 40 << 30
 
 def parameter_count(model: ModelConfig, data: DataConfig) -> int:
     """Parameters of the configured network, counted on the meta device (no memory, no compute)."""
+    import torch
+
+    from orchestrator.builders import build_denoiser
+
     with torch.device("meta"):
         net = build_denoiser(model, data, 10 if data.conditional else None)
     return sum(p.numel() for p in net.parameters())
@@ -128,6 +131,8 @@ def parameter_count(model: ModelConfig, data: DataConfig) -> int:
 
 def _gpu_bytes(scaling: ScalingConfig) -> int:
     if scaling.ray_address is None:
+        import torch
+
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory
     return DEFAULT_GPU_BYTES

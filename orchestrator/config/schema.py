@@ -12,10 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from model.objectives import PredictionType, Weighting
-from model.registry import ModelName
-from model.samplers import SamplerName, Spacing
-from model.schedules import ScheduleKind
+from model.choices import ModelName, PredictionType, SamplerName, ScheduleKind, Spacing, Weighting
 
 
 class ConfigError(ValueError):
