@@ -105,3 +105,79 @@ def test_precomputed_embeddings_take_the_encoders_null(encoder):
     pre = text_conditioning(t.hidden_states.numpy(), t.mask.numpy().astype(np.int8), encoder.null())
     assert torch.equal(pre.hidden_states, t.hidden_states) and torch.equal(pre.null_hidden, t.null_hidden)
     assert pre.mask.dtype == torch.bool
+
+
+@pytest.mark.parametrize("name,channels,size", [("unet-text-tiny", 3, 16), ("pixart-tiny", 4, 8)])
+def test_text_networks_read_the_prompt(encoder, name, channels, size):
+    from model.registry import build_model
+
+    torch.manual_seed(0)
+    net = build_model(name, in_channels=channels, image_size=size, text_dim=encoder.embedding_dim).eval()
+    x = torch.randn(2, channels, size, size)
+    t = torch.tensor([10, 500])
+    a = encoder.encode(["a red circle", "a red circle"])
+    b = encoder.encode(["a blue square", "a blue square"])
+    with torch.no_grad():
+        out_a, out_b = net(x, t, a), net(x, t, b)
+    assert out_a.shape == x.shape
+    # the output depends on the prompt: cross-attention reads it
+    assert (out_a - out_b).abs().max() > 1e-4
+    with pytest.raises(ValueError, match="takes TextEmbeddings"):
+        net(x, t, None)
+    with pytest.raises(ValueError, match="hidden size 32"):
+        net(x, t, _emb(b=2, L=4, D=5))
+
+
+def test_registry_text_arguments():
+    from model.registry import TEXT_MODEL_NAMES, build_model, is_text_model
+
+    assert set(TEXT_MODEL_NAMES) == {"unet-text-tiny", "unet-text-demo", "unet-text-sd", "pixart-tiny", "pixart-alpha"}
+    assert is_text_model("pixart-tiny") and not is_text_model("unet-tiny")
+    with pytest.raises(ValueError, match="text_dim"):
+        build_model("unet-text-tiny", image_size=16)
+    with pytest.raises(ValueError, match="not text-conditioned"):
+        build_model("unet-tiny", image_size=16, text_dim=32)
+    with pytest.raises(ValueError, match="takes no class labels"):
+        build_model("pixart-tiny", image_size=16, text_dim=32, num_classes=3)
+
+
+def test_guided_sampling_with_text_is_seeded_and_uses_the_negative_prompt(encoder):
+    from model.guidance import CFGDenoiser
+    from model.registry import build_model
+    from model.samplers import DDIMOptions, ddim_sample, initial_noise, timesteps_for
+    from model.schedules import make_schedule
+
+    torch.manual_seed(0)
+    net = build_model("unet-text-tiny", image_size=16, text_dim=32).eval()
+    sched = make_schedule("cosine", 100)
+    ts = timesteps_for("trailing", 4, 100)
+    cond = encoder.encode(["a red circle", "a blue square"])
+    neg = encoder.encode(["a green triangle"])
+    with_neg = TextEmbeddings(cond.hidden_states, cond.mask, neg.hidden_states[0], neg.mask[0])
+
+    def run(c, w):
+        g = torch.Generator().manual_seed(3)
+        x = initial_noise((2, 3, 16, 16), generator=g, device="cpu")
+        with torch.no_grad():
+            return ddim_sample(CFGDenoiser(net, c, w), x, sched, ts, prediction="v",
+                               options=DDIMOptions(eta=0.0), generator=g)
+
+    a, b = run(cond, 4.0), run(cond, 4.0)
+    assert torch.equal(a, b) and torch.isfinite(a).all()
+    assert (a - run(cond, 1.0)).abs().max() > 1e-4  # guidance changes the samples
+    assert (a - run(with_neg, 4.0)).abs().max() > 1e-4  # so does the negative prompt
+    # w = 0 is the unconditional model: the prompt no longer matters, only the null (negative)
+    other = encoder.encode(["a yellow square", "a dog"])
+    torch.testing.assert_close(run(cond, 0.0), run(other, 0.0))
+
+
+def test_caption_dropout_replaces_by_the_empty_prompt(encoder):
+    from model.objectives import DiffusionObjective
+    from model.schedules import make_schedule
+
+    obj = DiffusionObjective(make_schedule("cosine", 100), "v", "uniform", cond_dropout=0.5)
+    cond = encoder.encode(["a red circle"] * 64)
+    dropped = obj.drop_cond(cond, generator=torch.Generator().manual_seed(0), device="cpu")
+    is_null = (dropped.hidden_states == cond.null_hidden).flatten(1).all(1)
+    is_kept = (dropped.hidden_states == cond.hidden_states).flatten(1).all(1)
+    assert torch.all(is_null ^ is_kept) and 16 < int(is_null.sum()) < 48
