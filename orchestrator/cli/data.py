@@ -20,7 +20,7 @@ from orchestrator.storage.flags import add_s3_args, s3_config_from_args
 
 
 def _data_cfg(args: argparse.Namespace, source: str, **kw: Any):
-    for name in ("format", "labels_file", "image_column", "label_column"):
+    for name in ("format", "labels_file", "image_column", "label_column", "captions", "caption_column", "missing_caption"):
         v = getattr(args, name, None)
         if v is not None:
             kw.setdefault(name, v)
@@ -32,6 +32,15 @@ def _add_dataset_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--labels-file", help="CSV/JSON path->label for flat image folders")
     p.add_argument("--image-column", default="image", help="parquet: column with encoded image bytes")
     p.add_argument("--label-column", default="label", help="parquet: label column")
+
+
+def _add_caption_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--captions", action="store_true", default=None,
+                   help="read captions too (data.captions): report coverage and length")
+    p.add_argument("--caption-column", help="column / metadata field / WebDataset extension or .json field of the "
+                   "caption (data.caption_column, default text)")
+    p.add_argument("--missing-caption", choices=["bad", "unconditional"],
+                   help="a sample without a caption: bad (default) or kept with the empty prompt")
 
 
 def parse_shard_size(text: str) -> tuple[str, int]:
@@ -158,12 +167,14 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("uri", metavar="URI")
     p.add_argument("--resolution", type=int, default=32)
     _add_dataset_args(p)
+    _add_caption_args(p)
     add_s3_args(p)
     p.set_defaults(func=cmd_verify)
 
-    p = sub.add_parser("stats", help="sample count, class histogram, image sizes")
+    p = sub.add_parser("stats", help="sample count, class histogram, image sizes, caption coverage")
     p.add_argument("uri", metavar="URI")
     _add_dataset_args(p)
+    _add_caption_args(p)
     add_s3_args(p)
     p.set_defaults(func=cmd_stats)
 

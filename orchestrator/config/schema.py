@@ -83,6 +83,16 @@ class DataConfig(_Strict):
     # row groups) chosen with data.seed, of which the first val_images decoded images are used.
     # 0 = nothing held out.
     val_images: int = Field(0, ge=0)
+    # Text-to-image (issue 20; orchestrator/data/captions.py): read one caption per sample and
+    # hand it to the workers as "text". Image folders: metadata.jsonl / metadata.csv (file_name +
+    # the caption column, Hugging Face's imagefolder convention) or a .txt beside each image;
+    # WebDataset: the .<caption_column> or .txt member, else that field of the .json member;
+    # Parquet: the caption column (Hugging Face datasets' layout included).
+    captions: bool = False
+    caption_column: str = Field("text", min_length=1)
+    # A sample whose caption is missing or empty: "bad" drops it (counted as missing_caption),
+    # "unconditional" trains it with the empty prompt "" (counted as uncaptioned_kept). Never fatal.
+    missing_caption: Literal["bad", "unconditional"] = "bad"
     # The run's storage.s3 settings, set by TrainConfig (not a key of this section): the data
     # readers take this section alone, and an s3:// source needs the connection settings.
     _s3: S3Config = PrivateAttr(default_factory=S3Config)

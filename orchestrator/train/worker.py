@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray.train
 import torch
 
@@ -115,8 +116,13 @@ class Worker:
             if recorder:
                 recorder.record(epoch=self.state.epoch, step=self.state.step + 1, position=start + i * global_batch,
                                 ids=reader.sample_names(sb.ids))
-            yield {"image": torch.from_numpy(sb.image).to(self.device),
-                   "label": torch.from_numpy(sb.label).to(self.device)}
+            batch = {"image": torch.from_numpy(sb.image).to(self.device),
+                     "label": torch.from_numpy(sb.label).to(self.device)}
+            # Text-to-image data (issue 20): "text" stays a numpy array of str (the encoder
+            # tokenizes it); precomputed "text_embedding"/"text_mask" go to the device.
+            for k, v in sb.text_fields().items():
+                batch[k] = v if k == "text" else torch.from_numpy(np.ascontiguousarray(v)).to(self.device)
+            yield batch
 
     def _record(self, window: MetricsWindow, val: dict[str, Any] | None) -> dict[str, Any]:
         """The reduced metrics of the window (a collective: every rank, same steps)."""

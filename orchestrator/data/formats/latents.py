@@ -202,10 +202,10 @@ class Latents(DataFormat):
                         if finite[j]:
                             buf = io.BytesIO()
                             Image.fromarray(previews[j]).save(buf, format="PNG")
-                            yield f"{rel}:{row}", buf.getvalue(), lab
+                            yield f"{rel}:{row}", buf.getvalue(), lab, None
                         else:
-                            yield f"{rel}:{row}", D.CORRUPT, lab
+                            yield f"{rel}:{row}", D.CORRUPT, lab, None
                         row += 1
             except OSError:
-                yield rel, D.READ_ERROR, None
+                yield rel, D.READ_ERROR, None, None
 
