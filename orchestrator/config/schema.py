@@ -248,9 +248,8 @@ class SamplingConfig(_Strict):
     per_class: int = Field(8, ge=1, le=64)
     max_rows: int = Field(10, ge=1, le=1000)
     seed: int = 0
-    # Text models: the prompts of the training grids (one row each, per_class columns) and of the
-    # report; empty: the first max_rows distinct captions of the data are not known up front,
-    # so a text run needs this list for its grids.
+    # Text models: the prompts of the training grids (one row each, per_class columns, the first
+    # max_rows) and of the report; empty: one row of the empty prompt (unconditional samples).
     prompts: list[str] = Field(default_factory=list, max_length=64)
     # Text models: the unconditional half of guidance ("" = the empty prompt, as trained).
     negative_prompt: str = ""
@@ -353,7 +352,7 @@ class TrainConfig(_Strict):
         return self
 
     def _text_checks(self) -> None:
-        m, captions = self.model, getattr(self.data, "captions", False)
+        m, captions = self.model, self.data.captions
         if is_text_model(m.name):
             if not m.text_encoder:
                 raise ValueError(f"model.name={m.name} is text-conditioned and needs a frozen text encoder. Fix: set "
