@@ -120,3 +120,29 @@ def test_export_is_a_diffusers_pipeline_that_reproduces_raydiff_sample(tmp_path,
     # The same images up to float32 rounding (batch order of the guidance halves differs),
     # which can flip a pixel's 8-bit rounding.
     assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01
+
+
+def test_report_writes_the_prompts_beside_the_grid_rows(tmp_path, clip_dir):
+    import io
+
+    from orchestrator.config import config_to_yaml
+    from orchestrator.report import _grid_prompts, write_report
+    from orchestrator.storage import RunDir
+
+    _, cfg = _text_run(tmp_path, clip_dir)
+    run = tmp_path / "r"
+    (run / "samples").mkdir(parents=True)
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "samples_seen": 4, "loss": 0.5, "time": 1.0}) + "\n")
+    grid = Image.new("RGB", (76, 112), (200, 30, 30))  # 3 rows
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    (run / "samples" / "step_0000001.png").write_bytes(buf.getvalue())
+    _, plain = write_report(str(run), out=str(tmp_path / "plain.png"))
+    (run / "config.yaml").write_text(config_to_yaml(cfg))
+    assert _grid_prompts(RunDir(str(run))) == ["a red circle", "a green square", "a dog"]
+    _, labelled = write_report(str(run), out=str(tmp_path / "labelled.png"))
+    a = np.asarray(Image.open(io.BytesIO(plain.png)).convert("L")).astype(int)
+    b = np.asarray(Image.open(io.BytesIO(labelled.png)).convert("L")).astype(int)
+    x0, y0, x1, y1 = labelled.boxes["samples"]
+    # the prompts are drawn left of the samples panel, where the plain report has nothing
+    assert (np.abs(a - b)[y0:y1, max(0, x0 - 200):x0] > 60).sum() > 50
