@@ -13,7 +13,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
 from model.objectives import PredictionType, Weighting
-from model.registry import ModelName
+from model.registry import TEXT_MODEL_NAMES, ModelName, is_text_model
 from model.samplers import SamplerName, Spacing
 from model.schedules import ScheduleKind
 
@@ -112,6 +112,14 @@ class ModelConfig(_Strict):
     # The CPU demo's network: faster per image than unet-tiny on a CPU core, with 4x its
     # parameters (model/registry.py, BENCHMARKS.md "Built-in demo").
     name: ModelName = "unet-demo"
+    # Text-to-image models (model/registry.py TEXT_MODEL_NAMES: unet-text-*, pixart-*): the frozen
+    # text encoder (model/text_encoder.py), a local directory holding a transformers CLIP text
+    # model or T5 encoder with its tokenizer (or a diffusers pipeline directory with
+    # text_encoder/ + tokenizer/), or a hub name. Its hidden size sizes the cross-attention.
+    text_encoder: str | None = None
+    # Tokens per prompt (prompts are padded/truncated to it); None: the tokenizer's own limit
+    # (77 for CLIP, like Stable Diffusion).
+    text_max_length: int | None = Field(None, ge=2, le=4096)
 
 
 class DiffusionConfig(_Strict):
@@ -240,6 +248,12 @@ class SamplingConfig(_Strict):
     per_class: int = Field(8, ge=1, le=64)
     max_rows: int = Field(10, ge=1, le=1000)
     seed: int = 0
+    # Text models: the prompts of the training grids (one row each, per_class columns) and of the
+    # report; empty: the first max_rows distinct captions of the data are not known up front,
+    # so a text run needs this list for its grids.
+    prompts: list[str] = Field(default_factory=list, max_length=64)
+    # Text models: the unconditional half of guidance ("" = the empty prompt, as trained).
+    negative_prompt: str = ""
 
 
 class MlflowConfig(_Strict):
@@ -338,6 +352,21 @@ class TrainConfig(_Strict):
         self.data._s3 = self.storage.s3
         return self
 
+    def _text_checks(self) -> None:
+        m, captions = self.model, getattr(self.data, "captions", False)
+        if is_text_model(m.name):
+            if not m.text_encoder:
+                raise ValueError(f"model.name={m.name} is text-conditioned and needs a frozen text encoder. Fix: set "
+                                 "model.text_encoder to a local directory with a transformers CLIP/T5 text model and its "
+                                 "tokenizer (e.g. the one `raydiff data make-demo --captions` writes)")
+            if not captions:
+                raise ValueError(f"model.name={m.name} is text-conditioned and trains on captions. Fix: set "
+                                 "data.captions=true (and data.caption_column if the captions are not under 'text')")
+        elif m.text_encoder:
+            # (data.captions alone is allowed: `raydiff data` commands read captions of any dataset.)
+            raise ValueError(f"model.text_encoder is for text-conditioned models but model.name={m.name} is not one. "
+                             f"Fix: set model.name to one of {', '.join(TEXT_MODEL_NAMES)}, or unset model.text_encoder")
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":
         w = self.scaling.num_workers
@@ -363,6 +392,7 @@ class TrainConfig(_Strict):
             raise ValueError(f"data.format={d.format} with data.channels={d.channels}, sampling.clip_sample={str(clip).lower()}: "
                              "VAE latents (`raydiff data encode`) have 4 channels and exceed [-1, 1]; images have 1 or 3 "
                              "channels. Fix: set data.format=latents and leave data.channels/sampling.clip_sample unset, or data.channels=3")
+        self._text_checks()
         if self.scaling.device == "cpu" and self.precision.compile:
             raise ValueError("precision.compile=true is for GPU training. Fix: set precision.compile=false")
         return self

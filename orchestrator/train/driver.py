@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from model.registry import is_text_model
+
 import json
 import time
 from dataclasses import dataclass
@@ -94,7 +96,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     # Fail on unreachable storage or data before anything expensive starts.
     check_writable(cfg.run.storage, cfg.storage.s3)
     info = inspect_dataset(cfg.data)
-    num_classes = info.num_classes if cfg.data.conditional else None
+    # A text model is conditioned on captions, not on the data's class labels (if it has any).
+    num_classes = info.num_classes if cfg.data.conditional and not is_text_model(cfg.model.name) else None
     # One writer per run, decided before Ray starts (orchestrator/storage/lease.py).
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False

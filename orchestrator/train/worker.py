@@ -92,12 +92,16 @@ class Worker:
         self.out = RankZeroOutputs(cfg, plan, rank=self.rank, world=self.world, num_classes=args.num_classes,
                                    device=self.device, progress=args.progress)
         self.sampler = EmaSampler(cfg, args.num_classes, self.train.ema, self.device,
-                                  node_cpus=int(plan.cpus_per_worker * ctx.get_local_world_size()))
+                                  node_cpus=int(plan.cpus_per_worker * ctx.get_local_world_size()), text=self.train.text)
         self.state = TrainState()
         self.validator = None
         if args.val_images is not None and cfg.logging.val_every_steps:
             held = ray.get(args.val_images)
-            self.validator = Validator(held["image"], class_conditioning(held.get("label"), args.num_classes),
+            # Text models: the held-out loss of the unconditional branch (the empty prompt); the
+            # held-out images' captions are not loaded with them.
+            val_cond = (class_conditioning(held.get("label"), args.num_classes) if self.train.text is None
+                        else self.train.text.null()[torch.zeros(len(held["image"]), dtype=torch.long)])
+            self.validator = Validator(held["image"], val_cond,
                                        self.train.objective, timesteps=cfg.logging.val_timesteps, seed=cfg.data.seed,
                                        rank=self.rank, world=self.world, device=self.device,
                                        batch_size=plan.micro_batch_size)
