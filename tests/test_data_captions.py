@@ -12,6 +12,7 @@ import uuid
 from pathlib import Path
 
 import numpy as np
+import torch
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -298,3 +299,56 @@ def test_reader_assembles_text_batches(tmp_path):
             seen += 1
         assert set(sb.text_fields()) == {"text"}
     assert seen == N
+
+
+# ---------------------------------------------------------------------------------------------
+# The captioned demo
+
+
+def test_make_demo_captions(tmp_path, capsys):
+    from model.text_encoder import FrozenTextEncoder
+    from orchestrator.cli import data as data_cli
+    from orchestrator.data.demo_text import ALL_COMBOS, HELD_OUT, SEEN, TEXT_COLOURS, TEXT_SHAPES, prompt
+
+    out = tmp_path / "demo"
+    assert data_cli.main(["data", "make-demo", str(out), "--captions", "--images-per-class", "3", "--resolution", "16"]) == 0
+    assert "model.text_encoder=" in capsys.readouterr().out
+    rows = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    combos = {(r["colour"], r["shape"]) for r in rows}
+    assert combos == set(SEEN) and not combos & set(HELD_OUT) and len(rows) == 3 * len(SEEN)
+    assert len(HELD_OUT) == len(TEXT_COLOURS) and len(ALL_COMBOS) == len(TEXT_COLOURS) * len(TEXT_SHAPES)
+    # Every word of a held-out prompt is still seen in training, with other partners.
+    seen_words = {w for r in rows for w in r["text"].split()}
+    for colour, shape in HELD_OUT:
+        assert {colour, shape} <= seen_words
+        assert not any(colour in r["text"].split() and shape in r["text"].split() for r in rows)
+    # Read as any captioned image folder.
+    cfg = DataConfig(source=str(out), resolution=16, captions=True)
+    got = {name: str(cap) for name, _data, _label, cap in iter_samples(cfg, inspect_dataset(cfg))}
+    assert got == {r["file_name"]: r["text"] for r in rows}
+    # The encoder loads like any local one; its tokenizer knows every caption word (no <unk>),
+    # and different prompts embed differently.
+    enc = FrozenTextEncoder.from_pretrained(str(out))
+    assert enc.max_length == 16
+    ids = enc.tokenizer([r["text"] for r in rows])["input_ids"]
+    assert all(enc.tokenizer.unk_token_id not in x for x in ids)
+    emb = enc.encode([prompt(*HELD_OUT[0]), prompt(*SEEN[0]), ""])
+    assert emb.hidden_states.shape == (3, 16, enc.embedding_dim)
+    assert not torch.allclose(emb.hidden_states[0], emb.hidden_states[1])
+    # Idempotent: a second call with the same parameters keeps what is there.
+    mtime = (out / "metadata.jsonl").stat().st_mtime_ns
+    assert data_cli.main(["data", "make-demo", str(out), "--captions", "--images-per-class", "3", "--resolution", "16"]) == 0
+    assert (out / "metadata.jsonl").stat().st_mtime_ns == mtime
+
+
+def test_builtin_captions_source(tmp_path, monkeypatch):
+    from orchestrator.data.source import builtin_text_encoder, resolve_data_source
+
+    monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path))
+    data = DataConfig(captions=True, builtin_images_per_class=2, resolution=16)
+    resolved = resolve_data_source(data)
+    assert "builtin-text" in resolved.source and resolved.captions and resolved.format == "imagefolder"
+    assert inspect_dataset(resolved).num_samples == 2 * 12
+    assert builtin_text_encoder(data) == resolved.source
+    with pytest.raises(ConfigError, match="data.captions=true"):
+        builtin_text_encoder(DataConfig(builtin_images_per_class=2))

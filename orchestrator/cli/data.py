@@ -109,9 +109,17 @@ def cmd_stats(args: argparse.Namespace, out=None) -> int:
 
 
 def cmd_make_demo(args: argparse.Namespace, out=None) -> int:
+    out = out or sys.stdout
+    if args.captions:
+        from orchestrator.data.demo_text import HELD_OUT, write_captioned_demo
+
+        write_captioned_demo(args.dir, images_per_combo=args.images_per_class, resolution=args.resolution, seed=args.seed)
+        held = ", ".join(f"{c} {s}" for c, s in HELD_OUT)
+        print(f"wrote the captioned demo dataset and its text encoder to {args.dir} (held out of training: {held}): "
+              f"train with data.source={args.dir} data.captions=true model.text_encoder={args.dir}", file=out)
+        return 0
     from orchestrator.data.demo import write_demo_dataset
 
-    out = out or sys.stdout
     write_demo_dataset(args.dir, images_per_class=args.images_per_class, resolution=args.resolution, seed=args.seed)
     print(f"wrote the demo dataset to {args.dir}: train with data.source={args.dir}", file=out)
     return 0
@@ -180,9 +188,13 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
 
     p = sub.add_parser("make-demo", help="write the built-in coloured-shapes dataset to DIR")
     p.add_argument("dir", metavar="DIR")
-    p.add_argument("--images-per-class", type=int, default=300)
+    p.add_argument("--images-per-class", type=int, default=300, help="images per class (with --captions: per "
+                   "colour-shape combination written)")
     p.add_argument("--resolution", type=int, default=32)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--captions", action="store_true",
+                   help="the text-to-image demo: shapes of independent colours with captions (metadata.jsonl), some "
+                   "colour-shape combinations held out, and a small frozen text encoder in DIR/text_encoder + DIR/tokenizer")
     p.set_defaults(func=cmd_make_demo)
 
     p = sub.add_parser("serve-s3", help="run a local S3 (moto) on 127.0.0.1 for demos, until Ctrl-C")
