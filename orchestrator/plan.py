@@ -59,7 +59,8 @@ class Plan:
                 f"steps           : {cfg.optim.steps}",
                 f"checkpoints     : every {cfg.checkpoint.every_steps} steps, keep last {cfg.checkpoint.keep}",
                 f"sample grids    : every {cfg.sampling.every_steps} steps and at the end",
-                *([f"text encoder    : {self.text_encoder} (frozen, {self.precision}, not trained or checkpointed)",
+                *([f"text encoder    : {self.text_encoder}{' = the captioned demo data' + chr(39) + 's own' if self.text_encoder == 'builtin' else ''} "
+                   f"(frozen, {self.precision}, not trained or checkpointed)",
                    f"text embeddings : {self.text_embeddings} ({self.text_reason})"] if self.text_embeddings else []),
             ]
         )

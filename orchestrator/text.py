@@ -33,6 +33,14 @@ def text_dim(model: ModelConfig) -> int | None:
 
     if not model.text_encoder:
         raise ConfigError(f"model.name={model.name} is text-conditioned. Fix: set model.text_encoder")
+    from orchestrator.data.source import BUILTIN_TEXT_ENCODER
+
+    if model.text_encoder == BUILTIN_TEXT_ENCODER:
+        # The captioned demo's encoder (orchestrator/data/demo_text.py), written with the data
+        # when a run starts; its width is fixed, so plans and parameter counts need not write it.
+        from orchestrator.data.demo_text import ENCODER_HIDDEN
+
+        return ENCODER_HIDDEN
     try:
         return encoder_info(model.text_encoder)["hidden_size"]
     except (OSError, ValueError) as e:
