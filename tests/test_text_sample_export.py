@@ -146,3 +146,24 @@ def test_report_writes_the_prompts_beside_the_grid_rows(tmp_path, clip_dir):
     x0, y0, x1, y1 = labelled.boxes["samples"]
     # the prompts are drawn left of the samples panel, where the plain report has nothing
     assert (np.abs(a - b)[y0:y1, max(0, x0 - 200):x0] > 60).sum() > 50
+
+
+def test_conditioner_takes_captions_or_precomputed_embeddings(tmp_path, clip_dir):
+    _, cfg = _text_run(tmp_path, clip_dir)
+    live = TextConditioner(cfg.model)
+    caps = np.array(["a red circle", ""], dtype=object)
+    from_text = live.batch({"text": caps})
+    assert torch.equal(from_text.hidden_states[1], live.null().null_hidden)  # "" = the empty prompt
+    # precomputed (raydiff data encode): float16 storage, int mask, already on the device as tensors
+    pre = {"text_embedding": torch.from_numpy(from_text.hidden_states.numpy().astype(np.float16)),
+           "text_mask": torch.from_numpy(from_text.mask.numpy().astype(np.int8))}
+    frozen = TextConditioner(cfg.model, prompts=["a dog"], keep_encoder=False)
+    assert frozen.encoder is None
+    got = frozen.batch(pre)
+    torch.testing.assert_close(got.hidden_states, from_text.hidden_states, atol=2e-3, rtol=2e-3)
+    assert torch.equal(got.mask, from_text.mask) and torch.equal(got.null_hidden, from_text.null_hidden)
+    assert frozen.prompts(["a dog"]).batch_size == 1  # grid prompts were encoded before the encoder was freed
+    with pytest.raises(RuntimeError, match="precomputed"):
+        frozen.batch({"text": caps})
+    with pytest.raises(ValueError, match="data.captions=true"):
+        live.batch({"label": np.zeros(2)})
