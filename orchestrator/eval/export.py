@@ -201,8 +201,8 @@ def _text_model_card(meta: dict[str, Any], cfg: TrainConfig, has_vae: bool) -> s
                    if pipe == "PixArtAlphaPipeline" else "")
     eta = f", eta={s['eta']}" if sched == "DDIMScheduler" else ""
     if has_vae:
-        tail = 'output_type="pil"' + ").images  # decoded by the VAE"
-        pixels = ""
+        tail = 'output_type="pt").images  # decoded by the VAE, in [0, 1]'
+        pixels = "images = (images * 255).round().to(torch.uint8)  # pixels, NCHW\n"
     else:
         tail = 'output_type="latent").images'
         pixels = ("images = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # pixels, NCHW\n")
@@ -251,6 +251,30 @@ conditional model alone in diffusers (raydiff: scale 1 only).
 {config_to_yaml(cfg).rstrip()}
 ```
 """
+
+
+def dataset_vae(cfg: TrainConfig) -> tuple[Any, int]:
+    """(AutoencoderKL, its downsampling factor) of a latent run: the VAE recorded in the dataset's
+    ``latents.json``, checked to be the one that encoded it, with the dataset's scaling factor in
+    its config (diffusers' pipelines divide latents by ``vae.config.scaling_factor``)."""
+    from orchestrator.config import ConfigError
+    from orchestrator.data.formats.latents import read_manifest
+    from orchestrator.data.info import DataError
+    from orchestrator.data.vae import load_vae, resolve_vae
+
+    try:
+        m = read_manifest(cfg.data.source, cfg.data.s3)
+        spec = resolve_vae(m["vae"]["path"], what="the VAE recorded in latents.json,")
+    except DataError as e:
+        raise ConfigError(f"the export bundles the dataset's VAE, which cannot be used here: {e}") from None
+    if spec.config_sha256 != m["vae"].get("config_sha256"):
+        raise ConfigError(f"the VAE at {spec.path} is not the one that encoded {cfg.data.source} (its config differs)")
+    if m.get("shift_factor") is not None:
+        raise ConfigError("the latents were encoded with a shift factor, which diffusers' StableDiffusionPipeline and "
+                          "PixArtAlphaPipeline do not apply. Fix: sample with `raydiff sample --prompt`")
+    vae = load_vae(spec.path)
+    vae.register_to_config(scaling_factor=float(m["scaling_factor"]))
+    return vae, spec.downsample
 
 
 def export_text_pipeline(model: torch.nn.Module, cfg: TrainConfig, out_dir: str | Path, *, source: str, step: int,
