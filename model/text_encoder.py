@@ -103,6 +103,10 @@ class FrozenTextEncoder:
         info = encoder_info(path)
         loc: EncoderLocation = info["location"]
         kw = {"subfolder": loc.model_subfolder} if loc.model_subfolder else {}
+        if info["type"] in T5_TYPES and dtype == torch.float16:
+            # T5's feed-forward activations overflow fp16 (the reason T5 checkpoints ship in
+            # bf16/fp32 and PixArt runs T5 in bf16): the same memory, a range that holds them.
+            dtype = torch.bfloat16
         model = _model_class(info["type"]).from_pretrained(loc.model, dtype=dtype, **kw)
         tkw = {"subfolder": loc.tokenizer_subfolder} if loc.tokenizer_subfolder else {}
         tokenizer = AutoTokenizer.from_pretrained(loc.tokenizer, **tkw)

@@ -181,3 +181,28 @@ def test_caption_dropout_replaces_by_the_empty_prompt(encoder):
     is_null = (dropped.hidden_states == cond.null_hidden).flatten(1).all(1)
     is_kept = (dropped.hidden_states == cond.hidden_states).flatten(1).all(1)
     assert torch.all(is_null ^ is_kept) and 16 < int(is_null.sum()) < 48
+
+
+def test_t5_encoder_passes_the_padding_mask_and_feeds_pixart(tmp_path):
+    from model.registry import build_model
+    from text_encoder_factory import make_tiny_t5
+
+    path = make_tiny_t5(tmp_path / "t5")
+    assert encoder_info(str(path))["type"] == "t5"
+    enc = FrozenTextEncoder.from_pretrained(str(path))
+    t = enc.encode(["a red circle", "a red circle on the left"])
+    assert (t.seq_len, t.dim) == (12, 32) and t.mask.sum(1).tolist() == [4, 7]  # words + </s>
+    # T5 is bidirectional: with the padding mask, a prompt's token states do not depend on how
+    # much padding follows them (without it they would)
+    short = FrozenTextEncoder.from_pretrained(str(path), max_length=6).encode(["a red circle"])
+    torch.testing.assert_close(short.hidden_states[0, :4], t.hidden_states[0, :4], atol=1e-5, rtol=1e-5)
+    # fp16 requests load T5 in bf16 (fp16 overflows T5's activations)
+    assert FrozenTextEncoder.from_pretrained(str(path), dtype=torch.float16).dtype == torch.bfloat16
+    net = build_model("pixart-tiny", in_channels=4, image_size=8, text_dim=enc.embedding_dim).eval()
+    x = torch.randn(2, 4, 8, 8)
+    with torch.no_grad():
+        out = net(x, torch.tensor([3, 700]), t)
+        # the DiT masks padded tokens: changing their states changes nothing
+        poked = TextEmbeddings(torch.where(t.mask[..., None], t.hidden_states, torch.tensor(5.0)), t.mask,
+                               t.null_hidden, t.null_mask)
+        torch.testing.assert_close(net(x, torch.tensor([3, 700]), poked), out)
