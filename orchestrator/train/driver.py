@@ -179,6 +179,14 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         if cfg.run.evaluate and num_classes is not None and latest is not None:
             ds = build_train_dataset(cfg.data, info).drop_columns(["index"])  # the judge's real images (a few thousand)
             eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
+        elif cfg.run.evaluate and is_text_model(cfg.model.name) and latest is not None:
+            from orchestrator.eval.compose import captioned_demo_root, evaluate_text_run
+
+            # The text demo's score (held-out colour-shape prompts vs seen ones); other caption
+            # data has no ground truth to judge samples against.
+            demo_root = captioned_demo_root(cfg.data.source)
+            if demo_root is not None:
+                eval_result = evaluate_text_run(cfg, demo_root, rundir, latest)
         # Cumulative over every read of the data: exact when the decoded set is cached (read
         # once), a multiple of the per-pass counts when it is streamed every epoch.
         bad = bad_sample_counts(counter)
