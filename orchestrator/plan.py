@@ -180,18 +180,14 @@ def resolve_text(cfg: TrainConfig, precision: Precision) -> tuple[str | None, st
         return None, None, ""
     enc = cfg.model.text_encoder
     half = "" if precision == "fp32" else f" in {precision}"
-    if cfg.data.format == "latents":
-        from orchestrator.data.formats.latents import read_manifest
-        from orchestrator.data.info import DataError
+    from orchestrator.text import stored_text_embeddings
 
-        try:
-            stored = read_manifest(cfg.data.source, cfg.data.s3).get("text_encoder")
-        except DataError:
-            stored = None
-        if stored:
-            return enc, "precomputed", (f"the latent dataset stores caption embeddings of {stored.get('path', stored)} "
-                                        "(raydiff data encode): no encoder runs in the training step; each worker "
-                                        "encodes only the empty prompt and the grid prompts once")
+    stored = stored_text_embeddings(cfg.data)
+    if stored:
+        where = f"{stored.get('encoder', '?')}, shape {stored.get('shape', '?')}"
+        return enc, "precomputed", (f"the dataset stores caption embeddings ({where}; raydiff data encode): no encoder "
+                                    "runs in the training step; each worker encodes only the empty prompt and the "
+                                    "grid prompts, once")
     return enc, "in-worker", (f"the data carries captions: each worker encodes its micro-batch under no_grad{half}; "
                               "`raydiff data encode --text-encoder` stores embeddings once instead")
 

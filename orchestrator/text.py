@@ -19,7 +19,7 @@ import torch
 
 from model.conditioning import TextEmbeddings, text_conditioning
 from model.registry import is_text_model
-from orchestrator.config import ConfigError, ModelConfig
+from orchestrator.config import ConfigError, DataConfig, ModelConfig
 
 TEXT_FIELDS = ("text", "text_embedding", "text_mask")
 
@@ -47,6 +47,31 @@ def text_dim(model: ModelConfig) -> int | None:
         raise ConfigError(f"model.text_encoder={model.text_encoder!r} could not be read ({e}). Fix: point it at a "
                           "directory saved with save_pretrained (model + tokenizer), e.g. the one "
                           "`raydiff data make-demo --captions` writes") from None
+
+
+# What `raydiff data encode --text-encoder` writes beside its shards: latents.json (with --vae) or
+# embeddings.json (Parquet images), each with a "text" entry (encoder, hidden_size, shape [L, D]).
+ENCODED_MANIFESTS = {"latents": "latents.json", "parquet": "embeddings.json"}
+
+
+def stored_text_embeddings(data: DataConfig) -> dict[str, Any] | None:
+    """The "text" entry of the encoded dataset's manifest at ``data.source`` (caption embeddings
+    computed once by ``raydiff data encode``), None when the data carries none or is not an
+    encoded dataset (or cannot be read from here: the run then reads whatever the data holds)."""
+    import json
+
+    from orchestrator import storage
+
+    names = [ENCODED_MANIFESTS[data.format]] if data.format in ENCODED_MANIFESTS else (
+        list(ENCODED_MANIFESTS.values()) if data.format == "auto" else [])
+    for name in names:
+        try:
+            m = json.loads(storage.read_bytes(storage.join(data.source, name), data.s3))
+        except Exception:  # noqa: BLE001 - absent or unreadable: not an encoded dataset (see above)
+            continue
+        if isinstance(m, dict) and isinstance(m.get("text"), dict):
+            return m["text"]
+    return None
 
 
 class TextConditioner:

@@ -209,3 +209,21 @@ def test_latent_text_export_bundles_the_dataset_vae(tmp_path, clip_dir, name):
     ours = np.stack([np.asarray(Image.open(f)) for f in sorted(png.iterdir())]).astype(int)
     assert ours.std() > 1
     assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.02
+
+
+def test_plan_says_precomputed_when_the_dataset_stores_embeddings(tmp_path, clip_dir):
+    from orchestrator.config import load_config
+    from orchestrator.plan import make_plan
+
+    data = tmp_path / "encoded"
+    data.mkdir()
+    common = ["model.name=pixart-tiny", f"model.text_encoder={clip_dir}", "data.captions=true",
+              f"data.source={data}", "data.format=parquet", "scaling.device=cpu"]
+    plan = make_plan(load_config(None, common))
+    assert (plan.text_encoder, plan.text_embeddings) == (str(clip_dir), "in-worker")
+    # what `raydiff data encode --text-encoder` writes beside Parquet shards
+    (data / "embeddings.json").write_text(json.dumps({"format": "parquet", "text": {
+        "encoder": str(clip_dir), "hidden_size": 32, "shape": [16, 32]}}))
+    plan = make_plan(load_config(None, common))
+    assert plan.text_embeddings == "precomputed" and "no encoder runs in the training step" in plan.text_reason
+    assert make_plan(load_config(None, ["scaling.device=cpu"])).text_embeddings is None
