@@ -205,4 +205,4 @@ def text_conditioning(hidden: Tensor | np.ndarray, mask: Tensor | np.ndarray,
         raise ValueError(f"precomputed text embeddings have shape {tuple(hidden.shape)} but the text encoder "
                          f"gives [B, {null.seq_len}, {null.dim}]: re-encode the captions with the same "
                          "model.text_encoder and model.text_max_length (raydiff data encode)")
-    return TextEmbeddings(hidden.to(null.hidden_states.dtype), mask, null.null_hidden.cpu(), null.null_mask.cpu())
+    return TextEmbeddings(hidden.to(null.hidden_states.dtype), mask, null.null_hidden, null.null_mask)
