@@ -352,3 +352,102 @@ def test_builtin_captions_source(tmp_path, monkeypatch):
     assert builtin_text_encoder(data) == resolved.source
     with pytest.raises(ConfigError, match="data.captions=true"):
         builtin_text_encoder(DataConfig(builtin_images_per_class=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Precomputed text embeddings (`raydiff data encode --text-encoder`)
+
+
+@pytest.mark.slow
+def test_encode_text_embeddings_round_trip(ray_local, tmp_path, monkeypatch):
+    """Captions encoded once by Ray Data actors, stored beside the images (Parquet) and beside VAE
+    latents, read back by the formats: equal to encoding the captions directly, with the images'
+    own captions; missing captions are skipped as in training."""
+    from diffusers import AutoencoderKL
+
+    from model.text_encoder import FrozenTextEncoder
+    from orchestrator.data.demo_text import write_captioned_demo
+    from orchestrator.data.encode import encode
+
+    src = write_captioned_demo(tmp_path / "demo", images_per_combo=2, resolution=16)
+    rows = [json.loads(line) for line in (src / "metadata.jsonl").read_text().splitlines()]
+    # One caption removed: that image is skipped (data.missing_caption=bad), and counted.
+    rows[0].pop("text")
+    (src / "metadata.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    caption_of = {r["file_name"]: r["text"] for r in rows if "text" in r}
+    enc = FrozenTextEncoder.from_pretrained(str(src))
+
+    def check(dest: str, manifest: dict) -> None:
+        assert manifest["num_samples"] == len(caption_of) and manifest["bad_samples"] == {D.MISSING_CAPTION: 1}
+        assert manifest["text"]["shape"] == [enc.max_length, enc.embedding_dim]
+        cfg = DataConfig(source=dest, format=manifest["format"], resolution=manifest.get("shape", [0, 16])[-1],
+                         channels=manifest.get("shape", [3])[0], captions=manifest["format"] == "parquet")
+        got, _ = _decode_fields(cfg, monkeypatch)
+        assert len(got) == len(caption_of)
+        texts = [t for t, _, _ in got]
+        want = enc.encode(texts)
+        for (text, emb, mask), h, m in zip(got, want.hidden_states.numpy(), want.mask.numpy()):
+            np.testing.assert_allclose(emb, h, atol=1e-5)
+            assert (mask == m).all() and mask.dtype == bool
+        assert sorted(texts) == sorted(caption_of.values())
+
+    out = io.StringIO()
+    dest = str(tmp_path / "pq")
+    manifest = encode(str(src), dest, text_encoder=str(src), resolution=16, batch_size=8, dtype="float32",
+                      shard_rows=10, progress=False, out=out)
+    assert "caption embeddings of shape" in out.getvalue() and "data.format=parquet" in out.getvalue()
+    check(dest, manifest)
+    # The images stored beside the embeddings are the decoded source images, pixel for pixel,
+    # each with its own caption.
+    cfg_src = DataConfig(source=str(src), resolution=16, captions=True)
+    want_pixels = {img.tobytes(): t for img, t in _decoded_images(cfg_src, monkeypatch)}
+    got_pixels = {img.tobytes(): t for img, t in _decoded_images(DataConfig(source=dest, resolution=16, captions=True), monkeypatch)}
+    assert len(want_pixels) == len(caption_of) and got_pixels == want_pixels
+
+    torch.manual_seed(0)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(8, 16), latent_channels=4,
+                        layers_per_block=1, norm_num_groups=8, sample_size=32)
+    vae.save_pretrained(tmp_path / "vae")
+    dest = str(tmp_path / "lat")
+    manifest = encode(str(src), dest, vae=str(tmp_path / "vae"), text_encoder=str(src), resolution=16, batch_size=8,
+                      dtype="float32", shard_rows=10, progress=False, out=io.StringIO())
+    check(dest, manifest)
+
+
+def _decode_fields(cfg: DataConfig, monkeypatch) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], dict]:
+    """(caption or "", embedding, mask) per decoded sample, through the format's decode."""
+    info = inspect_dataset(cfg)
+    fmt, ctx, units = training_units(cfg, info)
+    batch = {n: units.column(n).to_numpy(zero_copy_only=False) for n in units.column_names}
+    monkeypatch.setattr(counter_module.log, "warning", lambda *_a: None)
+    out = []
+    for chunk in fmt.decode(batch, ctx):
+        assert {"text_embedding", "text_mask"} <= set(chunk)
+        texts = chunk["text"] if "text" in chunk else [None] * len(chunk["image"])
+        out += list(zip(texts, chunk["text_embedding"], chunk["text_mask"]))
+    if out and out[0][0] is None:  # latents: no captions handed on, find them by embedding
+        return [(_caption_from_parquet(cfg, e), e, m) for _t, e, m in out], {}
+    return out, {}
+
+
+def _caption_from_parquet(cfg: DataConfig, emb: np.ndarray) -> str:
+    import glob
+
+    for f in sorted(glob.glob(f"{cfg.source}/part-*.parquet")):
+        t = pq.read_table(f, columns=["text", "text_embedding"])
+        from orchestrator.data.formats.latents import latents_of
+
+        embs = latents_of(t.column("text_embedding"))
+        for i in range(len(embs)):
+            if np.array_equal(embs[i], emb):
+                return t.column("text")[i].as_py()
+    raise AssertionError("embedding not stored")
+
+
+def _decoded_images(cfg: DataConfig, monkeypatch) -> list[tuple[np.ndarray, str]]:
+    info = inspect_dataset(cfg)
+    fmt, ctx, units = training_units(cfg, info)
+    batch = {n: units.column(n).to_numpy(zero_copy_only=False) for n in units.column_names}
+    monkeypatch.setattr(counter_module.log, "warning", lambda *_a: None)
+    return [(img, t) for chunk in fmt.decode(batch, ctx) for img, t in zip(chunk["image"], chunk["text"])]

@@ -73,8 +73,10 @@ def cmd_upload(args: argparse.Namespace) -> int:
 def cmd_encode(args: argparse.Namespace, out=None) -> int:
     from orchestrator.data.encode import encode
 
-    opts = {k: getattr(args, k) for k in ("format", "labels_file", "image_column", "label_column")}
-    encode(args.src, args.dest, vae=args.vae, resolution=args.resolution, batch_size=args.batch_size,
+    opts = {k: getattr(args, k) for k in ("format", "labels_file", "image_column", "label_column", "caption_column",
+                                          "missing_caption")}
+    encode(args.src, args.dest, vae=args.vae, text_encoder=args.text_encoder, text_max_length=args.text_max_length,
+           resolution=args.resolution, batch_size=args.batch_size,
            scaling_factor=args.scaling_factor, concurrency=args.concurrency, dtype=args.dtype, shard_rows=args.shard_rows,
            data_options=opts, s3cfg=s3_config_from_args(args), progress=not args.no_progress, out=out)
     return 0
@@ -150,18 +152,27 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     add_s3_args(p)
     p.set_defaults(func=cmd_upload)
 
-    p = sub.add_parser("encode", help="encode a dataset's images to VAE latents for latent diffusion (data.format=latents)")
+    p = sub.add_parser("encode", help="encode a dataset's images to VAE latents (data.format=latents) and/or its "
+                       "captions to text embeddings, once")
     p.add_argument("src", metavar="SRC", help="any dataset raydiff reads (local or s3://)")
     p.add_argument("dest", metavar="DEST", help="s3://bucket/prefix or a local directory")
-    p.add_argument("--vae", required=True, help="local diffusers AutoencoderKL directory (config.json + weights)")
+    p.add_argument("--vae", help="local diffusers AutoencoderKL directory (config.json + weights)")
+    p.add_argument("--text-encoder", metavar="DIR", help="frozen text encoder (transformers model + tokenizer, as "
+                   "model.text_encoder): the captions' embeddings are stored beside the latents or images")
+    p.add_argument("--text-max-length", type=int, help="tokens per caption (default: the tokenizer's limit)")
     p.add_argument("--resolution", type=int, default=256, help="image side before encoding (centre crop)")
     p.add_argument("--batch-size", type=int, default=32, help="images per VAE forward pass")
     p.add_argument("--scaling-factor", type=float, help="default: the VAE config's scaling_factor")
     p.add_argument("--concurrency", type=int, help="VAE actors (default: one per GPU, or 1 on CPU)")
-    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored latent dtype")
+    p.add_argument("--dtype", choices=["float16", "float32"], default="float16", help="stored latent and text embedding dtype")
     p.add_argument("--shard-rows", type=int, default=4096, help="latents per Parquet shard")
     p.add_argument("--no-progress", action="store_true")
     _add_dataset_args(p)
+    p.add_argument("--caption-column", help="with --text-encoder: the source's caption column / metadata field / "
+                   "WebDataset extension or .json field (data.caption_column, default text)")
+    p.add_argument("--missing-caption", choices=["bad", "unconditional"],
+                   help="with --text-encoder: a sample without a caption is skipped (bad, default) or kept with the "
+                   "empty prompt's embedding")
     add_s3_args(p)
     p.set_defaults(func=cmd_encode)
 

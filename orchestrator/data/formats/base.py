@@ -190,12 +190,13 @@ def count(counts: dict[str, int], kind: str) -> None:
 
 
 def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, counts: dict[str, int],
-                   ids: list[int] | np.ndarray | None = None, raw_captions: list[Any] | None = None
-                   ) -> dict[str, np.ndarray]:
+                   ids: list[int] | np.ndarray | None = None, raw_captions: list[Any] | None = None,
+                   extras: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Decode one chunk. A blob that is a ``str`` is a read failure recorded as its kind; bad
     labels, missing captions (``ctx.captions``) and undecodable images are dropped and counted
     in ``counts``. ``ids`` are the samples' canonical ids (``sample_ids``), kept for the decoded
-    rows in ``index``; the kept captions come out as ``text``."""
+    rows in ``index``; the kept captions come out as ``text``, and the kept rows of each
+    ``extras`` array (one row per blob, e.g. precomputed text embeddings) under its name."""
     c = ctx.channels
     out = np.empty((len(blobs), ctx.resolution, ctx.resolution, c), dtype=np.uint8)
     labels = np.empty(len(blobs), dtype=np.int64)
@@ -204,6 +205,7 @@ def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, 
     use_captions = ctx.captions.use
     raw_captions = [None] * len(blobs) if raw_captions is None else raw_captions
     texts: list[str] = []
+    pos: list[int] = []
     n = 0
     for i, (data, raw) in enumerate(zip(blobs, raw_labels)):
         if isinstance(data, str):  # a read failure recorded as its kind
@@ -225,6 +227,7 @@ def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, 
                 kept[n] = ids[i]
                 n += 1
                 texts.append(text)
+                pos.append(i)
                 for k in (kind, caption_kind):
                     if k is not None:
                         count(counts, k)
@@ -233,18 +236,21 @@ def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, 
     res = {"image": D.to_model_range(out[:n]), "label": labels[:n], "index": kept[:n]}
     if use_captions:
         res["text"] = text_array(texts)
+    for k, v in (extras or {}).items():
+        res[k] = v[np.asarray(pos, np.int64)]
     return res
 
 
 def decode_chunks(blobs: list[Any], raw: list[Any], counts: dict[str, int], ctx: DecodeContext,
-                  ids: list[int] | None = None, raw_captions: list[Any] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  ids: list[int] | None = None, raw_captions: list[Any] | None = None,
+                  extras: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Decode in chunks and yield each: a shard or row group can hold thousands of images, and
     one decoded block for all of them would be hundreds of MB. Counts are reported per chunk."""
     ids = [-1] * len(blobs) if ids is None else ids
     caps = [None] * len(blobs) if raw_captions is None else raw_captions
     for i in range(0, max(len(blobs), 1), ctx.chunk):  # one (possibly empty) output even for no samples
         out = decode_samples(blobs[i : i + ctx.chunk], raw[i : i + ctx.chunk], ctx, counts, ids[i : i + ctx.chunk],
-                             caps[i : i + ctx.chunk])
+                             caps[i : i + ctx.chunk], {k: v[i : i + ctx.chunk] for k, v in (extras or {}).items()})
         report(counts, ctx.counter_name)
         counts.clear()
         yield out

@@ -20,6 +20,7 @@ import pyarrow as pa
 from orchestrator import storage
 from orchestrator.data import decode as D
 from orchestrator.data.formats.base import DataFormat, DecodeContext, Listing, Sample, count, decode_chunks, ext, sample_ids
+from orchestrator.data.formats.latents import TEXT_EMBEDDING_COLUMNS, has_text_embeddings, text_embeddings_of
 from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.labels import classes_from_values
 
@@ -123,8 +124,11 @@ class Parquet(DataFormat):
         })
 
     def decode_options(self, cfg: "DataConfig", info: DatasetInfo) -> dict[str, Any]:
+        fs, root = storage.filesystem_for(cfg.source, cfg.s3)
+        # Shards written by `raydiff data encode --text-encoder` carry the captions' embeddings.
+        embedded = bool(info.files) and has_text_embeddings(_open(cfg, fs, root, info.files[0]).schema_arrow)
         return {"image_col": cfg.image_column, "label_col": _label_column(cfg, info),
-                "caption_col": cfg.caption_column if cfg.captions else None}
+                "caption_col": cfg.caption_column if cfg.captions else None, "text_embeddings": embedded}
 
     def decode(self, batch: dict[str, np.ndarray], ctx: DecodeContext) -> Iterator[dict[str, np.ndarray]]:
         import pyarrow.parquet as pq
@@ -132,7 +136,9 @@ class Parquet(DataFormat):
         fs = ctx.filesystem()
         image_col, label_col = ctx.options["image_col"], ctx.options["label_col"]
         caption_col = ctx.options.get("caption_col")
-        extra = [c for c in (label_col, caption_col) if c]
+        embedded = ctx.options.get("text_embeddings", False)
+        extra = [c for c in (label_col, caption_col) if c] + (list(TEXT_EMBEDDING_COLUMNS) if embedded else [])
+        emb: dict[str, list[np.ndarray]] = {k: [] for k in TEXT_EMBEDDING_COLUMNS} if embedded else {}
         counts: dict[str, int] = {}
         blobs: list[Any] = []
         raw: list[Any] = []
@@ -154,8 +160,11 @@ class Parquet(DataFormat):
             blobs += [_cell_bytes(v) for v in t.column(image_col).to_pylist()]
             raw += t.column(label_col).to_pylist() if label_col else [None] * t.num_rows
             caps += t.column(caption_col).to_pylist() if caption_col else [None] * t.num_rows
+            for k, v in text_embeddings_of(t).items():
+                emb[k].append(v)
             ids += row_ids.tolist()
-        yield from decode_chunks(blobs, raw, counts, ctx, ids, caps)
+        extras = {k: np.concatenate(v) for k, v in emb.items() if v} or None
+        yield from decode_chunks(blobs, raw, counts, ctx, ids, caps, extras)
 
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
         import pyarrow.parquet as pq
