@@ -197,7 +197,7 @@ def _text_model_card(meta: dict[str, Any], cfg: TrainConfig, has_vae: bool) -> s
     sched = "DDPMScheduler" if s["sampler"] == "ddpm" else "DDIMScheduler"
     extra = ', safety_checker=None, feature_extractor=None' if pipe == "StableDiffusionPipeline" else ""
     load_vae = "" if has_vae else ", vae=None"
-    pixart_args = (f",\n    max_sequence_length={meta['text_max_length']}, clean_caption=False, use_resolution_binning=False"
+    pixart_args = (f",\n              max_sequence_length={meta['text_max_length']}, clean_caption=False, use_resolution_binning=False"
                    if pipe == "PixArtAlphaPipeline" else "")
     eta = f", eta={s['eta']}" if sched == "DDIMScheduler" else ""
     if has_vae:
@@ -221,9 +221,10 @@ classifier-free guidance is the empty prompt's embedding (what caption dropout t
 ## Sampling with diffusers
 
 The same seed and settings give the images of
-`raydiff sample --checkpoint {meta['source']} --prompt "a red circle" --guidance {s['guidance_scale']:g} --seed {s['seed']}`
-(a {pipe} loaded from this directory; the scheduler is set again after loading because the
-pipeline's constructor rewrites some settings of older checkpoints, `clip_sample` among them).
+`raydiff sample --checkpoint {meta['source']} --prompt "a red circle" --num 1 --guidance {s['guidance_scale']:g} --seed {s['seed']}`
+with a {pipe} loaded from this directory. The scheduler is loaded again after the pipeline:
+the run's settings exactly (StableDiffusionPipeline's constructor rewrites `clip_sample` and
+`steps_offset` of schedulers it takes for outdated).
 
 ```python
 import torch
