@@ -18,8 +18,10 @@ Spacing = Literal["leading", "trailing", "linspace"]
 SamplerName = Literal["ddpm", "ddim"]
 # Noise schedules (model/schedules.py).
 ScheduleKind = Literal["linear", "cosine"]
-# Named networks (model/registry.py builds each).
-ModelName = Literal["unet-tiny", "unet-demo", "unet-small", "unet-cifar", "dit-s2", "dit-b2", "dit-l2", "dit-xl2"]
+# Named networks (model/registry.py builds each); the text-conditioned ones read text embeddings
+# through cross-attention (they need model.text_encoder).
+ModelName = Literal["unet-tiny", "unet-demo", "unet-small", "unet-cifar", "dit-s2", "dit-b2", "dit-l2", "dit-xl2",
+                    "unet-text-tiny", "unet-text-demo", "unet-text-sd", "pixart-tiny", "pixart-alpha"]
 
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
 WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
@@ -27,3 +29,9 @@ SPACINGS: tuple[str, ...] = get_args(Spacing)
 SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
+TEXT_MODEL_NAMES: tuple[str, ...] = ("unet-text-tiny", "unet-text-demo", "unet-text-sd", "pixart-tiny", "pixart-alpha")
+
+
+def is_text_model(name: str) -> bool:
+    """Whether registry model ``name`` is conditioned on text (needs model.text_encoder)."""
+    return name in TEXT_MODEL_NAMES

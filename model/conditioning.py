@@ -109,3 +109,100 @@ def class_conditioning(labels: Tensor | np.ndarray | None, num_classes: int | No
     if isinstance(labels, np.ndarray):
         labels = torch.from_numpy(labels)
     return ClassLabels(labels, num_classes)
+
+
+@dataclass(frozen=True)
+class TextEmbeddings(Conditioning):
+    """A frozen text encoder's output for B prompts: ``hidden_states`` [B, L, D] (what
+    cross-attention reads), ``mask`` [B, L] (True at real tokens, False at padding) and the
+    empty prompt's embedding ``null_hidden`` [L, D] / ``null_mask`` [L], which is the
+    unconditional input of classifier-free guidance: Stable Diffusion and PixArt train the
+    unconditional branch by replacing captions with the empty prompt (caption dropout) and guide
+    against it at sampling (diffusers' ``StableDiffusionPipeline``, ``negative_prompt=""``).
+
+    Every prompt is padded to the same length L (the tokenizer's ``max_length``), so batches
+    concatenate without re-padding.
+    """
+
+    hidden_states: Tensor
+    mask: Tensor
+    null_hidden: Tensor
+    null_mask: Tensor
+
+    def __post_init__(self) -> None:
+        h, m = self.hidden_states, torch.as_tensor(self.mask)
+        nh, nm = self.null_hidden, torch.as_tensor(self.null_mask)
+        if h.ndim != 3 or not h.dtype.is_floating_point:
+            raise ValueError(f"hidden_states must be a float tensor [B, L, D], got dtype {h.dtype} shape {tuple(h.shape)}")
+        if tuple(m.shape) != tuple(h.shape[:2]):
+            raise ValueError(f"mask must have shape {tuple(h.shape[:2])} (B, L), got {tuple(m.shape)}")
+        if tuple(nh.shape) != tuple(h.shape[1:]):
+            raise ValueError(f"null_hidden (the empty prompt's embedding) must have shape {tuple(h.shape[1:])} "
+                             f"(L, D), got {tuple(nh.shape)}")
+        if tuple(nm.shape) != (h.shape[1],):
+            raise ValueError(f"null_mask must have shape ({h.shape[1]},), got {tuple(nm.shape)}")
+        object.__setattr__(self, "mask", m.to(device=h.device, dtype=torch.bool))
+        object.__setattr__(self, "null_hidden", nh.to(device=h.device, dtype=h.dtype))
+        object.__setattr__(self, "null_mask", nm.to(device=h.device, dtype=torch.bool))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.hidden_states.shape[0])
+
+    @property
+    def seq_len(self) -> int:
+        return int(self.hidden_states.shape[1])
+
+    @property
+    def dim(self) -> int:
+        return int(self.hidden_states.shape[2])
+
+    def _with(self, hidden: Tensor, mask: Tensor) -> TextEmbeddings:
+        return TextEmbeddings(hidden, mask, self.null_hidden, self.null_mask)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> TextEmbeddings:
+        """On ``device`` (and with hidden states in ``dtype`` when given)."""
+        h = self.hidden_states.to(device=device, dtype=dtype or self.hidden_states.dtype)
+        return TextEmbeddings(h, self.mask.to(device), self.null_hidden.to(device), self.null_mask.to(device))
+
+    def null_like(self) -> TextEmbeddings:
+        b = self.batch_size
+        return self._with(self.null_hidden.expand(b, -1, -1).clone(), self.null_mask.expand(b, -1).clone())
+
+    def drop(self, mask: Tensor) -> TextEmbeddings:
+        if tuple(mask.shape) != (self.batch_size,):
+            raise ValueError(f"mask must have shape ({self.batch_size},), got {tuple(mask.shape)}")
+        mask = mask.to(self.hidden_states.device, torch.bool)
+        hidden = torch.where(mask[:, None, None], self.null_hidden[None], self.hidden_states)
+        keep = torch.where(mask[:, None], self.null_mask[None], self.mask)
+        return self._with(hidden, keep)
+
+    def cat(self, other: TextEmbeddings) -> TextEmbeddings:
+        if not isinstance(other, TextEmbeddings) or other.hidden_states.shape[1:] != self.hidden_states.shape[1:]:
+            raise ValueError(f"can only concatenate TextEmbeddings of shape [*, {self.seq_len}, {self.dim}], "
+                             f"got {other!r}")
+        dev = self.hidden_states.device
+        return self._with(torch.cat([self.hidden_states, other.hidden_states.to(dev, self.hidden_states.dtype)]),
+                          torch.cat([self.mask, other.mask.to(dev)]))
+
+    def __getitem__(self, index: slice | Tensor) -> TextEmbeddings:
+        if isinstance(index, Tensor):
+            index = index.to(self.hidden_states.device)
+        return self._with(self.hidden_states[index], self.mask[index])
+
+    def __repr__(self) -> str:
+        return (f"TextEmbeddings(batch={self.batch_size}, length={self.seq_len}, dim={self.dim}, "
+                f"dtype={self.hidden_states.dtype}, device={self.hidden_states.device})")
+
+
+def text_conditioning(hidden: Tensor | np.ndarray, mask: Tensor | np.ndarray,
+                      null: TextEmbeddings) -> TextEmbeddings:
+    """Precomputed embeddings (``raydiff data encode``: [B, L, D] and [B, L]) as
+    :class:`TextEmbeddings` whose null is ``null``'s (the empty prompt of the same encoder)."""
+    hidden = torch.as_tensor(np.asarray(hidden) if not isinstance(hidden, Tensor) else hidden)
+    mask = torch.as_tensor(np.asarray(mask) if not isinstance(mask, Tensor) else mask)
+    if hidden.ndim != 3 or tuple(hidden.shape[1:]) != (null.seq_len, null.dim):
+        raise ValueError(f"precomputed text embeddings have shape {tuple(hidden.shape)} but the text encoder "
+                         f"gives [B, {null.seq_len}, {null.dim}]: re-encode the captions with the same "
+                         "model.text_encoder and model.text_max_length (raydiff data encode)")
+    return TextEmbeddings(hidden.to(null.hidden_states.dtype), mask, null.null_hidden, null.null_mask)

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-
-from diffusers import DiTTransformer2DModel, UNet2DModel
+from diffusers import DiTTransformer2DModel, PixArtTransformer2DModel, UNet2DConditionModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from .networks import Denoiser
-from .choices import MODEL_NAMES, ModelName  # torch-free: the config schema reads them
+from .choices import MODEL_NAMES, TEXT_MODEL_NAMES, ModelName, is_text_model  # torch-free: the config schema reads them
 
 
 # U-Net configs. unet-cifar is the DDPM CIFAR-10 network (Ho et al. 2020, App. B: 4
@@ -73,18 +72,64 @@ _DITS: dict[str, tuple[int, int, int]] = {
 DIT_PATCH_SIZE = 2
 
 
+# Text-conditioned U-Nets (diffusers' UNet2DConditionModel: ResNet blocks plus transformer blocks
+# of self-attention, cross-attention to the text embeddings and a feed-forward, Rombach et al.
+# 2022). cross_attention_dim is the text encoder's hidden size, set at build time.
+# NB diffusers' `attention_head_dim` of this class is the number of HEADS (a legacy naming kept
+# for Stable Diffusion's configs).
+_TEXT_UNETS: dict[str, dict] = {
+    "unet-text-tiny": dict(
+        # for tests: cross-attention at 16x16 and in the 16x16 middle block.
+        block_out_channels=(32, 48),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=2,
+    ),
+    "unet-text-demo": dict(
+        # The CPU text demo at 32x32: unet-demo's layout (attention only at 8x8, where it is
+        # cheap; BENCHMARKS.md "Built-in demo") with its attention blocks reading the prompt.
+        block_out_channels=(32, 64, 96),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D", "UpBlock2D"),
+        norm_num_groups=8,
+        attention_head_dim=3,
+    ),
+    "unet-text-sd": dict(
+        # Stable Diffusion v1's U-Net (Rombach et al. 2022, ~860M parameters with a 768-wide
+        # CLIP ViT-L/14 text encoder): 4 levels 320..1280, cross-attention at the first three.
+        block_out_channels=(320, 640, 1280, 1280),
+        layers_per_block=2,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=32,
+        attention_head_dim=8,
+    ),
+}
+
+# PixArt-style DiTs (Chen et al. 2023, PixArt-alpha: DiT blocks with adaLN-single timestep
+# modulation and cross-attention to T5 embeddings): (depth, hidden size, heads); patch size 2.
+_PIXARTS: dict[str, tuple[int, int, int]] = {
+    "pixart-tiny": (2, 64, 2),
+    "pixart-alpha": (28, 1152, 16),  # PixArt-XL-2, ~600M parameters
+}
 def count_parameters(module: nn.Module) -> int:
     """Number of parameter elements (all parameters, trainable or not)."""
     return sum(p.numel() for p in module.parameters())
 
 
 def build_model(
-    name: ModelName, *, in_channels: int = 3, image_size: int = 32, num_classes: int | None = None
+    name: ModelName, *, in_channels: int = 3, image_size: int = 32, num_classes: int | None = None,
+    text_dim: int | None = None,
 ) -> Denoiser:
     """Build a :class:`Denoiser` by registry name for ``in_channels`` x ``image_size``².
 
     ``num_classes`` enables class conditioning with an extra null class (index
     ``num_classes``) for classifier-free guidance; None builds an unconditional model.
+    Text models (:data:`TEXT_MODEL_NAMES`) need ``text_dim``, the text encoder's hidden size,
+    which their cross-attention reads.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
@@ -94,6 +139,14 @@ def build_model(
         raise ValueError(f"image_size must be a positive int, got {image_size!r}")
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+    if is_text_model(name):
+        if isinstance(text_dim, bool) or not isinstance(text_dim, int) or text_dim < 1:
+            raise ValueError(f"{name} is text-conditioned: text_dim must be the text encoder's hidden size, got {text_dim!r}")
+        if num_classes is not None:
+            raise ValueError(f"{name} is text-conditioned and takes no class labels (num_classes={num_classes})")
+        return _build_text_model(name, in_channels, image_size, text_dim)
+    if text_dim is not None:
+        raise ValueError(f"{name} is not text-conditioned; choose one of {TEXT_MODEL_NAMES} for text")
 
     if name in _UNETS:
         cfg = dict(_UNETS[name])
@@ -135,3 +188,36 @@ def build_model(
             # does it with the caller's generator, and dropping twice would change the rate.
             m.dropout_prob = 0.0
     return Denoiser(backbone, "dit", in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+
+
+def _build_text_model(name: str, in_channels: int, image_size: int, text_dim: int) -> Denoiser:
+    if name in _TEXT_UNETS:
+        cfg = dict(_TEXT_UNETS[name])
+        factor = 2 ** (len(cfg["block_out_channels"]) - 1)
+        if image_size % factor:
+            raise ValueError(f"{name} downsamples by {factor}; image_size {image_size} is not divisible by it")
+        backbone = UNet2DConditionModel(sample_size=image_size, in_channels=in_channels, out_channels=in_channels,
+                                        cross_attention_dim=text_dim, **cfg)
+        return Denoiser(backbone, "unet-text", in_channels=in_channels, image_size=image_size, num_classes=None,
+                        text_dim=text_dim)
+    depth, hidden, heads = _PIXARTS[name]
+    if image_size % DIT_PATCH_SIZE:
+        raise ValueError(f"{name} uses patch size {DIT_PATCH_SIZE}; image_size {image_size} is not divisible by it")
+    backbone = PixArtTransformer2DModel(
+        num_attention_heads=heads,
+        attention_head_dim=hidden // heads,
+        in_channels=in_channels,
+        out_channels=in_channels,  # no learned sigma: fixed-variance samplers only
+        num_layers=depth,
+        sample_size=image_size,
+        patch_size=DIT_PATCH_SIZE,
+        # The caption projection maps the encoder's width to the model's; cross-attention then
+        # runs at the model's width (PixArt-alpha's caption_projection).
+        caption_channels=text_dim,
+        cross_attention_dim=hidden,
+        # PixArt-alpha's resolution/aspect-ratio micro-conditions are for its 1024px multi-aspect
+        # stage; square single-resolution training does not use them.
+        use_additional_conditions=False,
+    )
+    return Denoiser(backbone, "pixart", in_channels=in_channels, image_size=image_size, num_classes=None,
+                    text_dim=text_dim)

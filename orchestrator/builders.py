@@ -21,8 +21,14 @@ from orchestrator.config import DataConfig, DiffusionConfig, ModelConfig, OptimC
 
 def build_denoiser(model: ModelConfig, data: DataConfig, num_classes: int | None) -> torch.nn.Module:
     """The registry network ``model`` names, sized for ``data``'s images (or latents);
-    class-conditional when ``num_classes`` is given (the number of classes found in the data)."""
-    return build_model(model.name, in_channels=data.channels, image_size=data.resolution, num_classes=num_classes)
+    class-conditional when ``num_classes`` is given (the number of classes found in the data);
+    a text model's cross-attention is as wide as ``model.text_encoder``'s hidden size (read
+    from its config), and it takes no class labels."""
+    from orchestrator.text import text_dim
+
+    dim = text_dim(model)
+    return build_model(model.name, in_channels=data.channels, image_size=data.resolution,
+                       num_classes=None if dim is not None else num_classes, text_dim=dim)
 
 
 def build_schedule(diffusion: DiffusionConfig) -> NoiseSchedule:

@@ -33,6 +33,12 @@ class Plan:
     # fp32 weights + torch.autocast (DeepSpeed torch_autocast) instead of DeepSpeed's fp16/bf16 engine.
     autocast: bool
     mixed_reason: str
+    # Text models (orchestrator/text.py): the frozen encoder, and where the training step's text
+    # embeddings come from: "precomputed" (stored by `raydiff data encode`) or "in-worker"
+    # (captions encoded per micro-batch); None for models without text.
+    text_encoder: str | None = None
+    text_embeddings: Literal["in-worker", "precomputed"] | None = None
+    text_reason: str = ""
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -50,6 +56,9 @@ class Plan:
                 f"steps           : {cfg.optim.steps}",
                 f"checkpoints     : every {cfg.checkpoint.every_steps} steps, keep last {cfg.checkpoint.keep}",
                 f"sample grids    : every {cfg.sampling.every_steps} steps and at the end",
+                *([f"text encoder    : {self.text_encoder}{' = the captioned demo data' + chr(39) + 's own' if self.text_encoder == 'builtin' else ''} "
+                   f"(frozen, {self.precision}, not trained or checkpointed)",
+                   f"text embeddings : {self.text_embeddings} ({self.text_reason})"] if self.text_embeddings else []),
             ]
         )
 
@@ -168,11 +177,32 @@ def resolve_mixed(pcfg: PrecisionConfig, precision: Precision, zero_stage: int, 
     return False, "auto: DeepSpeed's half-precision engine (ZeRO partitioning or CPU)"
 
 
+def resolve_text(cfg: TrainConfig, precision: Precision) -> tuple[str | None, str | None, str]:
+    """(encoder, where the step's text embeddings come from, why) for a text model."""
+    from model.choices import is_text_model
+
+    if not is_text_model(cfg.model.name):
+        return None, None, ""
+    enc = cfg.model.text_encoder
+    half = "" if precision == "fp32" else f" in {precision}"
+    from orchestrator.text import stored_text_embeddings
+
+    stored = stored_text_embeddings(cfg.data)
+    if stored:
+        where = f"{stored.get('encoder', '?')}, shape {stored.get('shape', '?')}"
+        return enc, "precomputed", (f"the dataset stores caption embeddings ({where}; raydiff data encode): no encoder "
+                                    "runs in the training step; each worker encodes only the empty prompt and the "
+                                    "grid prompts, once")
+    return enc, "in-worker", (f"the data carries captions: each worker encodes its micro-batch under no_grad{half}; "
+                              "`raydiff data encode --text-encoder` stores embeddings once instead")
+
+
 def make_plan(cfg: TrainConfig) -> Plan:
     device, device_reason = resolve_device(cfg.scaling)
     precision, precision_reason = resolve_precision(cfg, device)
     zero_stage, zero_reason = resolve_zero_stage(cfg, device)
     autocast, mixed_reason = resolve_mixed(cfg.precision, precision, zero_stage, device)
+    text_encoder, text_embeddings, text_reason = resolve_text(cfg, precision)
     return Plan(
         device=device,
         device_reason=device_reason,
@@ -187,6 +217,9 @@ def make_plan(cfg: TrainConfig) -> Plan:
         zero_reason=zero_reason,
         autocast=autocast,
         mixed_reason=mixed_reason,
+        text_encoder=text_encoder,
+        text_embeddings=text_embeddings,
+        text_reason=text_reason,
     )
 
 

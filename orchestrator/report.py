@@ -66,8 +66,10 @@ def _note(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def render(metrics: list[dict[str, Any]], grid_png: bytes | None, *, title: str, grid_name: str = "") -> Report:
-    """The report figure from metrics records and the newest grid (PNG bytes or None)."""
+def render(metrics: list[dict[str, Any]], grid_png: bytes | None, *, title: str, grid_name: str = "",
+           row_labels: list[str] | None = None) -> Report:
+    """The report figure from metrics records and the newest grid (PNG bytes or None);
+    ``row_labels`` (a text model's prompts, one per grid row) are written beside the rows."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -155,9 +157,14 @@ def render(metrics: list[dict[str, Any]], grid_png: bytes | None, *, title: str,
 
     ax = axes["samples"]
     if grid_png is not None:
-        ax.imshow(Image.open(io.BytesIO(grid_png)).convert("RGB"), interpolation="nearest")
+        img = Image.open(io.BytesIO(grid_png)).convert("RGB")
+        ax.imshow(img, interpolation="nearest")
         ax.set_xticks([])
         ax.set_yticks([])
+        if row_labels:
+            pitch = img.height / len(row_labels)
+            ax.set_yticks([(r + 0.5) * pitch for r in range(len(row_labels))],
+                          [p if len(p) <= 40 else p[:39] + "…" for p in (q or '""' for q in row_labels)], fontsize=8)
         filled.append("samples")
     else:
         _note(ax, "no sample grids yet")
@@ -190,6 +197,19 @@ def newest_grid(rundir: RunDir) -> tuple[str, bytes] | None:
     return grids[-1], rundir.read_bytes(f"samples/{grids[-1]}")
 
 
+def _grid_prompts(rundir: RunDir) -> list[str] | None:
+    """A text model's grid rows (orchestrator/sampling.py grid_prompts) from the run's config."""
+    from model.choices import is_text_model
+    from orchestrator.config import load_config_text
+    from orchestrator.sampling import grid_prompts
+
+    try:
+        cfg = load_config_text(rundir.read_text("config.yaml"))
+    except Exception:  # noqa: BLE001 - no (readable) config: the grid is drawn without row labels
+        return None
+    return grid_prompts(cfg.sampling) if is_text_model(cfg.model.name) else None
+
+
 def write_report(run_uri: str, s3: "S3Config | None" = None, out: str | None = None) -> tuple[str, Report]:
     """Render the report of the run at ``run_uri``; write it to ``out`` (default
     ``{run}/report.png``). Returns where it went and the report."""
@@ -201,7 +221,8 @@ def write_report(run_uri: str, s3: "S3Config | None" = None, out: str | None = N
     grid = newest_grid(rundir)
     last = metrics[-1]
     title = f"{rundir.uri}: step {last.get('step')}, {last.get('samples_seen', '?')} samples seen"
-    report = render(metrics, grid[1] if grid else None, title=title, grid_name=grid[0] if grid else "")
+    report = render(metrics, grid[1] if grid else None, title=title, grid_name=grid[0] if grid else "",
+                    row_labels=_grid_prompts(rundir))
     dest = out or join(rundir.uri, REPORT_FILE)
     write_bytes(dest, report.png, s3)
     return dest, report

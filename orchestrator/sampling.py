@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import io
 import math
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 import torch
@@ -27,6 +27,9 @@ from model.samplers import DDIMOptions, DDPMOptions, SamplerOptions, initial_noi
 from model.schedules import NoiseSchedule
 from orchestrator.builders import build_schedule
 from orchestrator.config import ConfigError, SamplePrecision, SamplingConfig, TrainConfig
+
+if TYPE_CHECKING:
+    from orchestrator.text import TextConditioner
 
 
 def is_latent(cfg: TrainConfig) -> bool:
@@ -171,9 +174,26 @@ def grid_png(images: torch.Tensor, columns: int, upscale: int = 2) -> bytes:
     return buf.getvalue()
 
 
-def sample_grid(model: torch.nn.Module, cfg: TrainConfig, *, device="cpu") -> bytes:
+def grid_prompts(scfg: SamplingConfig) -> list[str]:
+    """The rows of a text model's grid: ``sampling.prompts`` (first ``max_rows``), or the empty
+    prompt alone (unconditional samples) when none are configured."""
+    return list(scfg.prompts[: scfg.max_rows]) or [""]
+
+
+def text_grid_conditioning(text: "TextConditioner", scfg: SamplingConfig) -> Conditioning:
+    """One row per grid prompt, ``per_class`` columns, guided against ``sampling.negative_prompt``."""
+    rows = grid_prompts(scfg)
+    return text.prompts([p for p in rows for _ in range(scfg.per_class)], scfg.negative_prompt)
+
+
+def sample_grid(model: torch.nn.Module, cfg: TrainConfig, *, device="cpu", text: "TextConditioner | None" = None) -> bytes:
     num_classes = getattr(model, "num_classes", None)
-    cond = class_conditioning(grid_labels(num_classes, cfg.sampling), num_classes)
+    if getattr(model, "text_dim", None) is not None:
+        if text is None:
+            raise ValueError("a text model's grid needs its text encoder (orchestrator.text.TextConditioner)")
+        cond = text_grid_conditioning(text, cfg.sampling)
+    else:
+        cond = class_conditioning(grid_labels(num_classes, cfg.sampling), num_classes)
     num = cfg.sampling.per_class if cond is None else cond.batch_size
     images = generate(model, cfg, cond, num, seed=cfg.sampling.seed, device=device)
     if is_latent(cfg):

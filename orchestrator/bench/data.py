@@ -27,7 +27,7 @@ def plain_loop(cfg, info, limit: int | None) -> tuple[int, float]:
     n, t0 = 0, time.perf_counter()
     mode = "RGB" if cfg.channels == 3 else "L"
     size = (cfg.resolution, cfg.resolution)
-    for _name, data, _label in iter_samples(cfg, info, threads=1):
+    for _name, data, _label, _caption in iter_samples(cfg, info, threads=1):
         if isinstance(data, str):
             continue
         try:

@@ -96,6 +96,9 @@ def cmd_eval(args) -> int:
     s3 = s3_from_overrides(args.overrides, SAMPLE_OVERRIDES, "eval")
     uri, name = checkpoint_uri(args)
     ck = load_checkpoint(uri, s3, raw=args.raw, name=name)
+    if getattr(ck.model, "text_dim", None) is not None:
+        raise ConfigError(f"{ck.uri} is a text-to-image model: raydiff eval scores class-labelled and unconditional "
+                          "models. Fix: sample it with `raydiff sample --prompt ...`")
     if is_latent(ck.cfg):
         raise ConfigError(f"{ck.uri} is a latent model (data.format=latents): FID/KID would need decoded images and "
                           "a reference image set, which raydiff eval does not handle for latent runs yet")

@@ -40,6 +40,20 @@ def cmd_export(args) -> int:
     s3 = s3_from_overrides(args.overrides, SAMPLE_OVERRIDES, "export")
     uri, name = checkpoint_uri(args)
     ck = load_checkpoint(uri, s3, raw=args.raw, name=name)
+    if getattr(ck.model, "text_dim", None) is not None:
+        from orchestrator.eval.export import export_text_pipeline
+
+        from orchestrator.eval.export import dataset_vae
+
+        cfg = validate_config(apply_overrides(config_to_dict(ck.cfg, reveal_secrets=True),
+                                              [o for o in args.overrides if o.startswith("sampling.")]))
+        vae, factor = dataset_vae(cfg) if is_latent(cfg) else (None, None)
+        meta = export_text_pipeline(ck.model, cfg, out, source=ck.uri, step=ck.ref.step, weights=ck.weights,
+                                    vae=vae, vae_scale_factor=factor)
+        print(f"exported {ck.uri} (step {ck.ref.step}, {ck.weights.upper()} weights) to {out} as a diffusers "
+              f"{meta['pipeline']} ({meta['backbone_class']}, text encoder {meta['text_encoder_class']}, "
+              f"{'the dataset VAE' if vae is not None else 'no VAE'})")
+        return 0
     if is_latent(ck.cfg):
         raise ConfigError(f"{ck.uri} is a latent model (data.format=latents): the export has no place for its VAE "
                           "yet. Fix: sample it with `raydiff sample`, which decodes with the dataset's VAE")

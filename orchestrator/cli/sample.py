@@ -45,7 +45,13 @@ def register(sub) -> None:
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale (1 = conditional model only)")
     p.add_argument("--labels", help="classes to draw, as indices or class names: 0,3,7 or red-circle,7 "
                    "(default: one row per class)")
-    p.add_argument("--num", type=int, help="images per class (unconditional models: images in total)")
+    p.add_argument("--prompt", action="append", default=[], metavar="TEXT",
+                   help="text models: a prompt to draw (repeatable; one grid row each; default: the run's "
+                   "sampling.prompts)")
+    p.add_argument("--prompts-file", metavar="FILE", help="text models: prompts, one per line (after any --prompt)")
+    p.add_argument("--negative-prompt", metavar="TEXT",
+                   help="text models: what guidance steers away from (default: the empty prompt, as trained)")
+    p.add_argument("--num", type=int, help="images per class or prompt (unconditional models: images in total)")
     p.add_argument("--seed", type=int, help="random seed (default: the run's sampling.seed)")
     p.add_argument("--out", help="grid PNG (local or s3://; default samples.png when --out-dir is not given)")
     p.add_argument("--out-dir", help="directory for one PNG per image, named NNNNN_<class>.png")
@@ -105,6 +111,23 @@ def image_png(image: torch.Tensor) -> bytes:
     return buf.getvalue()
 
 
+def read_prompts(args) -> list[str]:
+    """--prompt values, then the non-empty lines of --prompts-file."""
+    prompts = list(args.prompt or [])
+    if args.prompts_file:
+        try:
+            with open(args.prompts_file, encoding="utf-8") as f:
+                prompts += [line.strip() for line in f if line.strip()]
+        except OSError as e:
+            raise ConfigError(f"--prompts-file {args.prompts_file}: {e.strerror}. Fix: give a text file with one "
+                              "prompt per line") from None
+    return prompts
+
+
+def _slug(prompt: str) -> str:
+    return "-".join("".join(c if c.isalnum() else " " for c in prompt.lower()).split())[:60] or "empty"
+
+
 def cmd_sample(args) -> int:
     # Imported here, not at module level: building the parser of every command skips torch.
     import torch
@@ -124,16 +147,34 @@ def cmd_sample(args) -> int:
     cfg = sampling_config(ck.cfg, args.overrides, args)
     scfg = cfg.sampling
     per = args.num or scfg.per_class
-    if ck.num_classes is None:
-        if args.labels:
-            parse_labels(args.labels, None, None)  # raises with the fix
-        labels, columns = None, min(per, scfg.per_class)
+    prompts = read_prompts(args)
+    text = None
+    if getattr(ck.model, "text_dim", None) is not None:
+        from orchestrator.text import TextConditioner
+
+        prompts = prompts or list(scfg.prompts)
+        if not prompts:
+            raise ConfigError("this is a text model and the run has no sampling.prompts. Fix: --prompt \"a red circle\" "
+                              "(repeatable) or --prompts-file FILE")
+        negative = scfg.negative_prompt if args.negative_prompt is None else args.negative_prompt
+        text = TextConditioner(ck.cfg.model, device=pick_device(args.device))
+        labels, columns = None, per
+        cond = text.prompts([p for p in prompts for _ in range(per)], negative)
+        num = cond.batch_size
+    elif prompts or args.negative_prompt is not None:
+        raise ConfigError("--prompt/--prompts-file/--negative-prompt are for text models; this checkpoint's model "
+                          f"({ck.cfg.model.name}) is not one. Fix: use --labels" + ("" if ck.num_classes else ", or drop them"))
     else:
-        classes = (parse_labels(args.labels, ck.num_classes, ck.class_names) if args.labels
-                   else list(range(min(ck.num_classes, scfg.max_rows))))
-        labels, columns = torch.tensor(classes).repeat_interleave(per), per
-    num = per if labels is None else len(labels)
-    cond = class_conditioning(labels, ck.num_classes)
+        if ck.num_classes is None:
+            if args.labels:
+                parse_labels(args.labels, None, None)  # raises with the fix
+            labels, columns = None, min(per, scfg.per_class)
+        else:
+            classes = (parse_labels(args.labels, ck.num_classes, ck.class_names) if args.labels
+                       else list(range(min(ck.num_classes, scfg.max_rows))))
+            labels, columns = torch.tensor(classes).repeat_interleave(per), per
+        num = per if labels is None else len(labels)
+        cond = class_conditioning(labels, ck.num_classes)
     images = generate_batched(ck.model, cfg, cond, num, seed=scfg.seed, batch_size=args.batch_size,
                               device=pick_device(args.device), desc=f"{scfg.sampler} {scfg.num_steps} steps")
     if is_latent(cfg):
@@ -146,7 +187,9 @@ def cmd_sample(args) -> int:
     if args.out_dir:
         for i in range(num):
             tag = ""
-            if labels is not None:
+            if text is not None:
+                tag = "_" + _slug(prompts[i // per])
+            elif labels is not None:
                 c = int(labels[i])
                 tag = "_" + (ck.class_names[c] if ck.class_names else f"class{c}")
             write_bytes(join(args.out_dir, f"{i:05d}{tag}.png"), image_png(images[i]), s3)
@@ -155,6 +198,8 @@ def cmd_sample(args) -> int:
         out = args.out or "samples.png"
         write_bytes(out, grid_png(images, columns), s3)
         written.append(out)
+    if text is not None:
+        print("prompts (one row each): " + "; ".join(repr(p) for p in prompts))
     print(f"wrote {' and '.join(written)} from {ck.uri} (step {ck.ref.step}, {ck.weights.upper()} weights, "
           f"{scfg.sampler} {scfg.num_steps} steps, guidance {scfg.guidance_scale:g}, seed {scfg.seed})")
     return 0

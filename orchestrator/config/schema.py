@@ -12,7 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from model.choices import ModelName, PredictionType, SamplerName, ScheduleKind, Spacing, Weighting
+from model.choices import TEXT_MODEL_NAMES, ModelName, PredictionType, SamplerName, ScheduleKind, Spacing, Weighting, \
+    is_text_model
 
 
 class ConfigError(ValueError):
@@ -80,6 +81,16 @@ class DataConfig(_Strict):
     # row groups) chosen with data.seed, of which the first val_images decoded images are used.
     # 0 = nothing held out.
     val_images: int = Field(0, ge=0)
+    # Text-to-image (issue 20; orchestrator/data/captions.py): read one caption per sample and
+    # hand it to the workers as "text". Image folders: metadata.jsonl / metadata.csv (file_name +
+    # the caption column, Hugging Face's imagefolder convention) or a .txt beside each image;
+    # WebDataset: the .<caption_column> or .txt member, else that field of the .json member;
+    # Parquet: the caption column (Hugging Face datasets' layout included).
+    captions: bool = False
+    caption_column: str = Field("text", min_length=1)
+    # A sample whose caption is missing or empty: "bad" drops it (counted as missing_caption),
+    # "unconditional" trains it with the empty prompt "" (counted as uncaptioned_kept). Never fatal.
+    missing_caption: Literal["bad", "unconditional"] = "bad"
     # The run's storage.s3 settings, set by TrainConfig (not a key of this section): the data
     # readers take this section alone, and an s3:// source needs the connection settings.
     _s3: S3Config = PrivateAttr(default_factory=S3Config)
@@ -99,6 +110,14 @@ class ModelConfig(_Strict):
     # The CPU demo's network: faster per image than unet-tiny on a CPU core, with 4x its
     # parameters (model/registry.py, BENCHMARKS.md "Built-in demo").
     name: ModelName = "unet-demo"
+    # Text-to-image models (model/registry.py TEXT_MODEL_NAMES: unet-text-*, pixart-*): the frozen
+    # text encoder (model/text_encoder.py), a local directory holding a transformers CLIP text
+    # model or T5 encoder with its tokenizer (or a diffusers pipeline directory with
+    # text_encoder/ + tokenizer/), or a hub name. Its hidden size sizes the cross-attention.
+    text_encoder: str | None = None
+    # Tokens per prompt (prompts are padded/truncated to it); None: the tokenizer's own limit
+    # (77 for CLIP, like Stable Diffusion).
+    text_max_length: int | None = Field(None, ge=2, le=4096)
 
 
 class DiffusionConfig(_Strict):
@@ -235,6 +254,11 @@ class SamplingConfig(_Strict):
     # GPUs since Ampere: 2.7x faster than fp32 on this project's CPU, BENCHMARKS.md), fp16 on
     # older GPUs, fp32 elsewhere.
     precision: SamplePrecision = "auto"
+    # Text models: the prompts of the training grids (one row each, per_class columns, the first
+    # max_rows) and of the report; empty: one row of the empty prompt (unconditional samples).
+    prompts: list[str] = Field(default_factory=list, max_length=64)
+    # Text models: the unconditional half of guidance ("" = the empty prompt, as trained).
+    negative_prompt: str = ""
 
 
 class MlflowConfig(_Strict):
@@ -333,6 +357,21 @@ class TrainConfig(_Strict):
         self.data._s3 = self.storage.s3
         return self
 
+    def _text_checks(self) -> None:
+        m, captions = self.model, self.data.captions
+        if is_text_model(m.name):
+            if not m.text_encoder:
+                raise ValueError(f"model.name={m.name} is text-conditioned and needs a frozen text encoder. Fix: set "
+                                 "model.text_encoder to a local directory with a transformers CLIP/T5 text model and its "
+                                 "tokenizer (e.g. the one `raydiff data make-demo --captions` writes)")
+            if not captions:
+                raise ValueError(f"model.name={m.name} is text-conditioned and trains on captions. Fix: set "
+                                 "data.captions=true (and data.caption_column if the captions are not under 'text')")
+        elif m.text_encoder:
+            # (data.captions alone is allowed: `raydiff data` commands read captions of any dataset.)
+            raise ValueError(f"model.text_encoder is for text-conditioned models but model.name={m.name} is not one. "
+                             f"Fix: set model.name to one of {', '.join(TEXT_MODEL_NAMES)}, or unset model.text_encoder")
+
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":
         w = self.scaling.num_workers
@@ -358,6 +397,7 @@ class TrainConfig(_Strict):
             raise ValueError(f"data.format={d.format} with data.channels={d.channels}, sampling.clip_sample={str(clip).lower()}: "
                              "VAE latents (`raydiff data encode`) have 4 channels and exceed [-1, 1]; images have 1 or 3 "
                              "channels. Fix: set data.format=latents and leave data.channels/sampling.clip_sample unset, or data.channels=3")
+        self._text_checks()
         if self.scaling.device == "cpu" and self.precision.compile:
             raise ValueError("precision.compile=true is for GPU training. Fix: set precision.compile=false")
         return self

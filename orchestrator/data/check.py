@@ -13,6 +13,7 @@ from PIL import Image
 
 from orchestrator import storage
 from orchestrator.data import decode as D
+from orchestrator.data.captions import CaptionSpec, coverage, coverage_line
 from orchestrator.data.labels import label_problem
 from orchestrator.data.pipeline import inspect_dataset, iter_samples
 
@@ -21,14 +22,26 @@ if TYPE_CHECKING:
 
 
 def verify(cfg: "DataConfig", *, resolution: int = 32, out=None, max_listed: int = 20) -> tuple[int, dict[str, int], list[tuple[str, str]]]:
-    """Decode every sample. Returns (readable count, counts per kind, first bad (name, kind))."""
+    """Decode every sample. Returns (readable count, counts per kind, first bad (name, kind)).
+    With ``data.captions`` a sample without a caption is bad or kept as training would treat it
+    (``data.missing_caption``), and caption coverage is printed."""
     out = out or sys.stdout
     info = inspect_dataset(cfg)
     good, counts, bad = 0, Counter(), []
-    for name, data, raw in iter_samples(cfg, info):
+    spec = CaptionSpec.for_config(cfg)
+    captions: list = []
+    for name, data, raw, caption in iter_samples(cfg, info):
         kind = data if isinstance(data, str) else None
         if kind is None and info.class_names is not None:
             kind = label_problem(raw, info)[1]
+        if spec.use:
+            captions.append(caption)
+            if kind is None:
+                _text, caption_kind, keep = spec.check(caption)
+                if not keep:
+                    kind = caption_kind
+                elif caption_kind:
+                    counts[caption_kind] += 1
         if kind is None:
             arr, kind2 = D.decode_image(data, resolution, cfg.channels, True)
             if arr is not None:
@@ -43,19 +56,24 @@ def verify(cfg: "DataConfig", *, resolution: int = 32, out=None, max_listed: int
     print(f"{storage.redact_uri(cfg.source)} ({info.format}): {good} of {info.num_samples} samples readable", file=out)
     for k, v in sorted(counts.items()):
         print(f"  {k}: {v}", file=out)
+    if spec.use:
+        print(coverage_line(coverage(captions)), file=out)
     for name, kind in bad:
         print(f"  bad: {name} ({kind})", file=out)
     return good, dict(counts), bad
 
 
 def stats(cfg: "DataConfig", *, out=None) -> dict[str, Any]:
-    """Count, class histogram and image size distribution (headers only, no full decode)."""
+    """Count, class histogram, image size distribution (headers only, no full decode) and, with
+    ``data.captions``, caption coverage and length in words."""
     out = out or sys.stdout
     info = inspect_dataset(cfg)
     classes: Counter[str] = Counter()
     sizes: Counter[tuple[int, int]] = Counter()
     widths, heights, unreadable = [], [], 0
-    for _name, data, raw in iter_samples(cfg, info):
+    captions: list = []
+    for _name, data, raw, caption in iter_samples(cfg, info):
+        captions.append(caption)
         if info.class_names is not None:
             idx, problem = label_problem(raw, info)
             classes[problem or info.class_names[idx]] += 1
@@ -78,6 +96,7 @@ def stats(cfg: "DataConfig", *, out=None) -> dict[str, Any]:
         "unreadable_headers": unreadable,
         "classes": dict(sorted(classes.items())) if info.class_names is not None else None,
         "sizes": {f"{w}x{h}": n for (w, h), n in sizes.most_common(10)},
+        "captions": coverage(captions) if cfg.captions else None,
     }
     if widths:
         for axis, vals in (("width", widths), ("height", heights)):
@@ -94,4 +113,6 @@ def stats(cfg: "DataConfig", *, out=None) -> dict[str, Any]:
         print(f"width  min/median/max: {result['width']['min']}/{result['width']['p50']:g}/{result['width']['max']}", file=out)
         print(f"height min/median/max: {result['height']['min']}/{result['height']['p50']:g}/{result['height']['max']}", file=out)
         print("most common sizes: " + ", ".join(f"{k} ({v})" for k, v in result["sizes"].items()), file=out)
+    if result["captions"] is not None:
+        print(coverage_line(result["captions"]), file=out)
     return result

@@ -34,11 +34,16 @@ INVALID_LABEL = "invalid_label"
 CONVERTED_PREFIX = "converted_from_"
 # Not a dropped sample either: a read that failed transiently and was retried.
 RETRIED_READ = "retried_read"
+# Captions (orchestrator/data/captions.py): a sample without one, dropped (data.missing_caption=bad)
+# or kept and trained with the empty prompt (=unconditional, not a dropped sample).
+MISSING_CAPTION = "missing_caption"
+UNCAPTIONED_KEPT = "uncaptioned_kept"
+_KEPT_KINDS = frozenset({RETRIED_READ, UNCAPTIONED_KEPT})
 
 
 def dropped(counts: dict[str, int]) -> int:
     """Number of dropped samples in a ``bad_sample_counts`` dict."""
-    return sum(v for k, v in counts.items() if not k.startswith(CONVERTED_PREFIX) and k != RETRIED_READ)
+    return sum(v for k, v in counts.items() if not k.startswith(CONVERTED_PREFIX) and k not in _KEPT_KINDS)
 
 # Never decode partially: a truncated file is a bad sample, not a grey-padded one.
 ImageFile.LOAD_TRUNCATED_IMAGES = False

@@ -28,6 +28,10 @@ class DatasetInfo:
     # (webdataset: from the manifest or the one pass of ``inspect``); the exact data position
     # (data/position.py) counts them.
     unit_samples: tuple[int, ...] | None = field(default=None, repr=False, compare=False)
+    # Image folders read with data.captions (orchestrator/data/captions.py), per file: the raw
+    # caption from a metadata file (or None), and the .txt file beside it to read instead (or None).
+    captions: tuple[object, ...] | None = field(default=None, repr=False, compare=False)
+    caption_files: tuple[str | None, ...] | None = field(default=None, repr=False, compare=False)
 
     @property
     def num_classes(self) -> int | None:

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator import storage
+from orchestrator.data.captions import CaptionSpec
 from orchestrator.data.counter import counter
 from orchestrator.data.formats import FORMATS, DataFormat, DecodeContext, get_format
 from orchestrator.data.formats.base import Listing, Sample, is_hidden
@@ -144,6 +145,7 @@ def _decode_setup(cfg: "DataConfig", info: DatasetInfo, counter_name: str | None
         parallel_reads=16 if is_s3 else 1,
         seed=cfg.seed,
         options=fmt.decode_options(cfg, info),
+        captions=CaptionSpec.for_config(cfg),
     )
     return fmt, ctx, fmt.units(cfg, info, fs, root)
 
@@ -197,7 +199,8 @@ def decode_dataset(fmt: DataFormat, ctx: DecodeContext, blocks: list["pa.Table"]
 
 def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str | None = None) -> "ray.data.Dataset":
     """A Ray Dataset of ``{"image": float32 [C, H, W] in [-1, 1], "label": int64, "index": int64}``
-    rows (``index``: the sample's canonical id, ``orchestrator/data/position.py``), for passes
+    rows (and ``"text"``, the caption, with ``data.captions``; ``index``: the sample's canonical
+    id, ``orchestrator/data/position.py``), for passes
     over the data in no particular order (evaluation, encoding, benchmarks, the decoded cache).
     Training reads through ``orchestrator.data.reader.TrainReader``, in its exact order.
 
@@ -220,8 +223,8 @@ def build_train_dataset(cfg: "DataConfig", info: DatasetInfo, *, counter_name: s
 
 def load_validation_images(cfg: "DataConfig", info: DatasetInfo) -> dict[str, np.ndarray]:
     """The held-out images, decoded here (a few hundred at most: no Ray Data job), in a fixed
-    order: ``{"image": float32 [N, C, H, W] in [-1, 1], "label": int64 [N]}`` with
-    N <= ``data.val_images``. Bad samples among them are skipped (not counted)."""
+    order: ``{"image": float32 [N, C, H, W] in [-1, 1], "label": int64 [N]}`` (and the text
+    fields of text-to-image data) with N <= ``data.val_images``. Bad samples among them are skipped (not counted)."""
     if not cfg.val_images:
         raise DataError("data.val_images=0: nothing is held out. Fix: set data.val_images (e.g. 64)")
     fmt, ctx, units = _decode_setup(cfg, info, None)
@@ -234,17 +237,25 @@ def load_validation_images(cfg: "DataConfig", info: DatasetInfo) -> dict[str, np
     if len(images) == 0:
         raise DataError(f"{storage.redact_uri(cfg.source)}: the {len(held)} held-out work units hold no "
                         "decodable image. Fix: check `raydiff data verify`, or raise data.val_images")
-    return {"image": np.ascontiguousarray(images, dtype=np.float32), "label": labels.astype(np.int64)}
+    out = {"image": np.ascontiguousarray(images, dtype=np.float32), "label": labels.astype(np.int64)}
+    for k in ("text", "text_embedding", "text_mask"):  # text-to-image data: the held-out captions too
+        if k in chunks[0]:
+            out[k] = np.concatenate([c[k] for c in chunks])[: cfg.val_images]
+    return out
 
 
 def iter_samples(cfg: "DataConfig", info: DatasetInfo, *, threads: int = 8) -> Iterator[Sample]:
-    """``(name, bytes or read-failure kind, raw label)`` for every listed sample, in listing order.
+    """``(name, bytes or read-failure kind, raw label, raw caption)`` for every listed sample, in
+    listing order.
 
     The raw label is a class index, ``NO_LABEL``, a class name or ``None`` depending on the
-    format; ``label_problem`` turns it into a bad-sample kind.
+    format; ``label_problem`` turns it into a bad-sample kind. The raw caption (``data.captions``)
+    is text, bytes or ``None`` (``orchestrator/data/captions.py``).
     """
     fs, root = storage.filesystem_for(cfg.source, cfg.s3)
-    yield from get_format(info.format).iter_samples(cfg, info, fs, root, threads=threads)
+    for sample in get_format(info.format).iter_samples(cfg, info, fs, root, threads=threads):
+        # A plugin format written before captions yields (name, data, label): no caption.
+        yield sample if len(sample) == 4 else (*sample, None)
 
 
 def head(info: DatasetInfo, n: int) -> DatasetInfo:

@@ -34,6 +34,7 @@ from typing import TYPE_CHECKING, Any, Iterator
 import numpy as np
 import pyarrow as pa
 
+from orchestrator.data.captions import text_array
 from orchestrator.data.counter import counter
 from orchestrator.data.formats import get_format
 from orchestrator.data.info import DataError, DatasetInfo
@@ -46,6 +47,12 @@ if TYPE_CHECKING:
     from orchestrator.config import DataConfig
 
 
+# Per-sample fields that travel with the images when the data has them (text-to-image, issue 20):
+# the caption (data.captions), or its embedding and mask precomputed by `raydiff data encode
+# --text-encoder` (orchestrator/data/encode.py).
+TEXT_FIELDS = ("text", "text_embedding", "text_mask")
+
+
 @dataclass
 class StepBatch:
     """One rank's micro-batch: the decoded samples, and the canonical ids of every position of
@@ -55,6 +62,13 @@ class StepBatch:
     label: np.ndarray  # int64 [n]
     ids: np.ndarray  # int64 [micro]
     decoded: int  # n, 0 when the previous micro-batch stands in for an all-bad one
+    text: np.ndarray | None = None  # object [n] of str ("" = the empty prompt), with data.captions
+    text_embedding: np.ndarray | None = None  # float [n, L, D], precomputed
+    text_mask: np.ndarray | None = None  # [n, L], precomputed
+
+    def text_fields(self) -> dict[str, np.ndarray]:
+        """The text fields this batch carries, by name (empty for class-labelled data)."""
+        return {k: getattr(self, k) for k in TEXT_FIELDS if getattr(self, k) is not None}
 
 
 @dataclass
@@ -106,14 +120,18 @@ class TrainReader:
                 raise DataError(
                     f"every sample of this worker's first micro-batch ({len(step_ids)} samples) failed to decode. "
                     "Fix: check `raydiff data verify` on data.source, or raise optim.batch_size")
-            return StepBatch(self._last.image, self._last.label, step_ids, 0)
+            return StepBatch(self._last.image, self._last.label, step_ids, 0, **self._last.text_fields())
         image = np.stack([r[0] for r in found]).astype(np.float32, copy=False)
         label = np.asarray([r[1] for r in found], np.int64)
-        self._last = StepBatch(image, label, step_ids, len(found))
+        extra: dict[str, np.ndarray] = {}
+        for k, v in found[0][2].items():
+            vals = [r[2][k] for r in found]
+            extra[k] = text_array(vals) if k == "text" else np.stack(vals)
+        self._last = StepBatch(image, label, step_ids, len(found), **extra)
         return self._last
 
     # -- cached --------------------------------------------------------------------------------
-    def _cached_rows(self, ids: np.ndarray) -> Iterator[list[tuple[np.ndarray, int]]]:
+    def _cached_rows(self, ids: np.ndarray) -> Iterator[list[tuple[np.ndarray, int, dict[str, Any]]]]:
         import ray
 
         if self._cache_index is None:
@@ -131,11 +149,12 @@ class TrainReader:
             found = []
             for b, r in where[step_ids].tolist():
                 if b >= 0:
-                    found.append((blocks[b]["image"][r], int(blocks[b]["label"][r])))
+                    blk = blocks[b]
+                    found.append((blk["image"][r], int(blk["label"][r]), {k: blk[k][r] for k in TEXT_FIELDS if k in blk}))
             yield found
 
     # -- streamed ------------------------------------------------------------------------------
-    def _streamed_rows(self, ids: np.ndarray, prefetch: int) -> Iterator[list[tuple[np.ndarray, int]]]:
+    def _streamed_rows(self, ids: np.ndarray, prefetch: int) -> Iterator[list[tuple[np.ndarray, int, dict[str, Any]]]]:
         flat = ids.ravel()
         unit = self.order.unit_of(flat)
         # Units in the order this rank first needs them; need[u] = that rank in the order.
@@ -155,7 +174,7 @@ class TrainReader:
         blocks = [table.slice(i, per_block) for i in range(0, len(needed), per_block)]
         ds = decode_dataset(fmt, self.ctx, blocks)
         ds.context.execution_options.preserve_order = True  # blocks arrive in need order
-        buffer: dict[int, tuple[np.ndarray, int]] = {}
+        buffer: dict[int, tuple[np.ndarray, int, dict[str, Any]]] = {}
         complete_below = 0  # units with need rank below this have arrived in full
         step = 0
         for chunk in ds.iter_batches(batch_size=None, batch_format="numpy", prefetch_batches=prefetch):
@@ -163,8 +182,9 @@ class TrainReader:
             if not len(idx):
                 continue
             _check_placed(idx, self.fmt_name)
+            extra = [k for k in TEXT_FIELDS if k in chunk]
             for i, sid in enumerate(idx.tolist()):
-                buffer[sid] = (chunk["image"][i], int(chunk["label"][i]))
+                buffer[sid] = (chunk["image"][i], int(chunk["label"][i]), {k: chunk[k][i] for k in extra})
             complete_below = int(need[self.order.unit_of(idx[-1:])][0])
             while step < len(ids) and step_last[step] < complete_below:
                 yield [buffer.pop(sid) for sid in ids[step].tolist() if sid in buffer]

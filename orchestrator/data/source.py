@@ -1,5 +1,6 @@
 """Where a run's data (and run directory) are, as every process must see them: local paths made
-absolute, and ``data.source=builtin`` turned into a real image folder written on first use.
+absolute, and ``data.source=builtin`` turned into a real image folder written on first use (with
+``data.captions``: the captioned demo and its text encoder, ``orchestrator/data/demo_text.py``).
 
 Used by training, tuning and evaluation alike, before anything reads the data.
 """
@@ -9,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from orchestrator.config import DataConfig, TrainConfig
+from orchestrator.config import ConfigError, DataConfig, TrainConfig
 from orchestrator.data.demo import write_demo_dataset
 
 
@@ -24,7 +25,9 @@ def _absolute(path: str) -> str:
 def builtin_data_dir(data: DataConfig) -> Path:
     """Where the built-in dataset is written: a per-user cache shared by all runs."""
     base = Path(os.environ.get("RAYDIFF_CACHE_DIR", Path.home() / ".cache" / "raydiff"))
-    return base / f"builtin-r{data.resolution}-n{data.builtin_images_per_class}-s{data.seed}"
+    # data.captions: the captioned variant (orchestrator/data/demo_text.py), with its text encoder.
+    kind = "builtin-text" if data.captions else "builtin"
+    return base / f"{kind}-r{data.resolution}-n{data.builtin_images_per_class}-s{data.seed}"
 
 
 def absolute_source(data: DataConfig) -> DataConfig:
@@ -42,6 +45,11 @@ def resolve_data_source(data: DataConfig) -> DataConfig:
     data = absolute_source(data)
     if data.source != "builtin":
         return data
+    if data.captions:
+        from orchestrator.data.demo_text import write_captioned_demo
+
+        root = write_captioned_demo(builtin_data_dir(data), data.builtin_images_per_class, data.resolution, data.seed)
+        return data.model_copy(update={"source": str(root), "format": "imagefolder", "caption_column": "text"})
     root = write_demo_dataset(builtin_data_dir(data), data.builtin_images_per_class, data.resolution, data.seed)
     return data.model_copy(update={"source": str(root), "format": "imagefolder"})
 
@@ -56,6 +64,22 @@ def resolve_paths(cfg: TrainConfig) -> TrainConfig:
 
 
 def resolve_data_config(cfg: TrainConfig) -> TrainConfig:
-    """``resolve_paths``, with ``data.source=builtin`` turned into a real image folder."""
+    """``resolve_paths``, with ``data.source=builtin`` turned into a real image folder, and
+    ``model.text_encoder=builtin`` into the captioned demo's encoder directory."""
     cfg = resolve_paths(cfg)
-    return cfg.model_copy(update={"data": resolve_data_source(cfg.data)})
+    update = {"data": resolve_data_source(cfg.data)}
+    if getattr(cfg.model, "text_encoder", None) == BUILTIN_TEXT_ENCODER:
+        update["model"] = cfg.model.model_copy(update={"text_encoder": builtin_text_encoder(cfg.data)})
+    return cfg.model_copy(update=update)
+
+
+# model.text_encoder=builtin: the frozen encoder written with the captioned built-in data.
+BUILTIN_TEXT_ENCODER = "builtin"
+
+
+def builtin_text_encoder(data: DataConfig) -> str:
+    """The directory of the built-in demo's text encoder (written with the data, once)."""
+    if not (data.source == "builtin" and data.captions):
+        raise ConfigError("model.text_encoder=builtin is the encoder of the captioned built-in data. Fix: set "
+                          "data.source=builtin data.captions=true, or model.text_encoder to a local encoder directory")
+    return str(resolve_data_source(data).source)

@@ -40,7 +40,7 @@ def load_reference(data: DataConfig, *, limit: int, seed: int = 0) -> Reference:
     rng = np.random.default_rng(seed)
     kept: list[tuple[bytes, object]] = []
     skipped = 0
-    for i, (_name, blob, raw) in enumerate(iter_samples(data, info)):
+    for i, (_name, blob, raw, _caption) in enumerate(iter_samples(data, info)):
         if isinstance(blob, str):
             skipped += 1  # a read failure, named by its kind
             continue

@@ -55,6 +55,14 @@ def train_flops_per_image(model_cfg: ModelConfig, data: DataConfig, num_classes:
         x = torch.zeros(1, c, r, r)
         t = torch.zeros(1, dtype=torch.long)
         y = class_conditioning(torch.zeros(1, dtype=torch.long), num_classes)
+        if getattr(model, "text_dim", None) is not None:
+            # Cross-attention over one prompt of the tokenizer's length (77 unless set). The
+            # frozen text encoder's forward is not training work of the denoiser: not counted.
+            from model.conditioning import TextEmbeddings
+
+            length = model_cfg.text_max_length or 77
+            y = TextEmbeddings(torch.zeros(1, length, model.text_dim), torch.ones(1, length, dtype=torch.bool),
+                               torch.zeros(length, model.text_dim), torch.ones(length, dtype=torch.bool))
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model(x, t, y)
     return 3.0 * counter.get_total_flops()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from model.choices import is_text_model
+
 import json
 import time
 from dataclasses import dataclass
@@ -94,7 +96,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     # Fail on unreachable storage or data before anything expensive starts.
     check_writable(cfg.run.storage, cfg.storage.s3)
     info = inspect_dataset(cfg.data)
-    num_classes = info.num_classes if cfg.data.conditional else None
+    # A text model is conditioned on captions, not on the data's class labels (if it has any).
+    num_classes = info.num_classes if cfg.data.conditional and not is_text_model(cfg.model.name) else None
     # One writer per run, decided before Ray starts (orchestrator/storage/lease.py).
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False
@@ -194,6 +197,14 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
 
             ds = build_train_dataset(cfg.data, info).drop_columns(["index"])  # the judge's real images (a few thousand)
             eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
+        elif cfg.run.evaluate and is_text_model(cfg.model.name) and latest is not None:
+            from orchestrator.eval.compose import captioned_demo_root, evaluate_text_run
+
+            # The text demo's score (held-out colour-shape prompts vs seen ones); other caption
+            # data has no ground truth to judge samples against.
+            demo_root = captioned_demo_root(cfg.data.source)
+            if demo_root is not None:
+                eval_result = evaluate_text_run(cfg, demo_root, rundir, latest)
         # Cumulative over every read of the data: exact when the decoded set is cached (read
         # once), a multiple of the per-pass counts when it is streamed every epoch.
         bad = bad_sample_counts(counter)

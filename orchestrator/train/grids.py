@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from model.ema import EMA
@@ -9,11 +11,16 @@ from orchestrator.builders import build_denoiser
 from orchestrator.config import TrainConfig
 from orchestrator.sampling import sample_grid
 
+if TYPE_CHECKING:
+    from orchestrator.text import TextConditioner
+
 
 class EmaSampler:
     def __init__(self, cfg: TrainConfig, num_classes: int | None, ema: EMA, device: torch.device, *,
-                 node_cpus: int):
+                 node_cpus: int, text: TextConditioner | None = None):
         self.cfg, self.num_classes, self.ema, self.device = cfg, num_classes, ema, device
+        # Text models: the run's frozen encoder, which has the grid prompts (sampling.prompts) encoded.
+        self.text = text
         # The CPUs Ray reserved for all the ranks on this node (sampling on CPU may use them).
         self.node_cpus = node_cpus
         self._model: torch.nn.Module | None = None
@@ -34,6 +41,6 @@ class EmaSampler:
             # use the CPUs Ray reserved for all of them.
             torch.set_num_threads(max(threads, self.node_cpus))
         try:
-            return sample_grid(model, self.cfg, device=self.device)
+            return sample_grid(model, self.cfg, device=self.device, text=self.text)
         finally:
             torch.set_num_threads(threads)

@@ -96,6 +96,10 @@ def summary_lines(run_uri: str, final_step: int, checkpoint_uri: str | None, eva
         lines.append(eval_line(eval_result))
         if "shape_accuracy" in eval_result:
             lines.append(shape_line(eval_result))
+    elif eval_result is not None and eval_result.get("kind") == "text_composition":
+        from orchestrator.eval.compose import composition_lines
+
+        lines += composition_lines(eval_result)
     return lines
 
 

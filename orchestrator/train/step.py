@@ -12,6 +12,7 @@ device tensor until the metrics window is flushed.
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import torch
 
@@ -52,6 +53,16 @@ class TrainStep:
         with self.gathered():
             self.ema = EMA(self.engine.module, decay=cfg.optim.ema_decay, warmup=cfg.optim.ema_warmup)
         self.objective = build_objective(cfg.diffusion)
+        # Text models: the frozen encoder (orchestrator/text.py), outside the engine: not trained,
+        # not checkpointed; in half precision when training is. Precomputed embeddings
+        # (plan.text_embeddings) need it only for the empty prompt and the grid prompts.
+        self.text = None
+        if plan.text_embeddings is not None:
+            from orchestrator.text import TextConditioner
+
+            self.text = TextConditioner(cfg.model, device=device, dtype=DTYPES[plan.precision],
+                                        prompts=[*cfg.sampling.prompts, cfg.sampling.negative_prompt],
+                                        keep_encoder=plan.text_embeddings == "in-worker")
 
     def gathered(self):
         """Full parameters on every rank under ZeRO-3 (partitioned otherwise); no-op below 3."""
@@ -78,11 +89,19 @@ class TrainStep:
         mask = _random.rand((images.shape[0],), generator=g, device=images.device) < 0.5
         return torch.where(mask[:, None, None, None], images.flip(-1), images)
 
-    def step(self, batch: dict[str, torch.Tensor], step: int) -> LossOutput:
-        """Train on one micro-batch ({"image": [B,C,H,W] in [-1,1], "label": [B]}) as step ``step``."""
+    def conditioning(self, batch: dict[str, Any]) -> Conditioning | None:
+        """The batch's class labels, or for a text model its captions ("text") encoded now or
+        its precomputed "text_embedding"/"text_mask"."""
+        if self.text is not None:
+            return self.text.batch(batch)
+        return class_conditioning(batch.get("label"), self.num_classes)
+
+    def step(self, batch: dict[str, Any], step: int) -> LossOutput:
+        """Train on one micro-batch ({"image": [B,C,H,W] in [-1,1], "label": [B]}, plus "text" or
+        "text_embedding"/"text_mask" for a text model) as step ``step``."""
         g = self.generator(step)
         x0 = self._flip(batch["image"], g)
-        cond = class_conditioning(batch.get("label"), self.num_classes)
+        cond = self.conditioning(batch)
         out = self.objective.training_losses(self._forward, x0, cond, generator=g)
         self.engine.backward(out.loss)
         if self.own_clip:

@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import ray.train
 import torch
 
@@ -91,12 +92,16 @@ class Worker:
         self.out = RankZeroOutputs(cfg, plan, rank=self.rank, world=self.world, num_classes=args.num_classes,
                                    device=self.device, progress=args.progress)
         self.sampler = EmaSampler(cfg, args.num_classes, self.train.ema, self.device,
-                                  node_cpus=int(plan.cpus_per_worker * ctx.get_local_world_size()))
+                                  node_cpus=int(plan.cpus_per_worker * ctx.get_local_world_size()), text=self.train.text)
         self.state = TrainState()
         self.validator = None
         if args.val_images is not None and cfg.logging.val_every_steps:
             held = ray.get(args.val_images)
-            self.validator = Validator(held["image"], class_conditioning(held.get("label"), args.num_classes),
+            # Text models: the held-out loss of the unconditional branch (the empty prompt); the
+            # held-out images' captions are not loaded with them.
+            val_cond = (class_conditioning(held.get("label"), args.num_classes) if self.train.text is None
+                        else self.train.text.null()[torch.zeros(len(held["image"]), dtype=torch.long)])
+            self.validator = Validator(held["image"], val_cond,
                                        self.train.objective, timesteps=cfg.logging.val_timesteps, seed=cfg.data.seed,
                                        rank=self.rank, world=self.world, device=self.device,
                                        batch_size=plan.micro_batch_size)
@@ -111,8 +116,13 @@ class Worker:
             if recorder:
                 recorder.record(epoch=self.state.epoch, step=self.state.step + 1, position=start + i * global_batch,
                                 ids=reader.sample_names(sb.ids))
-            yield {"image": torch.from_numpy(sb.image).to(self.device),
-                   "label": torch.from_numpy(sb.label).to(self.device)}
+            batch = {"image": torch.from_numpy(sb.image).to(self.device),
+                     "label": torch.from_numpy(sb.label).to(self.device)}
+            # Text-to-image data (issue 20): "text" stays a numpy array of str (the encoder
+            # tokenizes it); precomputed "text_embedding"/"text_mask" go to the device.
+            for k, v in sb.text_fields().items():
+                batch[k] = v if k == "text" else torch.from_numpy(np.ascontiguousarray(v)).to(self.device)
+            yield batch
 
     def _record(self, window: MetricsWindow, val: dict[str, Any] | None) -> dict[str, Any]:
         """The reduced metrics of the window (a collective: every rank, same steps)."""

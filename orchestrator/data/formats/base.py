@@ -28,6 +28,7 @@ import numpy as np
 
 from orchestrator import storage
 from orchestrator.data import decode as D
+from orchestrator.data.captions import CaptionSpec, text_array
 from orchestrator.data.counter import report
 from orchestrator.data.info import DatasetInfo
 from orchestrator.data.labels import LabelSpec
@@ -39,8 +40,9 @@ if TYPE_CHECKING:
 
 # (relative path, size in bytes) per listed file, as ``storage.list_files`` returns them.
 Listing = list[tuple[str, int]]
-# What ``iter_samples`` yields: (sample name, bytes or read-failure kind, raw label).
-Sample = tuple[str, "bytes | str", Any]
+# What ``iter_samples`` yields: (sample name, bytes or read-failure kind, raw label, raw caption).
+# The raw caption is None when the sample has none or ``data.captions`` is off (captions.py).
+Sample = tuple[str, "bytes | str", Any, Any]
 
 
 # Marker files that Spark/Hadoop/pyarrow writers leave next to data files.
@@ -86,6 +88,8 @@ class DecodeContext:
     parallel_reads: int = 1
     seed: int = 0
     options: Mapping[str, Any] = field(default_factory=dict)
+    # data.captions: read a caption per sample and emit it as "text" (orchestrator/data/captions.py).
+    captions: CaptionSpec = CaptionSpec(False)
 
     def filesystem(self) -> Any:
         return storage.resolve_fs(self.fs)
@@ -133,13 +137,15 @@ class DataFormat(ABC):
         """Read and decode a block of units (runs in ``map_batches``): yield chunks of
         ``{"image": float32 [N, C, H, W] in [-1, 1], "label": int64 [N], "index": int64 [N]}``
         (``index``: canonical sample ids from ``sample_ids``, which also says which samples of a
-        unit are wanted), dropping bad samples and reporting their kinds (``decode_chunks`` does
-        both). Yield at least one chunk."""
+        unit are wanted), plus ``"text"`` (object array of ``str``) when ``ctx.captions.use``,
+        dropping bad samples and reporting their kinds (``decode_chunks`` does all of it).
+        Yield at least one chunk."""
 
     @abstractmethod
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
-        """``(name, bytes or read-failure kind, raw label)`` for every sample, in listing order
-        (for ``raydiff data verify``/``stats`` and the benchmark's plain loop)."""
+        """``(name, bytes or read-failure kind, raw label, raw caption)`` for every sample, in
+        listing order (for ``raydiff data verify``/``stats`` and the benchmark's plain loop); the
+        caption is read when ``data.captions`` is on, else None."""
 
     def head(self, info: DatasetInfo, n: int) -> DatasetInfo:
         """``info`` restricted to about its first ``n`` samples where that is cheap (one file
@@ -184,21 +190,33 @@ def count(counts: dict[str, int], kind: str) -> None:
 
 
 def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, counts: dict[str, int],
-                   ids: list[int] | np.ndarray | None = None) -> dict[str, np.ndarray]:
+                   ids: list[int] | np.ndarray | None = None, raw_captions: list[Any] | None = None,
+                   extras: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
     """Decode one chunk. A blob that is a ``str`` is a read failure recorded as its kind; bad
-    labels and undecodable images are dropped and counted in ``counts``. ``ids`` are the
-    samples' canonical ids (``sample_ids``), kept for the decoded rows in ``index``."""
+    labels, missing captions (``ctx.captions``) and undecodable images are dropped and counted
+    in ``counts``. ``ids`` are the samples' canonical ids (``sample_ids``), kept for the decoded
+    rows in ``index``; the kept captions come out as ``text``, and the kept rows of each
+    ``extras`` array (one row per blob, e.g. precomputed text embeddings) under its name."""
     c = ctx.channels
     out = np.empty((len(blobs), ctx.resolution, ctx.resolution, c), dtype=np.uint8)
     labels = np.empty(len(blobs), dtype=np.int64)
     kept = np.empty(len(blobs), dtype=np.int64)
     ids = np.full(len(blobs), -1, np.int64) if ids is None else np.asarray(ids, np.int64)
+    use_captions = ctx.captions.use
+    raw_captions = [None] * len(blobs) if raw_captions is None else raw_captions
+    texts: list[str] = []
+    pos: list[int] = []
     n = 0
     for i, (data, raw) in enumerate(zip(blobs, raw_labels)):
         if isinstance(data, str):  # a read failure recorded as its kind
             count(counts, data)
             continue
         label, bad = ctx.labels.check(raw)
+        text, caption_kind = "", None
+        if bad is None and use_captions:
+            text, caption_kind, keep = ctx.captions.check(raw_captions[i])
+            if not keep:
+                bad = caption_kind
         if bad is None:
             arr, kind = D.decode_image(data, ctx.resolution, c, ctx.center_crop)
             if arr is None:
@@ -208,20 +226,31 @@ def decode_samples(blobs: list[Any], raw_labels: list[Any], ctx: DecodeContext, 
                 labels[n] = label
                 kept[n] = ids[i]
                 n += 1
-                if kind is not None:
-                    count(counts, kind)
+                texts.append(text)
+                pos.append(i)
+                for k in (kind, caption_kind):
+                    if k is not None:
+                        count(counts, k)
                 continue
         count(counts, bad)
-    return {"image": D.to_model_range(out[:n]), "label": labels[:n], "index": kept[:n]}
+    res = {"image": D.to_model_range(out[:n]), "label": labels[:n], "index": kept[:n]}
+    if use_captions:
+        res["text"] = text_array(texts)
+    for k, v in (extras or {}).items():
+        res[k] = v[np.asarray(pos, np.int64)]
+    return res
 
 
 def decode_chunks(blobs: list[Any], raw: list[Any], counts: dict[str, int], ctx: DecodeContext,
-                  ids: list[int] | None = None) -> Iterator[dict[str, np.ndarray]]:
+                  ids: list[int] | None = None, raw_captions: list[Any] | None = None,
+                  extras: dict[str, np.ndarray] | None = None) -> Iterator[dict[str, np.ndarray]]:
     """Decode in chunks and yield each: a shard or row group can hold thousands of images, and
     one decoded block for all of them would be hundreds of MB. Counts are reported per chunk."""
     ids = [-1] * len(blobs) if ids is None else ids
+    caps = [None] * len(blobs) if raw_captions is None else raw_captions
     for i in range(0, max(len(blobs), 1), ctx.chunk):  # one (possibly empty) output even for no samples
-        out = decode_samples(blobs[i : i + ctx.chunk], raw[i : i + ctx.chunk], ctx, counts, ids[i : i + ctx.chunk])
+        out = decode_samples(blobs[i : i + ctx.chunk], raw[i : i + ctx.chunk], ctx, counts, ids[i : i + ctx.chunk],
+                             caps[i : i + ctx.chunk], {k: v[i : i + ctx.chunk] for k, v in (extras or {}).items()})
         report(counts, ctx.counter_name)
         counts.clear()
         yield out

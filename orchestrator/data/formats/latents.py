@@ -80,6 +80,25 @@ def latents_of(column: "pa.ChunkedArray | pa.Array") -> np.ndarray:
     return np.concatenate(chunks) if chunks else np.zeros((0,) + tuple(column.type.shape), column.type.value_type.to_pandas_dtype())
 
 
+# Precomputed text embeddings (`raydiff data encode --text-encoder`): fixed-shape tensor columns
+# text_embedding [L, D] (float16/32) and text_mask [L] (uint8, 1 at real tokens), beside the
+# latents or the images; the readers hand them on as float32 / bool.
+TEXT_EMBEDDING_COLUMNS = ("text_embedding", "text_mask")
+
+
+def text_embeddings_of(table: "pa.Table") -> dict[str, np.ndarray]:
+    """``{"text_embedding": float32 [N, L, D], "text_mask": bool [N, L]}`` from a table holding
+    the columns (``{}`` when it holds none)."""
+    if not all(c in table.column_names for c in TEXT_EMBEDDING_COLUMNS):
+        return {}
+    return {"text_embedding": latents_of(table.column("text_embedding")).astype(np.float32),
+            "text_mask": latents_of(table.column("text_mask")).astype(bool)}
+
+
+def has_text_embeddings(schema: "pa.Schema") -> bool:
+    return all(c in schema.names for c in TEXT_EMBEDDING_COLUMNS)
+
+
 def preview_uint8(latents: np.ndarray) -> np.ndarray:
     """``[N, C, h, w]`` latents -> ``[N, h, w, 3]`` uint8: the first three channels (fewer are
     repeated) mapped from [-PREVIEW_RANGE, PREVIEW_RANGE]."""
@@ -143,6 +162,9 @@ class Latents(DataFormat):
         group_bytes = ROW_GROUP_ROWS * 4 * cfg.channels * cfg.resolution**2
         return max(1, min((64 << 20) // group_bytes, math.ceil(num_units / max(cpus, 1))))
 
+    def decode_options(self, cfg: "DataConfig", info: DatasetInfo) -> dict[str, Any]:
+        return {"text_embeddings": bool(read_manifest(cfg.source, cfg.s3).get("text"))}
+
     def decode(self, batch: dict[str, np.ndarray], ctx: DecodeContext) -> Iterator[dict[str, np.ndarray]]:
         import pyarrow.parquet as pq
 
@@ -152,9 +174,11 @@ class Latents(DataFormat):
         images: list[np.ndarray] = []
         labels: list[np.ndarray] = []
         indices: list[np.ndarray] = []
+        emb: dict[str, list[np.ndarray]] = {k: [] for k in TEXT_EMBEDDING_COLUMNS}
+        columns = ["latent", "label"] + (list(TEXT_EMBEDDING_COLUMNS) if ctx.options.get("text_embeddings") else [])
         for row, (rel, rg) in enumerate(zip(batch["path"], batch["row_group"])):
             def read(rel: str = rel, rg: int = int(rg)) -> Any:
-                return pq.ParquetFile(fs.open_input_file(f"{ctx.root}/{rel}")).read_row_group(rg, columns=["latent", "label"])
+                return pq.ParquetFile(fs.open_input_file(f"{ctx.root}/{rel}")).read_row_group(rg, columns=columns)
 
             try:
                 t = storage.retry_call(read, max_attempts=max(ctx.read_attempts, 1), on_retry=lambda _e: count(counts, D.RETRIED_READ))
@@ -179,12 +203,16 @@ class Latents(DataFormat):
             images.append(lat[keep].astype(np.float32))
             labels.append(np.asarray(labs, np.int64))
             indices.append(np.asarray(kept_ids, np.int64))
+            for k, v in text_embeddings_of(t).items():
+                emb[k].append(v[keep])
         report(counts, ctx.counter_name)
         out = np.concatenate(images) if images else np.zeros((0, *shape), np.float32)
         lab = np.concatenate(labels) if labels else np.zeros(0, np.int64)
         idx = np.concatenate(indices) if indices else np.zeros(0, np.int64)
+        text = {k: np.concatenate(v) for k, v in emb.items() if v}
         for i in range(0, max(len(out), 1), ctx.chunk):  # at least one (possibly empty) chunk
-            yield {"image": out[i : i + ctx.chunk], "label": lab[i : i + ctx.chunk], "index": idx[i : i + ctx.chunk]}
+            yield {"image": out[i : i + ctx.chunk], "label": lab[i : i + ctx.chunk], "index": idx[i : i + ctx.chunk],
+                   **{k: v[i : i + ctx.chunk] for k, v in text.items()}}
 
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
         import pyarrow.parquet as pq
@@ -192,20 +220,22 @@ class Latents(DataFormat):
         for rel in info.files:
             try:
                 pf = pq.ParquetFile(fs.open_input_file(f"{root}/{rel}"))
-                batches = pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["latent", "label"])
+                with_text = "text" in pf.schema_arrow.names  # captions stored by encode --text-encoder
+                batches = pf.iter_batches(batch_size=ROW_GROUP_ROWS, columns=["latent", "label"] + (["text"] if with_text else []))
                 row = 0
                 for b in batches:
                     lat = latents_of(b.column("latent"))
                     finite = np.isfinite(lat.reshape(len(lat), -1)).all(axis=1)
                     previews = preview_uint8(np.nan_to_num(lat))
+                    texts = b.column("text").to_pylist() if with_text and cfg.captions else [None] * len(lat)
                     for j, lab in enumerate(b.column("label").to_pylist()):
                         if finite[j]:
                             buf = io.BytesIO()
                             Image.fromarray(previews[j]).save(buf, format="PNG")
-                            yield f"{rel}:{row}", buf.getvalue(), lab
+                            yield f"{rel}:{row}", buf.getvalue(), lab, texts[j]
                         else:
-                            yield f"{rel}:{row}", D.CORRUPT, lab
+                            yield f"{rel}:{row}", D.CORRUPT, lab, texts[j]
                         row += 1
             except OSError:
-                yield rel, D.READ_ERROR, None
+                yield rel, D.READ_ERROR, None, None
 

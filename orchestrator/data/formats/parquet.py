@@ -1,6 +1,8 @@
 """parquet: ``*.parquet`` files with an image-bytes column (``data.image_column``; binary, or a
 struct with a ``bytes`` field as Hugging Face writes it) and an optional label column
-(``data.label_column``; class names from a Hugging Face ``ClassLabel`` feature when present).
+(``data.label_column``; class names from a Hugging Face ``ClassLabel`` feature when present),
+and with ``data.captions`` a caption column (``data.caption_column``; what ``datasets`` writes
+for an imagefolder with ``metadata.jsonl``: an ``image`` struct of ``bytes``/``path`` and ``text``).
 
 A work unit is one row group, read by our own code (not ``ray.data.read_parquet``): bounded task
 size, the same filesystem object as everywhere else, and a seeded shuffle of row groups.
@@ -18,6 +20,7 @@ import pyarrow as pa
 from orchestrator import storage
 from orchestrator.data import decode as D
 from orchestrator.data.formats.base import DataFormat, DecodeContext, Listing, Sample, count, decode_chunks, ext, sample_ids
+from orchestrator.data.formats.latents import TEXT_EMBEDDING_COLUMNS, has_text_embeddings, text_embeddings_of
 from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.labels import classes_from_values
 
@@ -83,6 +86,11 @@ class Parquet(DataFormat):
                     f"{storage.redact_uri(cfg.source)}/{rel} has no column {cfg.image_column!r} (columns: {', '.join(cols)}). "
                     "Fix: set data.image_column to the column holding encoded image bytes"
                 )
+            if cfg.captions and cfg.caption_column not in cols:
+                raise DataError(
+                    f"{storage.redact_uri(cfg.source)}/{rel} has no caption column {cfg.caption_column!r} (columns: "
+                    f"{', '.join(cols)}). Fix: set data.caption_column to the column holding the captions, or data.captions=false"
+                )
             n += pf.metadata.num_rows
             if i == 0 and label_col and label_col not in cols:
                 log.info("parquet dataset has no %r column: unlabeled", label_col)
@@ -116,21 +124,30 @@ class Parquet(DataFormat):
         })
 
     def decode_options(self, cfg: "DataConfig", info: DatasetInfo) -> dict[str, Any]:
-        return {"image_col": cfg.image_column, "label_col": _label_column(cfg, info)}
+        fs, root = storage.filesystem_for(cfg.source, cfg.s3)
+        # Shards written by `raydiff data encode --text-encoder` carry the captions' embeddings.
+        embedded = bool(info.files) and has_text_embeddings(_open(cfg, fs, root, info.files[0]).schema_arrow)
+        return {"image_col": cfg.image_column, "label_col": _label_column(cfg, info),
+                "caption_col": cfg.caption_column if cfg.captions else None, "text_embeddings": embedded}
 
     def decode(self, batch: dict[str, np.ndarray], ctx: DecodeContext) -> Iterator[dict[str, np.ndarray]]:
         import pyarrow.parquet as pq
 
         fs = ctx.filesystem()
         image_col, label_col = ctx.options["image_col"], ctx.options["label_col"]
+        caption_col = ctx.options.get("caption_col")
+        embedded = ctx.options.get("text_embeddings", False)
+        extra = [c for c in (label_col, caption_col) if c] + (list(TEXT_EMBEDDING_COLUMNS) if embedded else [])
+        emb: dict[str, list[np.ndarray]] = {k: [] for k in TEXT_EMBEDDING_COLUMNS} if embedded else {}
         counts: dict[str, int] = {}
         blobs: list[Any] = []
         raw: list[Any] = []
+        caps: list[Any] = []
         ids: list[int] = []
         for row, (rel, rg) in enumerate(zip(batch["path"], batch["row_group"])):
             def read(rel: str = rel, rg: int = int(rg)) -> Any:
                 pf = pq.ParquetFile(fs.open_input_file(f"{ctx.root}/{rel}"))
-                return pf.read_row_group(rg, columns=[image_col] + ([label_col] if label_col else []))
+                return pf.read_row_group(rg, columns=[image_col] + extra)
 
             try:
                 t = storage.retry_call(read, max_attempts=max(ctx.read_attempts, 1), on_retry=lambda _e: count(counts, D.RETRIED_READ))
@@ -142,21 +159,27 @@ class Parquet(DataFormat):
                 t = t.take(js)
             blobs += [_cell_bytes(v) for v in t.column(image_col).to_pylist()]
             raw += t.column(label_col).to_pylist() if label_col else [None] * t.num_rows
+            caps += t.column(caption_col).to_pylist() if caption_col else [None] * t.num_rows
+            for k, v in text_embeddings_of(t).items():
+                emb[k].append(v)
             ids += row_ids.tolist()
-        yield from decode_chunks(blobs, raw, counts, ctx, ids)
+        extras = {k: np.concatenate(v) for k, v in emb.items() if v} or None
+        yield from decode_chunks(blobs, raw, counts, ctx, ids, caps, extras)
 
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
         import pyarrow.parquet as pq
 
         label_col = _label_column(cfg, info)
-        cols = [cfg.image_column] + ([label_col] if label_col else [])
+        caption_col = cfg.caption_column if cfg.captions else None
+        cols = [cfg.image_column] + [c for c in (label_col, caption_col) if c]
         for rel in info.files:
             pf = pq.ParquetFile(fs.open_input_file(f"{root}/{rel}"))
             row = 0
             for batch in pf.iter_batches(batch_size=256, columns=cols):
                 d = batch.to_pydict()
                 labs = d[label_col] if label_col else [None] * batch.num_rows
-                for v, lab in zip(d[cfg.image_column], labs):
+                caps = d[caption_col] if caption_col else [None] * batch.num_rows
+                for v, lab, cap in zip(d[cfg.image_column], labs, caps):
                     b = _cell_bytes(v)
-                    yield f"{rel}:{row}", b if b is not None else D.EMPTY, lab
+                    yield f"{rel}:{row}", b if b is not None else D.EMPTY, lab, cap
                     row += 1

@@ -1,7 +1,9 @@
 """webdataset: ``*.tar`` shards, members grouped by key (path up to the first dot of the base
 name): an image (``.jpg/.jpeg/.png/.webp/.bmp``) plus an optional ``.cls`` (class index) or
 ``.json`` (``{"label": int | class name}``). A ``manifest.json`` (written by
-``raydiff data upload``) gives counts and class names without opening any shard.
+``raydiff data upload``) gives counts and class names without opening any shard. With
+``data.captions``: the ``.<caption_column>`` or ``.txt`` member, else the ``.json`` field
+(``orchestrator/data/captions.py``).
 
 A work unit is one shard. ``build_shard`` writes the shards that ``raydiff data upload``
 produces (``orchestrator/data/upload.py``).
@@ -93,15 +95,34 @@ def _raw_label_of(sample: dict[str, bytes]) -> Any:
     return None
 
 
-def build_shard(samples: list[tuple[str, str, bytes, int | None]]) -> bytes:
-    """A WebDataset tar of ``(key, image ext, bytes, label or None)``; byte-identical for the same
-    input (fixed mtime/owner), so that re-uploads can be recognised by checksum."""
+def raw_caption_of(sample: dict[str, bytes], column: str) -> Any:
+    """The caption of a WebDataset sample: the ``.<column>`` member, else ``.txt`` (LAION's
+    img2dataset shards), else the ``column`` field of the ``.json`` member; None if none."""
+    for suffix in (column.lower(), "txt"):
+        if suffix in sample and suffix not in _IMAGE_MEMBER_EXTS and suffix != "json":
+            return sample[suffix]
+    if "json" in sample:
+        try:
+            obj = json.loads(sample["json"])
+        except ValueError:
+            return None
+        if isinstance(obj, dict):
+            return obj.get(column)
+    return None
+
+
+def build_shard(samples: list[tuple[str, str, bytes, int | None]] | list[tuple[str, str, bytes, int | None, str | None]]) -> bytes:
+    """A WebDataset tar of ``(key, image ext, bytes, label or None[, caption or None])``;
+    byte-identical for the same input (fixed mtime/owner), so that re-uploads can be recognised
+    by checksum. A caption is written as the ``.txt`` member."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tf:
-        for key, suffix, data, label in samples:
+        for key, suffix, data, label, *rest in samples:
             members = [(f"{key}.{suffix}", data)]
             if label is not None:
                 members.append((f"{key}.cls", str(label).encode()))
+            if rest and rest[0] is not None:
+                members.append((f"{key}.txt", rest[0].encode()))
             for name, payload in members:
                 ti = tarfile.TarInfo(name)
                 ti.size, ti.mtime, ti.mode, ti.uid, ti.gid, ti.uname, ti.gname = len(payload), 0, 0o644, 0, 0, "", ""
@@ -182,8 +203,10 @@ class WebDataset(DataFormat):
         fs = ctx.filesystem()
         blobs: list[Any] = []
         raw: list[Any] = []
+        caps: list[Any] = []
         ids: list[int] = []
         counts: dict[str, int] = {}
+        column = ctx.captions.column
         for row, rel in enumerate(batch["unit"]):
             n = int(batch["samples"][row]) if "samples" in batch else 0
             js, row_ids = sample_ids(batch, row, n) if "_first" in batch else (None, None)
@@ -210,19 +233,20 @@ class WebDataset(DataFormat):
                     continue
                 blobs.append(_image_of(samples[j]))
                 raw.append(_raw_label_of(samples[j]))
+                caps.append(raw_caption_of(samples[j], column) if ctx.captions.use else None)
                 ids.append(sid)
-        yield from decode_chunks(blobs, raw, counts, ctx, ids)
+        yield from decode_chunks(blobs, raw, counts, ctx, ids, caps)
 
     def iter_samples(self, cfg: "DataConfig", info: DatasetInfo, fs: Any, root: str, *, threads: int) -> Iterator[Sample]:
         for shard in info.files:
             data = read_one(fs, f"{root}/{shard}")
             if isinstance(data, str):
-                yield shard, data, None
+                yield shard, data, None, None
                 continue
             try:
                 for key, s in iter_tar_samples(data):
                     img = _image_of(s)
                     if img is not None:
-                        yield f"{shard}:{key}", img, _raw_label_of(s)
+                        yield f"{shard}:{key}", img, _raw_label_of(s), raw_caption_of(s, cfg.caption_column) if cfg.captions else None
             except tarfile.TarError:
-                yield shard, D.CORRUPT, None
+                yield shard, D.CORRUPT, None, None
