@@ -38,12 +38,15 @@ from orchestrator.data.counter import counter
 from orchestrator.data.formats import get_format
 from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.pipeline import build_train_dataset, decode_dataset, training_units
-from orchestrator.data.position import SampleOrder, rank_positions
+from orchestrator.data.position import ORDER_VERSION, SampleOrder, rank_positions, steps_left
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from orchestrator.config import DataConfig
+
+# Samples of one rank whose ids are computed (and, streamed, read as one Ray Data read) at once.
+CHUNK_SAMPLES = 1 << 18
 
 
 @dataclass
@@ -88,16 +91,21 @@ class TrainReader:
                 for u, i in zip(units.tolist(), ids.tolist())]
 
     def batches(self, epoch: int, start: int, *, global_batch: int, world: int, rank: int,
-                prefetch: int = 2) -> Iterator[StepBatch]:
+                prefetch: int = 2, order_version: int = ORDER_VERSION) -> Iterator[StepBatch]:
         """This rank's micro-batches of ``epoch`` from epoch position ``start`` (global source
-        samples already consumed) to the end of the epoch."""
-        pos = rank_positions(self.total, start, global_batch, world, rank)
-        if not len(pos):
-            return
-        ids = self.order.epoch(epoch)[pos]
-        rows = self._cached_rows(ids) if self.cached is not None else self._streamed_rows(ids, prefetch)
-        for step_ids, found in zip(ids, rows):
-            yield self._assemble(step_ids, found)
+        samples already consumed) to the end of the epoch, in the order ``order_version``
+        (``TrainState.data_order``). The rank's ids are computed a chunk of steps at a time
+        (about ``CHUNK_SAMPLES``; on a streamed dataset each chunk is one Ray Data read), so
+        memory does not grow with the epoch."""
+        micro = global_batch // world
+        n = steps_left(self.total, start, global_batch)
+        per_chunk = max(1, CHUNK_SAMPLES // max(1, micro))
+        for first in range(0, n, per_chunk):
+            pos = rank_positions(self.total, start, global_batch, world, rank, first, per_chunk)
+            ids = self.order.ids(epoch, pos, order_version)
+            rows = self._cached_rows(ids) if self.cached is not None else self._streamed_rows(ids, prefetch)
+            for step_ids, found in zip(ids, rows):
+                yield self._assemble(step_ids, found)
 
     # -- assembling ----------------------------------------------------------------------------
     def _assemble(self, step_ids: np.ndarray, found: list[tuple[np.ndarray, int]]) -> StepBatch:

@@ -11,6 +11,16 @@ to ``<name>`` at once (the whole history stays ``tail -f``-able).
 step-keyed records (metrics) into one history: a later record at a step at or below an earlier one starts a new branch
 (a resumed run redoing steps after its checkpoint) and supersedes the old records from that step
 on, so the history never holds a step twice.
+
+**Compaction** keeps reading cheap on long runs (a 30-day run flushing every 30 s writes ~86,000
+parts per log): at every checkpoint (``RunDir.compact_logs``) and after every
+``COMPACT_EVERY_PARTS`` parts of one writer, the parts present become one segment object,
+``<name>.parts/segment-<last part>-<pid>.jsonl``, whose first line names the parts it holds and
+their line counts; then the parts are deleted. Readers take each part's lines once, from the
+first segment (in name order) or part that holds it, and order everything by part name (write
+order), so a run killed between the segment's write and the parts' deletion (or while deleting,
+or two compactions of the same parts) loses nothing and repeats nothing. A reader's requests then
+grow with the checkpoints (one per segment), not with the flushes.
 """
 
 from __future__ import annotations
@@ -21,13 +31,16 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator.storage.files import listdir, read_bytes, write_bytes
-from orchestrator.storage.uri import join, parse_uri
+from orchestrator.storage.files import delete_many, listdir, read_bytes, read_many, write_bytes
+from orchestrator.storage.uri import StorageError, join, parse_uri
 
 if TYPE_CHECKING:
     from orchestrator.config import S3Config
 
 PARTS_SUFFIX = ".parts"
+SEGMENT_PREFIX = "segment-"
+SEGMENT_KEY = "_segment"  # the first line of a segment: {"_segment": [[part name, lines], ...]}
+COMPACT_EVERY_PARTS = 256  # parts one writer flushes between compactions (without checkpoints)
 
 
 class JsonlLog:
@@ -40,6 +53,7 @@ class JsonlLog:
         self.is_s3 = parse_uri(self.uri).is_s3
         self._buffer: list[str] = []
         self._last_flush = time.monotonic()
+        self._parts = 0  # parts written since this writer's last compaction
 
     def write(self, record: dict[str, Any]) -> None:
         line = json.dumps(record) + "\n"
@@ -62,6 +76,10 @@ class JsonlLog:
         part = join(f"{self.uri}{PARTS_SUFFIX}", f"{time.time_ns():020d}-{os.getpid()}.jsonl")
         write_bytes(part, "".join(self._buffer).encode(), self.s3cfg)
         self._buffer.clear()
+        self._parts += 1
+        if self._parts >= COMPACT_EVERY_PARTS:
+            self._parts = 0
+            compact(self.uri, self.s3cfg)
 
     def close(self) -> None:
         self.flush()
@@ -102,18 +120,89 @@ def _parse_lines(data: bytes) -> list[dict[str, Any]]:
     return out
 
 
+def _lines(data: bytes) -> list[str]:
+    return [line for line in data.decode("utf-8", errors="replace").splitlines() if line.strip()]
+
+
+def _segment_parts(lines: list[str]) -> dict[str, list[str]] | None:
+    """A segment's lines per part it holds; None when its header is unreadable."""
+    try:
+        held = json.loads(lines[0])[SEGMENT_KEY] if lines else None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        held = None
+    if not isinstance(held, list):
+        return None
+    out, i = {}, 1
+    for name, count in held:
+        out[name] = lines[i : i + count]
+        i += count
+    return out
+
+
+def _parts_lines(parts_uri: str, s3cfg: "S3Config | None", tries: int = 3) -> dict[str, list[str]]:
+    """{part name: its lines}, each part once (from the first segment holding it, else itself).
+    A part or segment gone between the listing and its read was compacted meanwhile: list again."""
+    names = listdir(parts_uri, s3cfg)
+    segments = [n for n in names if n.startswith(SEGMENT_PREFIX)]
+    held: dict[str, list[str]] = {}
+    for seg, data in zip(segments, read_many([join(parts_uri, n) for n in segments], s3cfg)):
+        if data is None:
+            return _parts_lines(parts_uri, s3cfg, tries - 1) if tries > 1 else _gone(parts_uri, seg)
+        per_part = _segment_parts(_lines(data))
+        if per_part is None:  # not a segment this code wrote: its lines as one part
+            per_part = {seg: _lines(data)}
+        for part, lines in per_part.items():
+            held.setdefault(part, lines)
+    loose = [n for n in names if not n.startswith(SEGMENT_PREFIX) and n not in held]
+    for part, data in zip(loose, read_many([join(parts_uri, n) for n in loose], s3cfg)):
+        if data is None:
+            return _parts_lines(parts_uri, s3cfg, tries - 1) if tries > 1 else _gone(parts_uri, part)
+        held[part] = _lines(data)
+    return held
+
+
+def _gone(parts_uri: str, name: str) -> dict[str, list[str]]:
+    raise StorageError(f"{join(parts_uri, name)} disappeared while the log was read, three times (compactions "
+                       "racing the read). Fix: read it again")
+
+
 def read_records(run_uri: str, name: str, s3cfg: "S3Config | None" = None) -> list[dict[str, Any]]:
-    """Every record of the log in write order (local file first, then the parts)."""
+    """Every record of the log in write order (local file first, then the parts, compacted or not)."""
     uri = join(run_uri, name)
     records: list[dict[str, Any]] = []
     try:
         records += _parse_lines(read_bytes(uri, s3cfg))
     except FileNotFoundError:
         pass
-    parts_uri = f"{uri}{PARTS_SUFFIX}"
-    for part in listdir(parts_uri, s3cfg):
-        records += _parse_lines(read_bytes(join(parts_uri, part), s3cfg))
+    held = _parts_lines(f"{uri}{PARTS_SUFFIX}", s3cfg)
+    for part in sorted(held):  # part names sort in write order
+        records += _parse_lines("\n".join(held[part]).encode())
     return records
+
+
+def compact(uri: str, s3cfg: "S3Config | None" = None) -> int:
+    """Make the loose parts of the log at ``uri`` one segment (see the module's docstring); the
+    number of parts compacted. The segment is written before any part is deleted, so a kill at
+    any point loses nothing, and readers take a part held twice once."""
+    if not parse_uri(uri).is_s3:
+        return 0  # local logs are one appended file
+    parts_uri = f"{uri}{PARTS_SUFFIX}"
+    # Only the loose parts are read (not the segments: compaction costs what was flushed since
+    # the last one). A part that an interrupted compaction already put in a segment goes into
+    # this one again; readers take it once.
+    loose = [n for n in listdir(parts_uri, s3cfg) if not n.startswith(SEGMENT_PREFIX)]
+    if len(loose) < 2:
+        return 0
+    found = [(n, d) for n, d in zip(loose, read_many([join(parts_uri, n) for n in loose], s3cfg)) if d is not None]
+    loose, lines = [n for n, _ in found], [_lines(d) for _, d in found]  # gone: another compaction took it
+    if len(loose) < 2:
+        return 0
+    header = {SEGMENT_KEY: [[n, len(x)] for n, x in zip(loose, lines)]}
+    body = "".join(line + "\n" for line in [json.dumps(header), *(x for part in lines for x in part)])
+    stem = loose[-1].removesuffix(".jsonl")
+    write_bytes(join(parts_uri, f"{SEGMENT_PREFIX}{stem}-{os.getpid()}.jsonl"), body.encode(), s3cfg)
+    delete_many([join(parts_uri, n) for n in loose], s3cfg)
+    return len(loose)
 
 
 def supersede(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
