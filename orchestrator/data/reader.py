@@ -97,15 +97,22 @@ class TrainReader:
         (``TrainState.data_order``). The rank's ids are computed a chunk of steps at a time
         (about ``CHUNK_SAMPLES``; on a streamed dataset each chunk is one Ray Data read), so
         memory does not grow with the epoch."""
-        micro = global_batch // world
         n = steps_left(self.total, start, global_batch)
-        per_chunk = max(1, CHUNK_SAMPLES // max(1, micro))
+        per_chunk = max(1, CHUNK_SAMPLES // max(1, global_batch // world))
         for first in range(0, n, per_chunk):
-            pos = rank_positions(self.total, start, global_batch, world, rank, first, per_chunk)
-            ids = self.order.ids(epoch, pos, order_version)
+            ids = self.rank_ids(epoch, start, global_batch=global_batch, world=world, rank=rank, first_step=first,
+                                steps=per_chunk, order_version=order_version)
             rows = self._cached_rows(ids) if self.cached is not None else self._streamed_rows(ids, prefetch)
             for step_ids, found in zip(ids, rows):
                 yield self._assemble(step_ids, found)
+
+    def rank_ids(self, epoch: int, start: int, *, global_batch: int, world: int, rank: int, first_step: int,
+                 steps: int, order_version: int = ORDER_VERSION) -> np.ndarray:
+        """Canonical ids of this rank's micro-batches for ``steps`` steps from step ``first_step``
+        after epoch position ``start``: int64 ``[steps, global_batch // world]`` (fewer steps at
+        the epoch's end). Cost proportional to what is asked (``raydiff bench scale`` times it)."""
+        pos = rank_positions(self.total, start, global_batch, world, rank, first_step, steps)
+        return self.order.ids(epoch, pos, order_version)
 
     # -- assembling ----------------------------------------------------------------------------
     def _assemble(self, step_ids: np.ndarray, found: list[tuple[np.ndarray, int]]) -> StepBatch:

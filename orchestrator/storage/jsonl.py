@@ -43,6 +43,11 @@ SEGMENT_KEY = "_segment"  # the first line of a segment: {"_segment": [[part nam
 COMPACT_EVERY_PARTS = 256  # parts one writer flushes between compactions (without checkpoints)
 
 
+def part_name(time_ns: int, pid: int) -> str:
+    """A part's name: sorts in write order (fixed-width nanoseconds), unique per writer (pid)."""
+    return f"{time_ns:020d}-{pid}.jsonl"
+
+
 class JsonlLog:
     """One writer's handle on ``{run_uri}/{name}``; call ``flush()`` at checkpoints, ``close()`` at the end."""
 
@@ -73,7 +78,7 @@ class JsonlLog:
             return
         # Nanosecond wall-clock names sort in write order across writers that follow each other
         # (a run and its resume); the pid separates two objects written in the same nanosecond.
-        part = join(f"{self.uri}{PARTS_SUFFIX}", f"{time.time_ns():020d}-{os.getpid()}.jsonl")
+        part = join(f"{self.uri}{PARTS_SUFFIX}", part_name(time.time_ns(), os.getpid()))
         write_bytes(part, "".join(self._buffer).encode(), self.s3cfg)
         self._buffer.clear()
         self._parts += 1
