@@ -66,14 +66,11 @@ def _steps(run: str, cfg) -> list[int]:
     return [r["step"] for r in read_records(run, "metrics.jsonl", cfg)]
 
 
-@pytest.mark.slow  # 20,000 GETs on the local server: about a minute and a half on 2 shared cores
+@pytest.mark.slow  # compaction GETs the 20,000 parts: about two minutes on 2 shared cores
 def test_20000_parts_read_back_after_compaction_in_few_requests(s3_server):
     bucket = s3_server.create_bucket(f"compact-{uuid.uuid4().hex[:8]}")
     run, cfg = f"s3://{bucket}/runs/month", s3_server.s3_config()
     _write_parts(s3_server, bucket, "runs/month/metrics.jsonl", range(1, 20_001))
-    with Requests(cfg) as before:
-        assert _steps(run, cfg)[-3:] == [19_998, 19_999, 20_000]
-    assert len(before.ops) > 20_000  # a GET per part
     assert compact(f"{run}/metrics.jsonl", cfg) == 20_000
     with Requests(cfg) as after:
         steps = _steps(run, cfg)
