@@ -128,6 +128,34 @@ def test_crash_between_segment_and_deletion_loses_and_repeats_nothing(s3_server,
     assert all(n.startswith(SEGMENT_PREFIX) for n in listdir(f"{run}/metrics.jsonl{PARTS_SUFFIX}", cfg))
 
 
+def test_segments_merge_so_reads_stay_bounded_on_any_run_length(s3_server, monkeypatch):
+    """With MAX_SEGMENTS=3, ten checkpoints leave at most 3 segments; a crash during a merge
+    (the merged segment written, nothing deleted) still reads every record once."""
+    monkeypatch.setattr(jsonl_mod, "MAX_SEGMENTS", 3)
+    bucket = s3_server.create_bucket(f"compact-{uuid.uuid4().hex[:8]}")
+    run, cfg = f"s3://{bucket}/runs/merge", s3_server.s3_config()
+    seg_counts = []
+    for ckpt in range(10):
+        _write_parts(s3_server, bucket, "runs/merge/metrics.jsonl", range(10 * ckpt + 1, 10 * ckpt + 11))
+        compact(f"{run}/metrics.jsonl", cfg)
+        names = listdir(f"{run}/metrics.jsonl{PARTS_SUFFIX}", cfg)
+        seg_counts.append(len(names))
+        assert all(n.startswith(SEGMENT_PREFIX) for n in names)
+    assert max(seg_counts) == 3 and seg_counts[:4] == [1, 2, 3, 1]
+    assert _steps(run, cfg) == list(range(1, 101))
+    _write_parts(s3_server, bucket, "runs/merge/metrics.jsonl", range(101, 104))
+    monkeypatch.setattr(jsonl_mod, "delete_many", lambda uris, s3cfg=None: None)  # killed before deleting
+    segments = lambda: [n for n in listdir(f"{run}/metrics.jsonl{PARTS_SUFFIX}", cfg)  # noqa: E731
+                        if n.startswith(SEGMENT_PREFIX)]
+    while len(segments()) <= 3:  # compactions, then a merge (of 3 segments into a 4th), none deleting
+        compact(f"{run}/metrics.jsonl", cfg)
+    assert _steps(run, cfg) == list(range(1, 104))
+    monkeypatch.undo()
+    compact(f"{run}/metrics.jsonl", cfg)  # the next checkpoint: merges everything
+    assert _steps(run, cfg) == list(range(1, 104))
+    assert len(listdir(f"{run}/metrics.jsonl{PARTS_SUFFIX}", cfg)) == 1
+
+
 KILLED = textwrap.dedent("""
     import os, signal, sys
     from orchestrator.config import S3Config

@@ -280,4 +280,3 @@ def cmd_bench_scale(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(res, indent=2))
     return 0 if res["ok"] else 1
-

@@ -15,12 +15,13 @@ on, so the history never holds a step twice.
 **Compaction** keeps reading cheap on long runs (a 30-day run flushing every 30 s writes ~86,000
 parts per log): at every checkpoint (``RunDir.compact_logs``) and after every
 ``COMPACT_EVERY_PARTS`` parts of one writer, the parts present become one segment object,
-``<name>.parts/segment-<last part>-<pid>.jsonl``, whose first line names the parts it holds and
-their line counts; then the parts are deleted. Readers take each part's lines once, from the
-first segment (in name order) or part that holds it, and order everything by part name (write
-order), so a run killed between the segment's write and the parts' deletion (or while deleting,
+``<name>.parts/segment-<last part>-<time>-<pid>.jsonl``, whose first line names the parts it holds
+and their line counts; then the parts are deleted. A compaction that finds ``MAX_SEGMENTS``
+segments merges them into its own as well. Readers take each part's lines once, from the first
+segment (in name order) or part that holds it, and order everything by part name (write order), so a run killed between the segment's write and the parts' deletion (or while deleting,
 or two compactions of the same parts) loses nothing and repeats nothing. A reader's requests then
-grow with the checkpoints (one per segment), not with the flushes.
+stay bounded (a listing, at most ``MAX_SEGMENTS`` segments, the parts since the last checkpoint)
+instead of growing with the flushes.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ PARTS_SUFFIX = ".parts"
 SEGMENT_PREFIX = "segment-"
 SEGMENT_KEY = "_segment"  # the first line of a segment: {"_segment": [[part name, lines], ...]}
 COMPACT_EVERY_PARTS = 256  # parts one writer flushes between compactions (without checkpoints)
+# Segments a compaction finds before it merges them all into its own: a reader's requests stay
+# under ~MAX_SEGMENTS + the parts since the last compaction; merging rewrites the log once per
+# MAX_SEGMENTS checkpoints (a month of metrics is megabytes: cheap).
+MAX_SEGMENTS = 32
 
 
 def part_name(time_ns: int, pid: int) -> str:
@@ -187,26 +192,39 @@ def read_records(run_uri: str, name: str, s3cfg: "S3Config | None" = None) -> li
 
 def compact(uri: str, s3cfg: "S3Config | None" = None) -> int:
     """Make the loose parts of the log at ``uri`` one segment (see the module's docstring); the
-    number of parts compacted. The segment is written before any part is deleted, so a kill at
-    any point loses nothing, and readers take a part held twice once."""
+    number of loose parts compacted. When ``MAX_SEGMENTS`` segments exist they are merged into
+    the new one too, so a reader never reads more than that many, however long the run. The new
+    segment is written before anything is deleted, so a kill at any point loses nothing, and
+    readers take a part held twice once."""
     if not parse_uri(uri).is_s3:
         return 0  # local logs are one appended file
     parts_uri = f"{uri}{PARTS_SUFFIX}"
-    # Only the loose parts are read (not the segments: compaction costs what was flushed since
-    # the last one). A part that an interrupted compaction already put in a segment goes into
-    # this one again; readers take it once.
-    loose = [n for n in listdir(parts_uri, s3cfg) if not n.startswith(SEGMENT_PREFIX)]
-    if len(loose) < 2:
+    names = listdir(parts_uri, s3cfg)
+    segments = [n for n in names if n.startswith(SEGMENT_PREFIX)]
+    loose = [n for n in names if not n.startswith(SEGMENT_PREFIX)]
+    merge = len(segments) >= MAX_SEGMENTS
+    if len(loose) < 2 and not merge:
         return 0
-    found = [(n, d) for n, d in zip(loose, read_many([join(parts_uri, n) for n in loose], s3cfg)) if d is not None]
-    loose, lines = [n for n, _ in found], [_lines(d) for _, d in found]  # gone: another compaction took it
-    if len(loose) < 2:
+    # Otherwise only the loose parts are read (compaction costs what was flushed since the last
+    # one). A part that an interrupted compaction already put in a segment goes into this one
+    # again; readers take it once.
+    held: dict[str, list[str]] = {}
+    sources = (segments if merge else []) + loose
+    for name, data in zip(sources, read_many([join(parts_uri, n) for n in sources], s3cfg)):
+        if data is None:
+            continue  # gone: another compaction took it
+        per_part = _segment_parts(_lines(data)) if name.startswith(SEGMENT_PREFIX) else None
+        for part, lines in (per_part if per_part is not None else {name: _lines(data)}).items():
+            held.setdefault(part, lines)
+    if not held:
         return 0
-    header = {SEGMENT_KEY: [[n, len(x)] for n, x in zip(loose, lines)]}
-    body = "".join(line + "\n" for line in [json.dumps(header), *(x for part in lines for x in part)])
-    stem = loose[-1].removesuffix(".jsonl")
-    write_bytes(join(parts_uri, f"{SEGMENT_PREFIX}{stem}-{os.getpid()}.jsonl"), body.encode(), s3cfg)
-    delete_many([join(parts_uri, n) for n in loose], s3cfg)
+    order = sorted(held)
+    header = {SEGMENT_KEY: [[n, len(held[n])] for n in order]}
+    body = "".join(line + "\n" for line in [json.dumps(header), *(x for n in order for x in held[n])])
+    # Unique (time and pid): never the name of a segment about to be deleted.
+    seg = f"{SEGMENT_PREFIX}{order[-1].removesuffix('.jsonl')}-{time.time_ns()}-{os.getpid()}.jsonl"
+    write_bytes(join(parts_uri, seg), body.encode(), s3cfg)
+    delete_many([join(parts_uri, n) for n in sources if n != seg], s3cfg)
     return len(loose)
 
 
