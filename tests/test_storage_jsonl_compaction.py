@@ -144,13 +144,14 @@ def test_segments_merge_so_reads_stay_bounded_on_any_run_length(s3_server, monke
     assert max(seg_counts) == 3 and seg_counts[:4] == [1, 2, 3, 1]
     assert _steps(run, cfg) == list(range(1, 101))
     _write_parts(s3_server, bucket, "runs/merge/metrics.jsonl", range(101, 104))
+    real_delete = jsonl_mod.delete_many
     monkeypatch.setattr(jsonl_mod, "delete_many", lambda uris, s3cfg=None: None)  # killed before deleting
     segments = lambda: [n for n in listdir(f"{run}/metrics.jsonl{PARTS_SUFFIX}", cfg)  # noqa: E731
                         if n.startswith(SEGMENT_PREFIX)]
     while len(segments()) <= 3:  # compactions, then a merge (of 3 segments into a 4th), none deleting
         compact(f"{run}/metrics.jsonl", cfg)
     assert _steps(run, cfg) == list(range(1, 104))
-    monkeypatch.undo()
+    monkeypatch.setattr(jsonl_mod, "delete_many", real_delete)
     compact(f"{run}/metrics.jsonl", cfg)  # the next checkpoint: merges everything
     assert _steps(run, cfg) == list(range(1, 104))
     assert len(listdir(f"{run}/metrics.jsonl{PARTS_SUFFIX}", cfg)) == 1
