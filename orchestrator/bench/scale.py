@@ -27,11 +27,13 @@ import argparse
 import json
 import pickle
 import resource
+import socket
 import sys
 import tempfile
 import time
 import tracemalloc
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -165,9 +167,6 @@ def _log_readback(parts: int) -> list[Phase]:
     from orchestrator.storage.local_server import _moto_server_cls
     from orchestrator.storage.rundir import METRICS_LOG, RunDir
     from orchestrator.storage.uri import join
-
-    import socket
-    from concurrent.futures import ThreadPoolExecutor
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
