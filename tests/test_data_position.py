@@ -117,3 +117,20 @@ def test_train_state_position_is_global_and_reads_old_checkpoints():
     assert TrainState(**{"step": 9, "samples_seen": 72, "epoch": 1, "batch_in_epoch": 2}).epoch_position(8) == 16
     assert TrainState(step=9, epoch=1, batch_in_epoch=2, samples_in_epoch=24).epoch_position(8) == 24
     assert TrainState().epoch_position(8) == 0
+
+
+def test_reader_streams_an_epoch_in_chunks_of_steps(ray_local, tmp_path, monkeypatch):
+    """A rank computes its ids (and streams its samples) a chunk of steps at a time, so memory
+    does not grow with the epoch: two chunks give the batches of one, pixels matching ids."""
+    import orchestrator.data.reader as reader_mod
+
+    written = write_imagefolder(tmp_path / "d", {"a": 6, "b": 6}, size=16)
+    cfg = DataConfig(source=str(tmp_path / "d"), resolution=16, local_shuffle_buffer=5, seed=1)
+    reader = make_train_reader(cfg, inspect_dataset(cfg))  # cache=False: streamed
+    whole = [sb.ids.tolist() for sb in reader.batches(0, 0, global_batch=4, world=1, rank=0)]
+    monkeypatch.setattr(reader_mod, "CHUNK_SAMPLES", 8)  # 2 steps of 4 per chunk: 3 steps = 2 chunks
+    chunked = list(reader.batches(0, 0, global_batch=4, world=1, rank=0))
+    assert [sb.ids.tolist() for sb in chunked] == whole == reader.order.epoch(0)[:12].reshape(3, 4).tolist()
+    for sb in chunked:
+        for n, img in zip(reader.sample_names(sb.ids), sb.image):
+            assert np.allclose(img, expected_tensor(written[n][1]), atol=1e-6)

@@ -72,6 +72,7 @@ NOT_RUN = {
     "raydiff controller": "needs a Ray cluster or starts one; tests/test_controller*.py run it",
     "raydiff bench sample --checkpoint runs/demo": "needs a finished demo run; tests/test_bench_sample.py runs the bench",
     "raydiff bench startup": "six fresh processes, three of them training runs (minutes); tests/test_bench_startup.py runs its plain side",
+    "raydiff bench scale": "2-billion-sample sizes: about a minute on 2 cores; tests/test_bench_scale.py runs it at tiny sizes",
     "raydiff bench quality": "trains several models side by side (about a minute with --quick, far longer without); tests/test_quality.py runs it",
 }
 # The block that runs end to end (slow test), by its first command.

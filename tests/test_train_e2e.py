@@ -86,7 +86,8 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
     assert [r.step for r in refs] == [6, 9]  # keep=2
     state = json.loads(rundir.read_text(f"{refs[-1].name}/train_state.json"))
     # 60 images / global batch 8 -> 7 steps per epoch: step 9 is epoch 1, batch 2 (16 samples into it).
-    assert state == {"step": 9, "samples_seen": 72, "epoch": 1, "batch_in_epoch": 2, "samples_in_epoch": 16}
+    assert state == {"step": 9, "samples_seen": 72, "epoch": 1, "batch_in_epoch": 2, "samples_in_epoch": 16,
+                     "data_order": 2}
     model, saved_cfg = Checkpointer(rundir).ema_model(refs[-1])
     assert saved_cfg.optim.steps == 9 and model.num_classes == 10
 

@@ -18,7 +18,7 @@ from orchestrator.storage.flags import add_s3_args
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    for add in (_data, _step, _startup, _sample, _quality):
+    for add in (_data, _step, _startup, _sample, _quality, _scale):
         add(bench_sub)
 
 
@@ -91,4 +91,20 @@ def _quality(bench_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
     p.add_argument("--out", default="bench-quality", help="folder for quality.csv, quality.txt and quality.png")
     p.set_defaults(func=handler("orchestrator.bench.quality:cmd_bench_quality"))
+    return p
+
+
+def _scale(bench_subparsers: Any) -> argparse.ArgumentParser:
+    p = bench_subparsers.add_parser("scale", help="listing, planning, data order, resume and log costs at a given "
+                                                  "dataset size and world size, without the data")
+    p.add_argument("--samples", type=int, default=2_000_000_000, help="samples in the dataset")
+    p.add_argument("--units", type=int, default=200_000, help="training units (shards) holding them")
+    p.add_argument("--workers", type=int, default=256, help="ranks (world size) of the run")
+    p.add_argument("--batch", type=int, default=4096, help="global batch (optim.batch_size)")
+    p.add_argument("--window", type=int, default=512, help="data.local_shuffle_buffer")
+    p.add_argument("--resume-workers", type=int, default=None, help="world size of the resume (default: half)")
+    p.add_argument("--parts", type=int, default=300, help="parts of the metrics log read back (0: skip)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.set_defaults(func=handler("orchestrator.bench.scale:cmd_bench_scale"))
     return p

@@ -39,12 +39,15 @@ from orchestrator.data.counter import counter
 from orchestrator.data.formats import get_format
 from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.pipeline import build_train_dataset, decode_dataset, training_units
-from orchestrator.data.position import SampleOrder, rank_positions
+from orchestrator.data.position import ORDER_VERSION, SampleOrder, rank_positions, steps_left
 
 if TYPE_CHECKING:
     import pyarrow as pa
 
     from orchestrator.config import DataConfig
+
+# Samples of one rank whose ids are computed (and, streamed, read as one Ray Data read) at once.
+CHUNK_SAMPLES = 1 << 18
 
 
 # Per-sample fields that travel with the images when the data has them (text-to-image, issue 20):
@@ -102,16 +105,28 @@ class TrainReader:
                 for u, i in zip(units.tolist(), ids.tolist())]
 
     def batches(self, epoch: int, start: int, *, global_batch: int, world: int, rank: int,
-                prefetch: int = 2) -> Iterator[StepBatch]:
+                prefetch: int = 2, order_version: int = ORDER_VERSION) -> Iterator[StepBatch]:
         """This rank's micro-batches of ``epoch`` from epoch position ``start`` (global source
-        samples already consumed) to the end of the epoch."""
-        pos = rank_positions(self.total, start, global_batch, world, rank)
-        if not len(pos):
-            return
-        ids = self.order.epoch(epoch)[pos]
-        rows = self._cached_rows(ids) if self.cached is not None else self._streamed_rows(ids, prefetch)
-        for step_ids, found in zip(ids, rows):
-            yield self._assemble(step_ids, found)
+        samples already consumed) to the end of the epoch, in the order ``order_version``
+        (``TrainState.data_order``). The rank's ids are computed a chunk of steps at a time
+        (about ``CHUNK_SAMPLES``; on a streamed dataset each chunk is one Ray Data read), so
+        memory does not grow with the epoch."""
+        n = steps_left(self.total, start, global_batch)
+        per_chunk = max(1, CHUNK_SAMPLES // max(1, global_batch // world))
+        for first in range(0, n, per_chunk):
+            ids = self.rank_ids(epoch, start, global_batch=global_batch, world=world, rank=rank, first_step=first,
+                                steps=per_chunk, order_version=order_version)
+            rows = self._cached_rows(ids) if self.cached is not None else self._streamed_rows(ids, prefetch)
+            for step_ids, found in zip(ids, rows):
+                yield self._assemble(step_ids, found)
+
+    def rank_ids(self, epoch: int, start: int, *, global_batch: int, world: int, rank: int, first_step: int,
+                 steps: int, order_version: int = ORDER_VERSION) -> np.ndarray:
+        """Canonical ids of this rank's micro-batches for ``steps`` steps from step ``first_step``
+        after epoch position ``start``: int64 ``[steps, global_batch // world]`` (fewer steps at
+        the epoch's end). Cost proportional to what is asked (``raydiff bench scale`` times it)."""
+        pos = rank_positions(self.total, start, global_batch, world, rank, first_step, steps)
+        return self.order.ids(epoch, pos, order_version)
 
     # -- assembling ----------------------------------------------------------------------------
     def _assemble(self, step_ids: np.ndarray, found: list[tuple[np.ndarray, int]]) -> StepBatch:

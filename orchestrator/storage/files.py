@@ -242,3 +242,44 @@ def delete(uri: str, s3cfg: "S3Config | None" = None) -> None:
         s3_client(s3cfg).delete_object(Bucket=loc.bucket, Key=loc.key)
     except Exception as e:  # noqa: BLE001
         raise explain_client_error(e, uri, s3cfg, "write to") from None
+
+
+def read_many(uris: list[str], s3cfg: "S3Config | None" = None, *, threads: int = 8) -> list[bytes | None]:
+    """``read_bytes`` of each URI, in order, None for one that does not exist; on S3 several
+    requests at a time (botocore's connection pool holds 10 by default, so at most 8 threads
+    share the process's client)."""
+
+    def one(u: str) -> bytes | None:
+        try:
+            return read_bytes(u, s3cfg)
+        except FileNotFoundError:
+            return None
+
+    if len(uris) < 2 or not parse_uri(uris[0]).is_s3:
+        return [one(u) for u in uris]
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(min(threads, len(uris))) as pool:
+        return list(pool.map(one, uris))
+
+
+def delete_many(uris: list[str], s3cfg: "S3Config | None" = None) -> None:
+    """``delete`` of each URI; on S3 one request per 1,000 objects of a bucket (DeleteObjects)."""
+    by_bucket: dict[str, list[str]] = {}
+    for u in uris:
+        loc = parse_uri(u)
+        if not loc.is_s3:
+            Path(loc.key).unlink(missing_ok=True)
+            continue
+        by_bucket.setdefault(loc.bucket, []).append(loc.key)
+    for bucket, keys in by_bucket.items():
+        for i in range(0, len(keys), 1000):
+            try:
+                resp = s3_client(s3cfg).delete_objects(
+                    Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[i : i + 1000]], "Quiet": True})
+            except Exception as e:  # noqa: BLE001
+                raise explain_client_error(e, f"s3://{bucket}/{keys[i]}", s3cfg, "write to") from None
+            if resp.get("Errors"):
+                err = resp["Errors"][0]
+                raise StorageError(f"could not delete s3://{bucket}/{err['Key']}: {err.get('Code')} "
+                                   f"{err.get('Message', '')}. Fix: check the credentials' delete permission")

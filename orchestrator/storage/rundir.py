@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from orchestrator.storage.files import exists, listdir, read_bytes, write_bytes
-from orchestrator.storage.jsonl import JsonlLog, read_records, supersede
+from orchestrator.storage.jsonl import JsonlLog, compact, read_records, supersede
 from orchestrator.storage.uri import join
 
 if TYPE_CHECKING:
@@ -61,6 +61,12 @@ class RunDir:
         log = self.log(EVENTS_LOG)
         log.write(record)
         log.close()
+
+    def compact_logs(self) -> None:
+        """Each log's parts so far become one segment (on S3; see orchestrator/storage/jsonl.py):
+        called at checkpoints, so readers' requests grow with checkpoints, not with flushes."""
+        for name in (METRICS_LOG, EVENTS_LOG):
+            compact(join(self.uri, name), self.s3)
 
     def events(self) -> list[dict[str, Any]]:
         return read_records(self.uri, EVENTS_LOG, self.s3)

@@ -69,6 +69,10 @@ class RankZeroOutputs:
             self.tracker.image(step, png)
 
     def checkpoint(self, step: int, uri: str, stall_s: float) -> None:
+        if self.rundir is not None:
+            # The logs were flushed before the checkpoint: their parts since the last one become
+            # one segment (S3 only), so reading a month-long run's logs costs a request per checkpoint.
+            self.rundir.compact_logs()
         if self.bar is not None:
             self.bar.checkpoint(step, uri, stall_s)
 

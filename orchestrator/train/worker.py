@@ -111,8 +111,10 @@ class Worker:
         position (orchestrator/data/position.py: exact to the sample, on any world size)."""
         recorder = SampleRecorder(self.rank, self.args.faults.record_sample_ids_dir)
         start = self.state.epoch_position(global_batch)
+        self.state.data_order = self.state.order_version(global_batch)  # saved with the position
         for i, sb in enumerate(reader.batches(self.state.epoch, start, global_batch=global_batch, world=self.world,
-                                              rank=self.rank, prefetch=self.cfg.data.prefetch_batches)):
+                                              rank=self.rank, prefetch=self.cfg.data.prefetch_batches,
+                                              order_version=self.state.data_order)):
             if recorder:
                 recorder.record(epoch=self.state.epoch, step=self.state.step + 1, position=start + i * global_batch,
                                 ids=reader.sample_names(sb.ids))
@@ -224,6 +226,7 @@ class Worker:
                 else:
                     self.state.epoch += 1
                     self.state.batch_in_epoch = self.state.samples_in_epoch = 0
+                    self.state.data_order = None  # the next epoch takes the current order
         finally:
             self.out.close()
 
