@@ -15,6 +15,7 @@ on, so the history never holds a step twice.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -26,6 +27,7 @@ from orchestrator.storage.uri import join, parse_uri
 
 if TYPE_CHECKING:
     from orchestrator.config import S3Config
+    from orchestrator.storage.fence import Fence
 
 PARTS_SUFFIX = ".parts"
 
@@ -33,8 +35,10 @@ PARTS_SUFFIX = ".parts"
 class JsonlLog:
     """One writer's handle on ``{run_uri}/{name}``; call ``flush()`` at checkpoints, ``close()`` at the end."""
 
-    def __init__(self, run_uri: str, name: str, s3cfg: "S3Config | None" = None, *, flush_every_s: float = 30.0):
+    def __init__(self, run_uri: str, name: str, s3cfg: "S3Config | None" = None, *, flush_every_s: float = 30.0,
+                 fence: "Fence | None" = None):
         self.uri = join(run_uri, name)
+        self.fence = fence  # the lease holder's (fence.py): no record reaches storage after a takeover
         self.s3cfg = s3cfg
         self.flush_every_s = flush_every_s
         self.is_s3 = parse_uri(self.uri).is_s3
@@ -46,7 +50,7 @@ class JsonlLog:
         if not self.is_s3:
             path = Path(parse_uri(self.uri).key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
+            with self._writing(), open(path, "a", encoding="utf-8") as f:
                 f.write(line)
             return
         self._buffer.append(line)
@@ -60,8 +64,12 @@ class JsonlLog:
         # Nanosecond wall-clock names sort in write order across writers that follow each other
         # (a run and its resume); the pid separates two objects written in the same nanosecond.
         part = join(f"{self.uri}{PARTS_SUFFIX}", f"{time.time_ns():020d}-{os.getpid()}.jsonl")
-        write_bytes(part, "".join(self._buffer).encode(), self.s3cfg)
+        with self._writing():
+            write_bytes(part, "".join(self._buffer).encode(), self.s3cfg)
         self._buffer.clear()
+
+    def _writing(self):
+        return self.fence.writing() if self.fence is not None else contextlib.nullcontext()
 
     def close(self) -> None:
         self.flush()
@@ -79,7 +87,8 @@ class JsonlLog:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) != len(lines):
-            write_bytes(self.uri, "".join(kept).encode(), self.s3cfg)
+            with self._writing():
+                write_bytes(self.uri, "".join(kept).encode(), self.s3cfg)
 
 
 def _step_of(line: str) -> float:

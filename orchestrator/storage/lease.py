@@ -45,8 +45,8 @@ import fcntl
 import json
 import logging
 import os
-import signal
 import socket
+import sys
 import threading
 import time
 import uuid
@@ -68,6 +68,9 @@ LEASE_FILE = "lease.json"
 DEFAULT_TTL_S = 60.0
 TTL_ENV = "RAYDIFF_LEASE_TTL_S"
 TAKEOVER_ENV = "RAYDIFF_LEASE_TAKEOVER"
+# Exit status of a process whose run lease was taken over (sysexits.h EX_TEMPFAIL: the run itself
+# is fine and goes on in the process that took it; this one stopped writing).
+LEASE_LOST_EXIT = 75
 
 
 class LeaseHeld(StorageError):
@@ -277,13 +280,20 @@ class Lease:
     holder: dict[str, Any]
     ttl_s: float
     acquired: float
+    # 0 for a lease taken from nobody, one more than the previous holder's on every takeover:
+    # orders the holders of a run in events.jsonl and in messages (fence.py compares holder ids).
+    generation: int = 0
     taken_over: dict[str, Any] | None = None  # {"from": record, "reason": str} when it was taken
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def _record(self, now: float) -> bytes:
-        return json.dumps({"holder": self.holder, "acquired": self.acquired, "renewed": now, "ttl_s": self.ttl_s},
-                          indent=2).encode()
+        return json.dumps({"holder": self.holder, "generation": self.generation, "acquired": self.acquired,
+                           "renewed": now, "ttl_s": self.ttl_s}, indent=2).encode()
+
+    @property
+    def holder_id(self) -> str:
+        return self.holder["id"]
 
     def renew(self) -> None:
         """Push the expiry forward; ``LeaseLost`` when another process holds the lease now."""
@@ -313,8 +323,9 @@ class Lease:
             log.warning("raydiff: could not release the run lease (%s); it expires in %.0fs", e, self.ttl_s)
 
     def start_renewing(self, on_lost: Callable[[LeaseLost], None] | None = None) -> "Lease":
-        """Renew every ``ttl_s / 4`` in a daemon thread. On loss, ``on_lost`` (default: log and
-        SIGTERM this process, so that a run that is no longer the writer stops writing)."""
+        """Renew every ``ttl_s / 4`` in a daemon thread. On loss, ``on_lost`` (default: one line on
+        stderr and exit ``LEASE_LOST_EXIT`` at once, so that a run that is no longer the writer
+        stops; its workers' writes are refused by the fence meanwhile: fence.py)."""
         on_lost = on_lost or _terminate_on_loss
         interval = self.ttl_s / 4
 
@@ -335,9 +346,21 @@ class Lease:
 
 
 
+def lease_lost_line(e: LeaseLost) -> str:
+    return (f"raydiff: {e}; this process stopped writing the run and exits with status {LEASE_LOST_EXIT} "
+            "(the run goes on in the process that took the lease)")
+
+
 def _terminate_on_loss(e: LeaseLost) -> None:
-    log.error("raydiff: %s; stopping this run so that only one process writes it", e)
-    os.kill(os.getpid(), signal.SIGTERM)
+    # Not SIGTERM: Ray's handlers turned that into an abort (exit 134) with a native stack dump.
+    # os._exit from this thread skips the main thread's cleanup, which would write to the run (the
+    # local Ray this driver started shares its fate and stops with it).
+    try:
+        sys.stderr.write(lease_lost_line(e) + "\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        os._exit(LEASE_LOST_EXIT)
 
 
 def acquire_lease(run: RunDir | str, s3cfg: "S3Config | None" = None, *, force: bool = False,
@@ -364,6 +387,8 @@ def acquire_lease(run: RunDir | str, s3cfg: "S3Config | None" = None, *, force: 
                 if reason is None:
                     raise LeaseHeld(_held_message(run_uri, rec, now))
                 lease.taken_over = {"from": rec, "reason": reason}
+                prev_gen = rec.get("generation")
+                lease.generation = prev_gen + 1 if isinstance(prev_gen, int) else 1
                 ok = store.write(lease._record(now), expect=token, create=False)
             if not ok:
                 continue  # another driver wrote first: look again at what is there now
@@ -375,6 +400,7 @@ def acquire_lease(run: RunDir | str, s3cfg: "S3Config | None" = None, *, force: 
             log.warning("raydiff: took over the lease of run %s from %s: %s", run_uri,
                         describe_holder(prev, now) if prev else "an unreadable record", lease.taken_over["reason"])
             RunDir(run_uri, s3cfg).event({"event": "lease_taken_over", "time": now, "holder": holder,
+                                          "generation": lease.generation,
                                           "previous": prev.get("holder") if prev else None,
                                           "reason": lease.taken_over["reason"]})
         return lease.start_renewing() if renew else lease

@@ -3,7 +3,8 @@
 Ray Train writes checkpoints there itself; raydiff adds ``config.yaml``, ``plan.json``,
 ``metrics.jsonl``, ``events.jsonl``, ``samples/*.png`` and ``eval.json``. A thin view over the
 storage package, so a laptop directory and an ``s3://`` prefix get the same atomic writes,
-retries and credential-free error messages.
+retries and credential-free error messages. A view given the ``Fence`` of the run's lease
+holder (fence.py) writes only while the lease is its holder's: ``LeaseLost`` otherwise.
 """
 
 from __future__ import annotations
@@ -16,25 +17,40 @@ from orchestrator.storage.uri import join
 
 if TYPE_CHECKING:
     from orchestrator.config import S3Config, TrainConfig
+    from orchestrator.storage.fence import Fence
 
 METRICS_LOG = "metrics.jsonl"
 EVENTS_LOG = "events.jsonl"
+# Scratch space of the lease holder's writers (checkpoint parts, TensorBoard segments) before
+# they are moved into place: inside the run directory, so that moving is a rename.
+STAGING_DIR = ".staging"
 
 
 class RunDir:
-    def __init__(self, uri: str, s3: "S3Config | None" = None):
+    def __init__(self, uri: str, s3: "S3Config | None" = None, fence: "Fence | None" = None):
         self.uri = uri.rstrip("/")
         self.s3 = s3
+        self.fence = fence
 
     @classmethod
-    def for_config(cls, cfg: "TrainConfig") -> "RunDir":
-        return cls(join(cfg.run.storage, cfg.run.name), cfg.storage.s3)
+    def for_config(cls, cfg: "TrainConfig", holder: str | None = None) -> "RunDir":
+        """The run directory of ``cfg``; with ``holder`` (a lease holder id) its writes are fenced."""
+        uri = join(cfg.run.storage, cfg.run.name)
+        if holder is None:
+            return cls(uri, cfg.storage.s3)
+        from orchestrator.storage.fence import Fence
+
+        return cls(uri, cfg.storage.s3, Fence(uri.rstrip("/"), cfg.storage.s3, holder))
 
     def _u(self, rel: str) -> str:
         return join(self.uri, rel) if rel else self.uri
 
     def write_bytes(self, rel: str, data: bytes) -> str:
-        write_bytes(self._u(rel), data, self.s3)
+        if self.fence is None:
+            write_bytes(self._u(rel), data, self.s3)
+        else:
+            with self.fence.writing():
+                write_bytes(self._u(rel), data, self.s3)
         return self._u(rel)
 
     def write_text(self, rel: str, text: str) -> str:
@@ -54,7 +70,7 @@ class RunDir:
 
     # -- logs --------------------------------------------------------------------------------
     def log(self, name: str, *, flush_every_s: float = 30.0) -> JsonlLog:
-        return JsonlLog(self.uri, name, self.s3, flush_every_s=flush_every_s)
+        return JsonlLog(self.uri, name, self.s3, flush_every_s=flush_every_s, fence=self.fence)
 
     def event(self, record: dict[str, Any]) -> None:
         """Append one record to events.jsonl at once (events are rare; each is durable)."""

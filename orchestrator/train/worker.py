@@ -64,6 +64,8 @@ class WorkerArgs:
     reader: Any = None
     # The fault-tolerance tests' hooks, read from the driver's environment (train/faults.py).
     faults: FaultHooks = field(default_factory=FaultHooks)
+    # The driver's run lease holder id: every write to the run is fenced by it (storage/fence.py).
+    lease_holder: str | None = None
 
 
 class Worker:
@@ -87,9 +89,10 @@ class Worker:
         self.checkpointer = TrainCheckpointer(cfg, engine=self.train.engine, ema=self.train.ema, rank=self.rank,
                                               world=self.world, num_classes=args.num_classes,
                                               class_names=args.class_names, resume_from=args.resume_from,
-                                              init_checkpoint=args.init_checkpoint)
+                                              init_checkpoint=args.init_checkpoint, holder=args.lease_holder,
+                                              write_delay_s=args.faults.write_delay_s)
         self.out = RankZeroOutputs(cfg, plan, rank=self.rank, world=self.world, num_classes=args.num_classes,
-                                   device=self.device, progress=args.progress)
+                                   device=self.device, progress=args.progress, holder=args.lease_holder)
         self.sampler = EmaSampler(cfg, args.num_classes, self.train.ema, self.device,
                                   node_cpus=int(plan.cpus_per_worker * ctx.get_local_world_size()))
         self.state = TrainState()
