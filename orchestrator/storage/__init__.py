@@ -44,7 +44,7 @@ from orchestrator.storage.files import (
     write_bytes,
 )
 from orchestrator.storage.jsonl import JsonlLog, read_records, supersede
-from orchestrator.storage.fence import Fence
+from orchestrator.storage.fence import Fence, fenced_rundir
 from orchestrator.storage.lease import (
     LEASE_LOST_EXIT,
     Lease,
@@ -60,7 +60,7 @@ from orchestrator.storage.rundir import RunDir
 from orchestrator.storage.uri import Location, StorageError, join, parse_uri, redact_uri
 
 __all__ = [
-    "Fence", "FsHandle", "JsonlLog", "LEASE_LOST_EXIT", "lease_lost_line", "Location", "RetryCounter", "RunDir", "StorageError", "TRANSIENT_CODES",
+    "Fence", "fenced_rundir", "FsHandle", "JsonlLog", "LEASE_LOST_EXIT", "lease_lost_line", "Location", "RetryCounter", "RunDir", "StorageError", "TRANSIENT_CODES",
     "check_readable", "check_writable", "delete", "exists", "explain_client_error", "filesystem_for",
     "is_transient", "join", "list_files", "listdir", "parse_uri", "ray_storage", "read_bytes",
     "Lease", "LeaseHeld", "LeaseLost", "acquire_lease", "describe_holder", "read_lease",

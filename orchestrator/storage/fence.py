@@ -28,10 +28,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
 from orchestrator.storage.lease import LEASE_FILE, LeaseLost, describe_holder, read_lease
+from orchestrator.storage.rundir import RunDir
 from orchestrator.storage.uri import join, parse_uri
 
 if TYPE_CHECKING:
-    from orchestrator.config import S3Config
+    from orchestrator.config import S3Config, TrainConfig
 
 
 @dataclass
@@ -85,3 +86,10 @@ class Fence:
                 yield
             finally:
                 fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def fenced_rundir(cfg: "TrainConfig", holder: str | None) -> RunDir:
+    """The run directory of ``cfg`` whose writes are fenced by lease holder ``holder`` (None:
+    not fenced)."""
+    run = RunDir.for_config(cfg)
+    return RunDir(run.uri, run.s3, Fence(run.uri, run.s3, holder)) if holder is not None else run

@@ -33,14 +33,9 @@ class RunDir:
         self.fence = fence
 
     @classmethod
-    def for_config(cls, cfg: "TrainConfig", holder: str | None = None) -> "RunDir":
-        """The run directory of ``cfg``; with ``holder`` (a lease holder id) its writes are fenced."""
-        uri = join(cfg.run.storage, cfg.run.name)
-        if holder is None:
-            return cls(uri, cfg.storage.s3)
-        from orchestrator.storage.fence import Fence
-
-        return cls(uri, cfg.storage.s3, Fence(uri.rstrip("/"), cfg.storage.s3, holder))
+    def for_config(cls, cfg: "TrainConfig", fence: "Fence | None" = None) -> "RunDir":
+        """The run directory of ``cfg``; with ``fence`` (fence.fenced_rundir) its writes are fenced."""
+        return cls(join(cfg.run.storage, cfg.run.name), cfg.storage.s3, fence)
 
     def _u(self, rel: str) -> str:
         return join(self.uri, rel) if rel else self.uri

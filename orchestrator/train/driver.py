@@ -22,7 +22,7 @@ from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.train.checkpoint.persist import clear_staging
 from orchestrator.train.faults import FaultHooks
 from orchestrator.train.startup import phase_event
-from orchestrator.storage import RunDir, StorageError, acquire_lease, check_writable, ray_storage
+from orchestrator.storage import RunDir, StorageError, acquire_lease, check_writable, fenced_rundir, ray_storage
 from orchestrator.tracking import check_tracking_packages
 from orchestrator.train.status import FINISHED_EVENT, dry_run_lines, read_status
 
@@ -109,7 +109,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         plan = plan or make_plan(cfg)
         check_cluster_paths(given, plan)
         # Every write by this driver and its workers is fenced by the lease (storage/fence.py).
-        rundir = RunDir.for_config(cfg, lease.holder_id)
+        rundir = fenced_rundir(cfg, lease.holder_id)
         rundir.event({"event": "started", "time": t_start})
         rundir.event(phase_event("ray"))
         rundir.write_text("config.yaml", config_to_yaml(cfg))

@@ -11,7 +11,7 @@ import torch
 
 from orchestrator.config import TrainConfig, config_to_dict
 from orchestrator.plan import Plan
-from orchestrator.storage import RunDir
+from orchestrator.storage import fenced_rundir
 from orchestrator.tracking import Tracker, build_tracker
 from orchestrator.tracking.mfu import MfuMeter
 from orchestrator.train.progress import Progress
@@ -23,7 +23,7 @@ class RankZeroOutputs:
         self.cfg, self.plan, self.world, self.num_classes, self.device = cfg, plan, world, num_classes, device
         self.progress_mode = progress
         # Fenced by the driver's lease (``holder``): nothing is written after a takeover.
-        self.rundir = RunDir.for_config(cfg, holder) if rank == 0 else None
+        self.rundir = fenced_rundir(cfg, holder) if rank == 0 else None
         self.tracker: Tracker | None = None
         self.mfu: MfuMeter | None = None
         self.bar: Progress | None = None

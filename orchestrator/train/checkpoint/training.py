@@ -21,7 +21,7 @@ from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from model.ema import EMA
 from orchestrator.config import TrainConfig
-from orchestrator.storage import RunDir, ray_storage
+from orchestrator.storage import fenced_rundir, ray_storage
 from orchestrator.train.checkpoint.files import read_checkpoint, write_checkpoint
 from orchestrator.train.checkpoint.layout import checkpoint_dir_name
 from orchestrator.train.checkpoint.manager import Checkpointer
@@ -42,7 +42,7 @@ class TrainCheckpointer(Checkpointer):
                  class_names: list[str] | None = None, resume_from: str | None = None,
                  init_checkpoint: str | None = None, holder: str | None = None, write_delay_s: float = 0.0):
         # ``holder``: the driver's lease holder id; every write to the run is fenced by it.
-        super().__init__(RunDir.for_config(cfg, holder))
+        super().__init__(fenced_rundir(cfg, holder))
         self.write_delay_s = write_delay_s  # the write-delay test hook (train/faults.py)
         self.cfg, self.engine, self.ema, self.rank, self.world = cfg, engine, ema, rank, world
         self.num_classes, self.class_names = num_classes, class_names
