@@ -6,8 +6,11 @@ is refused with ``LeaseLost`` and the run's files are exactly what they were; th
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -49,7 +52,7 @@ def _writers(run: RunDir, tmp: Path, step: int):
         lambda: run.event({"event": "probe", "step": step}),
         lambda: run.write_bytes(f"samples/step_{step:07d}.png", b"png"),
         lambda: _metrics(run, step),
-        lambda: PersistCheckpoint(run.uri, run.s3, rank=0, world=1, step=step, fence=run.fence)(
+        lambda: PersistCheckpoint(run.uri, run.s3, rank=0, world=1, step=step, fence=run.fence, lost_wait_s=0)(
             _stage(tmp, step), f"checkpoint_{step:08d}"),
         lambda: Checkpointer(run).prune(keep=1),
         tb.close,
@@ -120,7 +123,7 @@ def test_s3_checkpoint_whose_lease_is_lost_during_the_manifest_upload_is_uncommi
 
     monkeypatch.setattr(Fence, "check", check_then_lose)
     with pytest.raises(LeaseLost):
-        PersistCheckpoint(uri, s3, rank=0, world=1, step=2, fence=fence)(_stage(tmp_path, 2), "checkpoint_00000002")
+        PersistCheckpoint(uri, s3, rank=0, world=1, step=2, fence=fence, lost_wait_s=0)(_stage(tmp_path, 2), "checkpoint_00000002")
     names = _files(uri, s3)
     assert "checkpoint_00000002/ds/shard.pt" in names and f"checkpoint_00000002/{manifest_name(0)}" not in names
     assert Checkpointer(RunDir(uri, s3)).newest_good().ref is None  # no manifest: never trusted
@@ -146,6 +149,50 @@ def test_losing_process_exits_75_with_one_line(tmp_path):
     _, err = p.communicate(timeout=60)
     assert p.returncode == LEASE_LOST_EXIT == 75
     lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("raydiff: the lease of run ") and "raydiff: raydiff" not in err
+    assert len(lines) == 1 and lines[0].startswith("raydiff: the lease of run ") and "raydiff: raydiff" not in err, err
     assert "exits with status 75" in lines[0]
+    thief.release()
+
+
+def _checkpoint_events(run: RunDir) -> list[dict]:
+    return [e for e in run.events() if e["event"] == "checkpoint"] if Path(run.uri, "events.jsonl").exists() else []
+
+
+@pytest.mark.slow
+def test_takeover_of_a_training_run_under_write_delays(tmp_path):
+    """End to end, real processes: `raydiff train` whose checkpoint commits are each delayed by
+    RAYDIFF_FAULT_WRITE_DELAY_S (an upload slowed by load) loses its lease to `--force` (taken here,
+    by this process) while commits are pending. It writes nothing to the run after the takeover
+    (checkpoints, metrics, events, grids, TensorBoard; its own scratch in .staging aside) and
+    exits 75 with one line."""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="disabled", RAYDIFF_CACHE_DIR=str(tmp_path / "cache"),
+               RAYDIFF_FAULT_WRITE_DELAY_S="4", RAYDIFF_LEASE_TTL_S="4")
+    args = [f"run.storage={tmp_path}", "run.name=fenced", "scaling.num_workers=2", "optim.batch_size=8",
+            "optim.steps=2000", "checkpoint.every_steps=2", "checkpoint.keep=2", "run.evaluate=false",
+            "sampling.every_steps=3", "sampling.num_steps=2", "sampling.per_class=1", "sampling.max_rows=2",
+            "data.resolution=16", "model.name=unet-tiny", "data.builtin_images_per_class=4",
+            "optim.warmup_steps=2", "logging.every_steps=1", "logging.progress=false"]
+    proc = subprocess.Popen([sys.executable, "-m", "orchestrator", "train", *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run = RunDir(str(tmp_path / "fenced"))
+    try:
+        deadline = time.monotonic() + 600  # the shared 2-core machine is often overloaded
+        while not _checkpoint_events(run):  # one commit done; the next ones are pending (4 s each)
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+            time.sleep(0.5)
+        thief = acquire_lease(run.uri, force=True, renew=False)
+        before = {p: n for p, n in _files(run.uri, None).items() if not p.startswith(".staging/")}
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    after = {p: n for p, n in _files(run.uri, None).items() if not p.startswith(".staging/")}
+    assert after == before, sorted(set(after.items()) ^ set(before.items()))
+    assert run.events()[-1]["event"] == "lease_taken_over"
+    assert proc.returncode == LEASE_LOST_EXIT, err[-3000:]
+    lines = [line for line in err.splitlines() if "was taken over" in line]
+    assert len(lines) == 1 and lines[0].startswith("raydiff: the lease of run ") and "raydiff: raydiff" not in err, err
+    assert "Traceback" not in err, err[-3000:]
     thief.release()

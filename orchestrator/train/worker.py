@@ -22,7 +22,7 @@ from orchestrator.config import validate_config
 from orchestrator.data import bad_sample_counts
 from orchestrator.logs import configure_worker, library_prints
 from orchestrator.plan import Plan
-from orchestrator.storage import retry_counts
+from orchestrator.storage import LeaseLost, retry_counts
 from orchestrator.train.checkpoint.layout import checkpoint_dir_name
 from orchestrator.train.checkpoint.training import TrainCheckpointer
 from orchestrator.train.divergence import DivergenceError, DivergenceGuard
@@ -230,4 +230,10 @@ def train_worker(args: dict[str, Any]) -> None:
         worker = Worker(wa)
     worker.out.event(phase_event("workers", t_entry))
     worker.out.event(phase_event("engine"))
-    worker.fit()
+    try:
+        worker.fit()
+    except LeaseLost:
+        # The run's lease was taken over (storage/fence.py): this worker wrote nothing after that
+        # and stops here, quietly; its driver exits with LEASE_LOST_EXIT and one line (a raised
+        # error would print Ray's traceback of the training function, and be retried).
+        return

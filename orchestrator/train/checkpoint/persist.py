@@ -18,6 +18,7 @@ import os
 import shutil
 import socket
 import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,6 +32,8 @@ if TYPE_CHECKING:
     from orchestrator.config import S3Config
 
 MANIFEST_PREFIX = "manifest.rank"
+# How long a checkpoint upload refused by the fence waits for its process to be ended (above).
+LOST_WAIT_S = 600.0
 HASH_CHUNK = 8 << 20
 
 
@@ -92,13 +95,24 @@ class PersistCheckpoint:
     ``delay_s``: the write-delay test hook (train/faults.py), a slow upload before the commit."""
 
     def __init__(self, run_uri: str, s3cfg: "S3Config | None", *, rank: int, world: int, step: int,
-                 fence: "Fence | None" = None, delay_s: float = 0.0):
+                 fence: "Fence | None" = None, delay_s: float = 0.0, lost_wait_s: float = LOST_WAIT_S):
         self.run_uri, self.s3cfg = run_uri, s3cfg
         self.rank, self.world, self.step = rank, world, step
         self.fence = fence or Fence(run_uri, s3cfg)
-        self.delay_s = delay_s
+        self.delay_s, self.lost_wait_s = delay_s, lost_wait_s
 
     def __call__(self, checkpoint: Any, dir_name: str) -> Any:
+        try:
+            return self._persist(checkpoint, dir_name)
+        except LeaseLost:
+            # Raising here would make Ray log this thread's traceback and retry the worker group.
+            # The fence remembers the loss, so the training loop stops at its next write (quietly,
+            # worker.py) and the driver exits at its next renewal, ending this process; the wait
+            # is bounded for a driver that never learns of it (its storage unreachable).
+            threading.Event().wait(self.lost_wait_s)
+            raise
+
+    def _persist(self, checkpoint: Any, dir_name: str) -> Any:
         # Here, not at the top: verify.py (and so `raydiff sample`) reads manifests without Ray.
         from ray.train import Checkpoint
 
