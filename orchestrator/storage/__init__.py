@@ -16,6 +16,7 @@ Modules, one concern each:
 - ``jsonl``: append-only logs that write new objects instead of rewriting old ones.
 - ``rundir``: the run directory view used by training, sampling and reports.
 - ``lease``: one writer per run (``lease.json`` with expiry; conditional writes on S3).
+- ``lease_store``: the lease's compare-and-swap (a locked local file, conditional S3 writes).
 - ``fence``: no write by a lease holder once its lease was taken over.
 - ``local_server``: a local S3 server (moto) for demos.
 

@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
-from orchestrator.storage.lease import LEASE_FILE, LeaseLost, describe_holder, read_lease
+from orchestrator.storage.lease import LeaseLost, describe_holder, read_lease
+from orchestrator.storage.lease_store import LEASE_FILE
 from orchestrator.storage.rundir import RunDir
 from orchestrator.storage.uri import join, parse_uri
 
