@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from orchestrator.storage import LeaseHeld, LeaseLost, RunDir, acquire_lease, read_lease
+from orchestrator.storage import LEASE_LOST_EXIT, LeaseHeld, LeaseLost, RunDir, acquire_lease, read_lease
 from orchestrator.storage.lease import _store, job_submission_id, stale_reason
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,7 +152,7 @@ def test_killed_holder_on_this_host_is_taken_over_at_once_and_a_robbed_holder_st
         # A live holder whose lease is taken with --force stops itself at its next renewal.
         holder = _start_holder(uri, ttl_s=2)
         thief = acquire_lease(uri, force=True, renew=False)
-        assert holder.wait(30) == -signal.SIGTERM
+        assert holder.wait(30) == LEASE_LOST_EXIT
         assert read_lease(uri)["holder"]["id"] == thief.holder["id"]  # the robbed holder did not delete it
         thief.release()
     finally:

@@ -20,7 +20,7 @@ from orchestrator.cli.train import register_train
 from orchestrator.cli.tune import register as register_tune
 from orchestrator.config import ConfigError
 from orchestrator.data import DataError
-from orchestrator.storage import StorageError
+from orchestrator.storage import LEASE_LOST_EXIT, LeaseLost, StorageError, lease_lost_line
 
 log = logging.getLogger("raydiff")
 
@@ -56,6 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"raydiff: {e}", file=sys.stderr)
         return 2
+    except LeaseLost as e:
+        # Another process took this run's lease (--force): this one wrote nothing after that.
+        print(lease_lost_line(e), file=sys.stderr)
+        return LEASE_LOST_EXIT
     except (OSError, ValueError) as e:
         # Storage and data problems found before training (StorageError, DataError) carry
         # their own fix; anything else is a bug and keeps its traceback.

@@ -16,6 +16,8 @@ Modules, one concern each:
 - ``jsonl``: append-only logs that write new objects instead of rewriting old ones.
 - ``rundir``: the run directory view used by training, sampling and reports.
 - ``lease``: one writer per run (``lease.json`` with expiry; conditional writes on S3).
+- ``lease_store``: the lease's compare-and-swap (a locked local file, conditional S3 writes).
+- ``fence``: no write by a lease holder once its lease was taken over.
 - ``local_server``: a local S3 server (moto) for demos.
 
 Callers import from this package, never from the modules.
@@ -43,13 +45,23 @@ from orchestrator.storage.files import (
     write_bytes,
 )
 from orchestrator.storage.jsonl import JsonlLog, read_records, supersede
-from orchestrator.storage.lease import Lease, LeaseHeld, LeaseLost, acquire_lease, describe_holder, read_lease
+from orchestrator.storage.fence import Fence, fenced_rundir
+from orchestrator.storage.lease import (
+    LEASE_LOST_EXIT,
+    Lease,
+    LeaseHeld,
+    LeaseLost,
+    acquire_lease,
+    describe_holder,
+    lease_lost_line,
+    read_lease,
+)
 from orchestrator.storage.retry import TRANSIENT_CODES, RetryCounter, is_transient, retry_call, retry_counts
 from orchestrator.storage.rundir import RunDir
 from orchestrator.storage.uri import Location, StorageError, join, parse_uri, redact_uri
 
 __all__ = [
-    "FsHandle", "JsonlLog", "Location", "RetryCounter", "RunDir", "StorageError", "TRANSIENT_CODES",
+    "Fence", "fenced_rundir", "FsHandle", "JsonlLog", "LEASE_LOST_EXIT", "lease_lost_line", "Location", "RetryCounter", "RunDir", "StorageError", "TRANSIENT_CODES",
     "check_readable", "check_writable", "delete", "exists", "explain_client_error", "filesystem_for",
     "is_transient", "join", "list_files", "listdir", "parse_uri", "ray_storage", "read_bytes",
     "Lease", "LeaseHeld", "LeaseLost", "acquire_lease", "describe_holder", "read_lease",

@@ -26,6 +26,7 @@ instead of growing with the flushes.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -37,6 +38,7 @@ from orchestrator.storage.uri import StorageError, join, parse_uri
 
 if TYPE_CHECKING:
     from orchestrator.config import S3Config
+    from orchestrator.storage.fence import Fence
 
 PARTS_SUFFIX = ".parts"
 SEGMENT_PREFIX = "segment-"
@@ -56,8 +58,10 @@ def part_name(time_ns: int, pid: int) -> str:
 class JsonlLog:
     """One writer's handle on ``{run_uri}/{name}``; call ``flush()`` at checkpoints, ``close()`` at the end."""
 
-    def __init__(self, run_uri: str, name: str, s3cfg: "S3Config | None" = None, *, flush_every_s: float = 30.0):
+    def __init__(self, run_uri: str, name: str, s3cfg: "S3Config | None" = None, *, flush_every_s: float = 30.0,
+                 fence: "Fence | None" = None):
         self.uri = join(run_uri, name)
+        self.fence = fence  # the lease holder's (fence.py): no record reaches storage after a takeover
         self.s3cfg = s3cfg
         self.flush_every_s = flush_every_s
         self.is_s3 = parse_uri(self.uri).is_s3
@@ -70,7 +74,7 @@ class JsonlLog:
         if not self.is_s3:
             path = Path(parse_uri(self.uri).key)
             path.parent.mkdir(parents=True, exist_ok=True)
-            with open(path, "a", encoding="utf-8") as f:
+            with self._writing(), open(path, "a", encoding="utf-8") as f:
                 f.write(line)
             return
         self._buffer.append(line)
@@ -84,12 +88,17 @@ class JsonlLog:
         # Nanosecond wall-clock names sort in write order across writers that follow each other
         # (a run and its resume); the pid separates two objects written in the same nanosecond.
         part = join(f"{self.uri}{PARTS_SUFFIX}", part_name(time.time_ns(), os.getpid()))
-        write_bytes(part, "".join(self._buffer).encode(), self.s3cfg)
+        with self._writing():
+            write_bytes(part, "".join(self._buffer).encode(), self.s3cfg)
         self._buffer.clear()
         self._parts += 1
         if self._parts >= COMPACT_EVERY_PARTS:
             self._parts = 0
-            compact(self.uri, self.s3cfg)
+            with self._writing():  # a compaction rewrites the log: the lease holder's write
+                compact(self.uri, self.s3cfg)
+
+    def _writing(self):
+        return self.fence.writing() if self.fence is not None else contextlib.nullcontext()
 
     def close(self) -> None:
         self.flush()
@@ -107,7 +116,8 @@ class JsonlLog:
         lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
         kept = [line for line in lines if _step_of(line) <= step]
         if len(kept) != len(lines):
-            write_bytes(self.uri, "".join(kept).encode(), self.s3cfg)
+            with self._writing():
+                write_bytes(self.uri, "".join(kept).encode(), self.s3cfg)
 
 
 def _step_of(line: str) -> float:

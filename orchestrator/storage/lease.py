@@ -40,34 +40,32 @@ later) and stops. Expiry compares clocks of different machines: keep them within
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import logging
 import os
-import signal
 import socket
+import sys
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable
 
-from orchestrator.storage.clients import s3_client
-from orchestrator.storage.files import explain_client_error
+from orchestrator.storage.lease_store import _store
 from orchestrator.storage.rundir import RunDir
-from orchestrator.storage.uri import StorageError, join, parse_uri
+from orchestrator.storage.uri import StorageError
 
 if TYPE_CHECKING:
     from orchestrator.config import S3Config
 
 log = logging.getLogger("raydiff")
 
-LEASE_FILE = "lease.json"
 DEFAULT_TTL_S = 60.0
 TTL_ENV = "RAYDIFF_LEASE_TTL_S"
 TAKEOVER_ENV = "RAYDIFF_LEASE_TAKEOVER"
+# Exit status of a process whose run lease was taken over (sysexits.h EX_TEMPFAIL: the run itself
+# is fine and goes on in the process that took it; this one stopped writing).
+LEASE_LOST_EXIT = 75
 
 
 class LeaseHeld(StorageError):
@@ -153,105 +151,6 @@ def stale_reason(record: dict[str, Any], now: float, *, force: bool = False,
     return None
 
 
-# ---------------------------------------------------------------------------------------------
-# Storage: compare-and-swap on one small object
-
-
-class _LocalStore:
-    def __init__(self, path: Path):
-        self.path = path
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(".lease.lock"), "a+b") as f:
-            fcntl.flock(f, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(f, fcntl.LOCK_UN)
-
-    def read(self) -> tuple[bytes | None, str | None]:
-        try:
-            return self.path.read_bytes(), None
-        except FileNotFoundError:
-            return None, None
-        except OSError as e:
-            raise StorageError(f"cannot read {self.path}: {e.strerror or e}. Fix: check the run directory's permissions") from None
-
-    def write(self, data: bytes, *, expect: str | None, create: bool) -> bool:
-        # Under the lock nothing changes between read and write: the conditions hold.
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        try:
-            tmp.write_bytes(data)
-            os.replace(tmp, self.path)
-        except OSError as e:
-            raise StorageError(f"cannot write {self.path}: {e.strerror or e}. Fix: check the run directory's permissions") from None
-        return True
-
-    def delete(self) -> None:
-        self.path.unlink(missing_ok=True)
-
-
-class _S3Store:
-    def __init__(self, uri: str, s3cfg: "S3Config | None"):
-        self.uri, self.s3cfg = uri, s3cfg
-        loc = parse_uri(uri)
-        self.bucket, self.key = loc.bucket, loc.key
-        self.conditional = True
-
-    @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        yield  # conditional writes instead of a lock
-
-    def read(self) -> tuple[bytes | None, str | None]:
-        client = s3_client(self.s3cfg)
-        try:
-            obj = client.get_object(Bucket=self.bucket, Key=self.key)
-            return obj["Body"].read(), obj["ETag"]
-        except client.exceptions.NoSuchKey:
-            return None, None
-        except Exception as e:  # noqa: BLE001 - translated into a message with the fix
-            raise explain_client_error(e, self.uri, self.s3cfg, "read object") from None
-
-    def write(self, data: bytes, *, expect: str | None, create: bool) -> bool:
-        """False when the condition failed: someone else wrote the lease since we read it."""
-        import botocore.exceptions as bex
-
-        client = s3_client(self.s3cfg)
-        cond: dict[str, str] = {}
-        if self.conditional:
-            cond = {"IfNoneMatch": "*"} if create else ({"IfMatch": expect} if expect else {})
-        try:
-            client.put_object(Bucket=self.bucket, Key=self.key, Body=data, ContentType="application/json", **cond)
-            return True
-        except bex.ClientError as e:
-            code = str(e.response.get("Error", {}).get("Code", ""))
-            status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
-            if code in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412):
-                return False
-            if cond and (code == "NotImplemented" or status == 501):
-                log.warning("raydiff: %s does not support conditional writes; the run lease falls back to "
-                            "write-then-read-back (see orchestrator/storage/lease.py)", self.uri)
-                self.conditional = False
-                return self.write(data, expect=expect, create=create)
-            raise explain_client_error(e, self.uri, self.s3cfg, "write to") from None
-        except Exception as e:  # noqa: BLE001
-            raise explain_client_error(e, self.uri, self.s3cfg, "write to") from None
-
-    def delete(self) -> None:
-        try:
-            s3_client(self.s3cfg).delete_object(Bucket=self.bucket, Key=self.key)
-        except Exception as e:  # noqa: BLE001
-            raise explain_client_error(e, self.uri, self.s3cfg, "write to") from None
-
-
-def _store(run_uri: str, s3cfg: "S3Config | None"):
-    uri = join(run_uri, LEASE_FILE)
-    loc = parse_uri(uri)
-    return _S3Store(uri, s3cfg) if loc.is_s3 else _LocalStore(Path(loc.key))
-
-
 def _parse(raw: bytes | None) -> dict[str, Any] | None:
     """The record, ``{}`` for an unreadable one, None for no lease."""
     try:
@@ -277,13 +176,20 @@ class Lease:
     holder: dict[str, Any]
     ttl_s: float
     acquired: float
+    # 0 for a lease taken from nobody, one more than the previous holder's on every takeover:
+    # orders the holders of a run in events.jsonl and in messages (fence.py compares holder ids).
+    generation: int = 0
     taken_over: dict[str, Any] | None = None  # {"from": record, "reason": str} when it was taken
     _stop: threading.Event = field(default_factory=threading.Event, repr=False)
     _thread: threading.Thread | None = field(default=None, repr=False)
 
     def _record(self, now: float) -> bytes:
-        return json.dumps({"holder": self.holder, "acquired": self.acquired, "renewed": now, "ttl_s": self.ttl_s},
-                          indent=2).encode()
+        return json.dumps({"holder": self.holder, "generation": self.generation, "acquired": self.acquired,
+                           "renewed": now, "ttl_s": self.ttl_s}, indent=2).encode()
+
+    @property
+    def holder_id(self) -> str:
+        return self.holder["id"]
 
     def renew(self) -> None:
         """Push the expiry forward; ``LeaseLost`` when another process holds the lease now."""
@@ -313,8 +219,9 @@ class Lease:
             log.warning("raydiff: could not release the run lease (%s); it expires in %.0fs", e, self.ttl_s)
 
     def start_renewing(self, on_lost: Callable[[LeaseLost], None] | None = None) -> "Lease":
-        """Renew every ``ttl_s / 4`` in a daemon thread. On loss, ``on_lost`` (default: log and
-        SIGTERM this process, so that a run that is no longer the writer stops writing)."""
+        """Renew every ``ttl_s / 4`` in a daemon thread. On loss, ``on_lost`` (default: one line on
+        stderr and exit ``LEASE_LOST_EXIT`` at once, so that a run that is no longer the writer
+        stops; its workers' writes are refused by the fence meanwhile: fence.py)."""
         on_lost = on_lost or _terminate_on_loss
         interval = self.ttl_s / 4
 
@@ -335,9 +242,21 @@ class Lease:
 
 
 
+def lease_lost_line(e: LeaseLost) -> str:
+    return (f"raydiff: {e}; this process stopped writing the run and exits with status {LEASE_LOST_EXIT} "
+            "(the run goes on in the process that took the lease)")
+
+
 def _terminate_on_loss(e: LeaseLost) -> None:
-    log.error("raydiff: %s; stopping this run so that only one process writes it", e)
-    os.kill(os.getpid(), signal.SIGTERM)
+    # Not SIGTERM: Ray's handlers turned that into an abort (exit 134) with a native stack dump.
+    # os._exit from this thread skips the main thread's cleanup, which would write to the run (the
+    # local Ray this driver started shares its fate and stops with it).
+    try:
+        sys.stderr.write(lease_lost_line(e) + "\n")
+        sys.stderr.flush()
+        sys.stdout.flush()
+    finally:
+        os._exit(LEASE_LOST_EXIT)
 
 
 def acquire_lease(run: RunDir | str, s3cfg: "S3Config | None" = None, *, force: bool = False,
@@ -364,6 +283,8 @@ def acquire_lease(run: RunDir | str, s3cfg: "S3Config | None" = None, *, force: 
                 if reason is None:
                     raise LeaseHeld(_held_message(run_uri, rec, now))
                 lease.taken_over = {"from": rec, "reason": reason}
+                prev_gen = rec.get("generation")
+                lease.generation = prev_gen + 1 if isinstance(prev_gen, int) else 1
                 ok = store.write(lease._record(now), expect=token, create=False)
             if not ok:
                 continue  # another driver wrote first: look again at what is there now
@@ -375,6 +296,7 @@ def acquire_lease(run: RunDir | str, s3cfg: "S3Config | None" = None, *, force: 
             log.warning("raydiff: took over the lease of run %s from %s: %s", run_uri,
                         describe_holder(prev, now) if prev else "an unreadable record", lease.taken_over["reason"])
             RunDir(run_uri, s3cfg).event({"event": "lease_taken_over", "time": now, "holder": holder,
+                                          "generation": lease.generation,
                                           "previous": prev.get("holder") if prev else None,
                                           "reason": lease.taken_over["reason"]})
         return lease.start_renewing() if renew else lease

@@ -5,13 +5,16 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from orchestrator.config import ConfigError, LoggingConfig, TrainConfig
-from orchestrator.storage import join
+from orchestrator.storage import LeaseLost, join
 from orchestrator.storage.jsonl import JsonlLog
 from orchestrator.storage.rundir import METRICS_LOG
 from orchestrator.tracking.scalars import scalars_of
+
+if TYPE_CHECKING:
+    from orchestrator.storage import Fence
 
 log = logging.getLogger("raydiff.tracking")
 
@@ -42,6 +45,8 @@ class Tracker:
         for sink in list(self.sinks):
             try:
                 getattr(sink, method)(*args)
+            except LeaseLost:
+                raise  # not the sink's failure: this process may write nothing more (storage/fence.py)
             except Exception as e:  # noqa: BLE001 - any failure of an optional sink must not stop training
                 log.warning("raydiff: %s tracking failed (%s: %s); it is off for the rest of this run",
                             sink.name, type(e).__name__, e)
@@ -92,10 +97,13 @@ def check_tracking_packages(logging_cfg: LoggingConfig) -> None:
                               f"logging.{key}.enabled=false")
 
 
-def build_tracker(cfg: TrainConfig, run_uri: str, *, resume_step: int, params: dict[str, Any]) -> Tracker:
+def build_tracker(cfg: TrainConfig, run_uri: str, *, resume_step: int, params: dict[str, Any],
+                  fence: "Fence | None" = None) -> Tracker:
     """metrics.jsonl, continued after ``resume_step`` (later records are redone), and the sinks
-    ``cfg.logging`` enables. ``params``: the run's config (secrets masked), logged by MLflow and W&B."""
-    record = JsonlLog(run_uri, METRICS_LOG, cfg.storage.s3)
+    ``cfg.logging`` enables. ``params``: the run's config (secrets masked), logged by MLflow and W&B.
+    ``fence``: the lease holder's (storage/fence.py); metrics.jsonl and TensorBoard's files in the
+    run directory are written only while the lease is its holder's."""
+    record = JsonlLog(run_uri, METRICS_LOG, cfg.storage.s3, fence=fence)
     record.rewind(resume_step)
     sinks: list[Sink] = []
     lg = cfg.logging
@@ -103,7 +111,7 @@ def build_tracker(cfg: TrainConfig, run_uri: str, *, resume_step: int, params: d
         from orchestrator.tracking.tensorboard import TensorBoardSink
 
         sinks.append(TensorBoardSink(join(run_uri, TENSORBOARD_DIR), cfg.storage.s3, resume_step=resume_step,
-                                     upload_every_s=lg.tensorboard_upload_s))
+                                     upload_every_s=lg.tensorboard_upload_s, fence=fence))
     if lg.mlflow.enabled:
         from orchestrator.tracking.mlflow_sink import MlflowSink
 

@@ -21,9 +21,10 @@ from orchestrator.plan import local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
 from orchestrator.report import report_after_training
 from orchestrator.train.checkpoint.manager import Checkpointer
+from orchestrator.train.checkpoint.persist import clear_staging
 from orchestrator.train.faults import FaultHooks
 from orchestrator.train.startup import phase_event
-from orchestrator.storage import RunDir, StorageError, acquire_lease, check_writable, ray_storage
+from orchestrator.storage import RunDir, StorageError, acquire_lease, check_writable, fenced_rundir, ray_storage
 from orchestrator.tracking import check_tracking_packages
 from orchestrator.train.status import FINISHED_EVENT, dry_run_lines, read_status
 
@@ -83,6 +84,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from ray.train import LoggingConfig as TrainLoggingConfig
     from ray.train.torch import TorchTrainer
 
+    from orchestrator.train.checkpoint.events import CheckpointEvents
     from orchestrator.train.worker import WorkerArgs, train_worker
 
     t_start = time.time()
@@ -110,7 +112,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         started = init_ray(cfg.scaling.ray_address, local_logical_cpus(cfg.scaling))
         plan = plan or make_plan(cfg)
         check_cluster_paths(given, plan)
-        rundir = RunDir.for_config(cfg)
+        # Every write by this driver and its workers is fenced by the lease (storage/fence.py).
+        rundir = fenced_rundir(cfg, lease.holder_id)
         rundir.event({"event": "started", "time": t_start})
         rundir.event(phase_event("ray"))
         rundir.write_text("config.yaml", config_to_yaml(cfg))
@@ -119,6 +122,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         print(f"raydiff plan:\n{plan.describe(cfg, rundir.uri)}", flush=True)
         checkpointer = Checkpointer(rundir)
         resume_from = checkpointer.prepare_resume()  # raydiff, not Ray's snapshot, picks the checkpoint
+        clear_staging(rundir.uri)  # what killed runs left half-staged
 
         counter = f"raydiff-bad-samples-{cfg.run.name}"
         decoded_bytes = info.num_samples * cfg.data.channels * cfg.data.resolution**2 * 4
@@ -147,6 +151,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             reader=ray.put(reader),
             # Test hooks read once, here: the workers read no environment (train/faults.py).
             faults=FaultHooks.from_env(),
+            lease_holder=lease.holder_id,
         )
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
@@ -165,12 +170,14 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 storage_path=storage_path,
                 storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=cfg.checkpoint.keep),
+                # Pruned by CheckpointEvents (fenced, and also when a run fails), not by Ray Train.
+                checkpoint_config=CheckpointConfig(num_to_keep=None),
                 # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
                 # (and warn about it).
                 worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu",
                                                  **worker_env(is_verbose())}},
-                callbacks=list(callbacks) or None,
+                # The "checkpoint" events, recorded once every rank's part is committed.
+                callbacks=[*callbacks, CheckpointEvents(rundir, cfg.checkpoint.keep)],
                 logging_config=TrainLoggingConfig(log_level=ray_train_log_level(is_verbose())),
             ),
         )
@@ -178,6 +185,9 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         try:
             trainer.fit()
         except Exception:
+            # A worker that found the lease taken failed the fit: say that, not Ray's traceback.
+            if rundir.fence is not None:
+                rundir.fence.check()
             # A failed decode fails every rank's first batch; its own error says what to fix.
             failed = decode.error() if decode is not None else None
             if failed is not None:
@@ -212,7 +222,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             rundir.write_text("bad_samples.json", json.dumps(bad, indent=2))
         # Read by train/status.py: a rerun of this run at these optim.steps starts nothing.
         rundir.event({"event": FINISHED_EVENT, "step": final_step, "time": time.time()})
-        report_after_training(rundir.uri, cfg.storage.s3)  # {run}/report.png: curves and newest samples
+        with rundir.fence.writing():
+            report_after_training(rundir.uri, cfg.storage.s3)  # {run}/report.png: curves and newest samples
         return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result, bad)
     finally:
         if started:

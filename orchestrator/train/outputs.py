@@ -11,7 +11,7 @@ import torch
 
 from orchestrator.config import TrainConfig, config_to_dict
 from orchestrator.plan import Plan
-from orchestrator.storage import RunDir
+from orchestrator.storage import fenced_rundir
 from orchestrator.tracking import Tracker, build_tracker
 from orchestrator.tracking.mfu import MfuMeter
 from orchestrator.train.progress import Progress
@@ -19,10 +19,11 @@ from orchestrator.train.progress import Progress
 
 class RankZeroOutputs:
     def __init__(self, cfg: TrainConfig, plan: Plan, *, rank: int, world: int, num_classes: int | None,
-                 device: torch.device, progress: str):
+                 device: torch.device, progress: str, holder: str | None = None):
         self.cfg, self.plan, self.world, self.num_classes, self.device = cfg, plan, world, num_classes, device
         self.progress_mode = progress
-        self.rundir = RunDir.for_config(cfg) if rank == 0 else None
+        # Fenced by the driver's lease (``holder``): nothing is written after a takeover.
+        self.rundir = fenced_rundir(cfg, holder) if rank == 0 else None
         self.tracker: Tracker | None = None
         self.mfu: MfuMeter | None = None
         self.bar: Progress | None = None
@@ -37,7 +38,8 @@ class RankZeroOutputs:
         if self.rundir is None:
             return
         cfg = self.cfg
-        self.tracker = build_tracker(cfg, self.rundir.uri, resume_step=step, params=config_to_dict(cfg))
+        self.tracker = build_tracker(cfg, self.rundir.uri, resume_step=step, params=config_to_dict(cfg),
+                                     fence=self.rundir.fence)
         self.mfu = MfuMeter(cfg, self.num_classes, device=self.device, precision=self.plan.precision, world=self.world)
         if self.progress_mode != "off":
             self.bar = Progress(self.progress_mode, name=cfg.run.name, total=cfg.optim.steps, start_step=step,

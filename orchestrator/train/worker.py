@@ -23,7 +23,7 @@ from orchestrator.config import validate_config
 from orchestrator.data import bad_sample_counts
 from orchestrator.logs import configure_worker, library_prints
 from orchestrator.plan import Plan
-from orchestrator.storage import retry_counts
+from orchestrator.storage import LeaseLost, retry_counts
 from orchestrator.train.checkpoint.layout import checkpoint_dir_name
 from orchestrator.train.checkpoint.training import TrainCheckpointer
 from orchestrator.train.divergence import DivergenceError, DivergenceGuard
@@ -65,6 +65,8 @@ class WorkerArgs:
     reader: Any = None
     # The fault-tolerance tests' hooks, read from the driver's environment (train/faults.py).
     faults: FaultHooks = field(default_factory=FaultHooks)
+    # The driver's run lease holder id: every write to the run is fenced by it (storage/fence.py).
+    lease_holder: str | None = None
 
 
 class Worker:
@@ -88,9 +90,10 @@ class Worker:
         self.checkpointer = TrainCheckpointer(cfg, engine=self.train.engine, ema=self.train.ema, rank=self.rank,
                                               world=self.world, num_classes=args.num_classes,
                                               class_names=args.class_names, resume_from=args.resume_from,
-                                              init_checkpoint=args.init_checkpoint)
+                                              init_checkpoint=args.init_checkpoint, holder=args.lease_holder,
+                                              write_delay_s=args.faults.write_delay_s)
         self.out = RankZeroOutputs(cfg, plan, rank=self.rank, world=self.world, num_classes=args.num_classes,
-                                   device=self.device, progress=args.progress)
+                                   device=self.device, progress=args.progress, holder=args.lease_holder)
         self.sampler = EmaSampler(cfg, args.num_classes, self.train.ema, self.device,
                                   node_cpus=int(plan.cpus_per_worker * ctx.get_local_world_size()), text=self.train.text)
         self.state = TrainState()
@@ -240,4 +243,10 @@ def train_worker(args: dict[str, Any]) -> None:
         worker = Worker(wa)
     worker.out.event(phase_event("workers", t_entry))
     worker.out.event(phase_event("engine"))
-    worker.fit()
+    try:
+        worker.fit()
+    except LeaseLost:
+        # The run's lease was taken over (storage/fence.py): this worker wrote nothing after that
+        # and stops here, quietly; its driver exits with LEASE_LOST_EXIT and one line (a raised
+        # error would print Ray's traceback of the training function, and be retried).
+        return

@@ -9,4 +9,6 @@ workers, ``TrainCheckpointer`` (training.py). The pieces, each importing only th
 - ``warmstart``: a run's own hyperparameters on top of another run's checkpoint.
 - ``manager``: ``Checkpointer``, the decisions that need no engine (driver, sample, export, eval).
 - ``training``: ``TrainCheckpointer``, restore / save / rollback through the engine.
+- ``events``: ``CheckpointEvents`` (driver side): the ``checkpoint`` event once every rank
+  committed, then pruning to ``checkpoint.keep``.
 """

@@ -12,6 +12,7 @@ is used, with a warning naming each one skipped. Inside the Ray Train workers it
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
@@ -103,17 +104,24 @@ class Checkpointer:
         newer checkpoints are set aside and recorded in events.jsonl; Ray's snapshot is dropped."""
         verdict = self.newest_good()
         for name, problem in verdict.skipped:
-            moved = set_aside(self.rundir, name)
+            with self._writing():
+                moved = set_aside(self.rundir, name)
             self.rundir.event({"event": "checkpoint_skipped", "checkpoint": name, "problem": problem,
                                "moved_to": moved})
-        forget_ray_snapshot(self.rundir)
+        with self._writing():
+            forget_ray_snapshot(self.rundir)
         return self.uri(verdict.ref) if verdict.ref is not None else None
 
     def prune(self, keep: int, protect: str | None = None) -> list[str]:
         """Delete all but the newest ``keep`` checkpoints (never ``protect``); returns the names.
         Ray Train keeps ``checkpoint.keep`` of one invocation's checkpoints; older invocations'
         are pruned here."""
-        return prune(self.rundir, self.checkpoints(), keep, protect)
+        with self._writing():
+            return prune(self.rundir, self.checkpoints(), keep, protect)
+
+    def _writing(self):
+        """Changes to the run (moves, deletions) only while the lease is this run's (storage/fence.py)."""
+        return self.rundir.fence.writing() if self.rundir.fence is not None else contextlib.nullcontext()
 
     # -- inference --------------------------------------------------------------------------------
     @classmethod

@@ -21,7 +21,7 @@ from ray.train.v2.api.report_config import CheckpointUploadMode
 
 from model.ema import EMA
 from orchestrator.config import TrainConfig
-from orchestrator.storage import RunDir, ray_storage
+from orchestrator.storage import fenced_rundir, ray_storage
 from orchestrator.train.checkpoint.files import read_checkpoint, write_checkpoint
 from orchestrator.train.checkpoint.layout import checkpoint_dir_name
 from orchestrator.train.checkpoint.manager import Checkpointer
@@ -40,8 +40,10 @@ class Restored:
 class TrainCheckpointer(Checkpointer):
     def __init__(self, cfg: TrainConfig, *, engine: Any, ema: EMA, rank: int, world: int, num_classes: int | None,
                  class_names: list[str] | None = None, resume_from: str | None = None,
-                 init_checkpoint: str | None = None):
-        super().__init__(RunDir.for_config(cfg))
+                 init_checkpoint: str | None = None, holder: str | None = None, write_delay_s: float = 0.0):
+        # ``holder``: the driver's lease holder id; every write to the run is fenced by it.
+        super().__init__(fenced_rundir(cfg, holder))
+        self.write_delay_s = write_delay_s  # the write-delay test hook (train/faults.py)
         self.cfg, self.engine, self.ema, self.rank, self.world = cfg, engine, ema, rank, world
         self.num_classes, self.class_names = num_classes, class_names
         # The newest checkpoint of this run that verified (chosen by the driver), and another
@@ -104,7 +106,10 @@ class TrainCheckpointer(Checkpointer):
         continues. Returns the seconds training was stalled."""
         t0 = time.perf_counter()
         run_uri = self.rundir.uri
-        staged = staging_dir(run_uri, state.step, self.rank)
+        fence = self.rundir.fence
+        if fence is not None:
+            fence.check()  # a driver whose lease was taken over stops at its next checkpoint
+        staged = staging_dir(run_uri, state.step, self.rank, fence.holder_id if fence is not None else None)
         write_checkpoint(staged, engine=self.engine, ema=self.ema, state=state, cfg=self.cfg,
                          num_classes=self.num_classes, rank=self.rank, class_names=self.class_names)
         ray.train.report(
@@ -113,12 +118,13 @@ class TrainCheckpointer(Checkpointer):
             checkpoint_dir_name=checkpoint_dir_name(state.step),
             checkpoint_upload_mode=CheckpointUploadMode.ASYNC,
             checkpoint_upload_fn=PersistCheckpoint(run_uri, self.cfg.storage.s3, rank=self.rank, world=self.world,
-                                                   step=state.step),
+                                                   step=state.step, fence=fence,
+                                                   delay_s=self.write_delay_s),
             delete_local_checkpoint_after_upload=False,  # PersistCheckpoint moves or removes the staged files
         )
-        stall = time.perf_counter() - t0
-        self._event({"event": "checkpoint", "step": state.step, "stall_s": round(stall, 3)})
-        return stall
+        # No "checkpoint" event here: the upload goes on in the background. The driver's
+        # CheckpointEvents records it once every rank's part is committed.
+        return time.perf_counter() - t0
 
     def rollback(self, state: TrainState) -> Restored | None:
         """Reload the last good checkpoint of this run (None: there is none yet). The returned
