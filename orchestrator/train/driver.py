@@ -7,6 +7,9 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import torch
+
+from orchestrator.builders import build_denoiser
 from orchestrator.cluster.rules import check_cluster_paths, with_job_address
 from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.data import bad_sample_counts, build_train_dataset, inspect_dataset
@@ -95,6 +98,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     check_writable(cfg.run.storage, cfg.storage.s3)
     info = inspect_dataset(cfg.data)
     num_classes = info.num_classes if cfg.data.conditional else None
+    if cfg.model.pretrained is not None:
+        # A pretrained model's classes and LoRA targets are checked before anything starts.
+        with torch.device("meta"):
+            build_denoiser(cfg.model, cfg.data, num_classes, weights=False)
     # One writer per run, decided before Ray starts (orchestrator/storage/lease.py).
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False
