@@ -12,7 +12,7 @@ Notation: α = sqrt(ᾱ_t), σ = sqrt(1 - ᾱ_t), SNR = α²/σ², x_t = α x0 +
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Callable
 
 import torch
 from torch import Tensor
@@ -21,11 +21,8 @@ from . import _random
 from ._checks import check_range
 from .conditioning import Conditioning
 from .schedules import NoiseSchedule
+from .choices import PREDICTION_TYPES, WEIGHTINGS, PredictionType, Weighting  # torch-free: the config schema reads them
 
-PredictionType = Literal["eps", "v", "x0"]
-Weighting = Literal["uniform", "min_snr", "p2"]
-PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
-WEIGHTINGS: tuple[str, ...] = get_args(Weighting)
 
 
 def check_prediction(prediction: str) -> None:

@@ -30,11 +30,14 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
-from torch import nn
+if TYPE_CHECKING:  # torch and diffusers load on use: the config schema reads directories with this module
+    from torch import nn
 
-from .networks import BackboneKind, Denoiser
+    from .networks import Denoiser
+
+BackboneKind = Literal["unet", "dit"]  # model/networks.py
 
 # diffusers network class -> Denoiser kind.
 NETWORKS: dict[str, BackboneKind] = {"UNet2DModel": "unet", "DiTTransformer2DModel": "dit"}
@@ -201,7 +204,7 @@ def read_pretrained(path: str | Path) -> PretrainedInfo:
                           **sched)
 
 
-def load_backbone(info: PretrainedInfo, *, weights: bool = True) -> nn.Module:
+def load_backbone(info: PretrainedInfo, *, weights: bool = True) -> "nn.Module":
     """The diffusers network of ``info``: with its weights (``from_pretrained``), or only its
     architecture (``from_config``: for counting parameters on the meta device)."""
     import diffusers
@@ -216,14 +219,17 @@ def load_backbone(info: PretrainedInfo, *, weights: bool = True) -> nn.Module:
     return net.train()
 
 
-def build_pretrained(info: PretrainedInfo, *, weights: bool = True) -> Denoiser:
+def build_pretrained(info: PretrainedInfo, *, weights: bool = True) -> "Denoiser":
+    from .networks import Denoiser
+
     return Denoiser(load_backbone(info, weights=weights), info.kind, in_channels=info.in_channels,
                     image_size=info.sample_size, num_classes=info.num_classes)
 
 
-def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: tuple[str, ...] | list[str]) -> nn.Module:
+def add_lora(backbone: "nn.Module", rank: int, alpha: float, targets: tuple[str, ...] | list[str]) -> "nn.Module":
     """Inject LoRA adapters into ``backbone``'s ``targets`` layers and freeze everything else."""
     from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
 
     config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
     try:
@@ -239,14 +245,14 @@ def add_lora(backbone: nn.Module, rank: int, alpha: float, targets: tuple[str, .
     return backbone
 
 
-def lora_state_dict(backbone: nn.Module) -> dict[str, Any]:
+def lora_state_dict(backbone: "nn.Module") -> dict[str, Any]:
     """The adapter weights in PEFT's saved form (no adapter name in the keys)."""
     from peft import get_peft_model_state_dict
 
     return get_peft_model_state_dict(backbone)
 
 
-def merge_lora(backbone: nn.Module) -> nn.Module:
+def merge_lora(backbone: "nn.Module") -> "nn.Module":
     """Fold every adapter into its base layer (W + alpha/r B A) and remove the adapter layers, in place:
     the result is the plain diffusers network."""
     from peft.tuners.tuners_utils import BaseTunerLayer

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Literal, get_args
 
 from diffusers import DiTTransformer2DModel, UNet2DModel
 from diffusers.models.embeddings import LabelEmbedding
 from torch import nn
 
 from .networks import Denoiser
+from .choices import MODEL_NAMES, ModelName  # torch-free: the config schema reads them
 
-ModelName = Literal["unet-tiny", "unet-demo", "unet-small", "unet-cifar", "dit-s2", "dit-b2", "dit-l2", "dit-xl2"]
-MODEL_NAMES: tuple[str, ...] = get_args(ModelName)
 
 # U-Net configs. unet-cifar is the DDPM CIFAR-10 network (Ho et al. 2020, App. B: 4
 # resolutions 32..4, channel multipliers (1,2,2,2) x 128, 2 res blocks per resolution,

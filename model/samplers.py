@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, get_args
+from typing import Callable
 
 import numpy as np
 import torch
@@ -26,11 +26,8 @@ from torch import Tensor
 from . import _random
 from .objectives import PredictionType, check_prediction, prediction_to_x0_eps
 from .schedules import NoiseSchedule
+from .choices import SPACINGS, Spacing
 
-Spacing = Literal["leading", "trailing", "linspace"]
-SamplerName = Literal["ddpm", "ddim"]
-SPACINGS: tuple[str, ...] = get_args(Spacing)
-SAMPLER_NAMES: tuple[str, ...] = get_args(SamplerName)
 
 # What the samplers call: (x_t, t [B]) -> model output, conditioning and guidance already applied.
 Model = Callable[[Tensor, Tensor], Tensor]

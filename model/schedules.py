@@ -17,15 +17,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Literal, get_args
 
 import torch
 from torch import Tensor
 
 from ._checks import check_range
+from .choices import SCHEDULE_KINDS, ScheduleKind  # torch-free: the config schema reads them
 
-ScheduleKind = Literal["linear", "cosine"]
-SCHEDULE_KINDS: tuple[str, ...] = get_args(ScheduleKind)
 
 
 def _check_num_timesteps(num_timesteps: int) -> None:

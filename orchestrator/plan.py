@@ -12,9 +12,6 @@ import os
 from dataclasses import asdict, dataclass
 from typing import Literal
 
-import torch
-
-from orchestrator.builders import build_denoiser, trainable_parameters
 from orchestrator.config import ConfigError, DataConfig, ModelConfig, PrecisionConfig, ScalingConfig, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -72,6 +69,8 @@ def cpu_has_bf16() -> bool:
 def _cluster_has_gpus(ray_address: str | None) -> bool | None:
     """GPU presence without starting anything: locally from torch; on a cluster only once connected."""
     if ray_address is None:
+        import torch
+
         return torch.cuda.is_available()
     try:
         import ray
@@ -123,6 +122,10 @@ DEFAULT_GPU_BYTES = 40 << 30
 def parameter_counts(model: ModelConfig, data: DataConfig) -> tuple[int, int]:
     """(trainable, total) parameters of the configured network, counted on the meta device (no
     memory, no compute). A registry network is counted with 10 classes when conditional."""
+    import torch
+
+    from orchestrator.builders import build_denoiser, trainable_parameters
+
     if model.pretrained is not None:
         from model.pretrained import read_pretrained
 
@@ -167,6 +170,8 @@ def network_lines(cfg: TrainConfig) -> list[str]:
 
 def _gpu_bytes(scaling: ScalingConfig) -> int:
     if scaling.ray_address is None:
+        import torch
+
         if torch.cuda.is_available():
             return torch.cuda.get_device_properties(0).total_memory
     return DEFAULT_GPU_BYTES

@@ -19,7 +19,7 @@ from PIL import Image
 
 from orchestrator.config import DataConfig, S3Config
 from orchestrator.data.pipeline import build_train_dataset, head, inspect_dataset, iter_samples
-from orchestrator.storage.flags import add_s3_args, s3_config_from_args
+from orchestrator.storage.flags import s3_config_from_args
 
 
 def plain_loop(cfg, info, limit: int | None) -> tuple[int, float]:
@@ -102,16 +102,3 @@ def cmd_bench_data(args: argparse.Namespace) -> int:
     run_bench(args.uri, limit=args.limit or None, resolution=args.resolution, batch_size=args.batch_size, cores=args.cores,
               repeats=args.repeats, s3cfg=s3_config_from_args(args))
     return 0
-
-
-def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
-    p = bench_subparsers.add_parser("data", help="input pipeline images/s per core vs a plain PIL loop")
-    p.add_argument("uri", metavar="URI", help="dataset (local path or s3://...)")
-    p.add_argument("--limit", type=int, default=2000, help="images to use (image folders; 0 = all)")
-    p.add_argument("--resolution", type=int, default=64)
-    p.add_argument("--batch-size", type=int, default=128)
-    p.add_argument("--cores", type=int, default=None, help="CPU cores for Ray (default: all)")
-    p.add_argument("--repeats", type=int, default=3, help="timed passes per side (best one counts)")
-    add_s3_args(p)
-    p.set_defaults(func=cmd_bench_data)
-    return p

@@ -31,26 +31,13 @@ import sys
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 
-from model.registry import MODEL_NAMES
-from orchestrator.bench.quality_arms import Arm, SamplerSpec, Setting
+from orchestrator.bench.quality_arms import ARMS, Arm, SamplerSpec, Setting
 
 
-BASE = Arm("base")
-ARMS: tuple[Arm, ...] = (
-    BASE,
-    Arm("min-snr", weighting="min_snr"),
-    Arm("p2", weighting="p2"),
-    Arm("cosine", schedule="cosine"),
-    Arm("v-pred", prediction="v"),
-    Arm("v-cosine", prediction="v", schedule="cosine"),
-    Arm("v-cosine-min-snr", prediction="v", schedule="cosine", weighting="min_snr"),
-    Arm("dropout-0", label_dropout=0.0),
-)
 METRICS = ("kid", "fid", "class_acc", "shape_acc", "val_loss")
 # Lower is better for these (the plot says which way is better).
 LOWER_BETTER = {"kid", "fid", "val_loss"}
@@ -263,19 +250,3 @@ def cmd_bench_quality(args: argparse.Namespace) -> int:
     print(f"wrote {out / 'quality.csv'}, {out / 'quality.txt'} and {out / 'quality.png'} "
           f"({time.perf_counter() - t0:.0f} s)")
     return 0
-
-
-def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
-    p = bench_subparsers.add_parser(
-        "quality", help="sample quality vs training progress for weighting, schedule, prediction, guidance, sampler")
-    p.add_argument("--quick", action="store_true", help="reduced CI setting: 16x16, a few steps, one seed")
-    p.add_argument("--seeds", type=int, default=0, help="number of seeds (default: 1)")
-    p.add_argument("--steps", type=int, default=0, help="training steps per arm (default 600; quick 24)")
-    p.add_argument("--eval-every", type=int, default=0, help="score every N steps (default 200; quick 12)")
-    p.add_argument("--model", default="", choices=("",) + MODEL_NAMES, metavar="MODEL",
-                   help="registry network for every arm (default unet-demo; quick unet-tiny)")
-    p.add_argument("--arms", default="", help="comma-separated subset of " + ",".join(a.name for a in ARMS))
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (default: torch's choice)")
-    p.add_argument("--out", default="bench-quality", help="folder for quality.csv, quality.txt and quality.png")
-    p.set_defaults(func=cmd_bench_quality)
-    return p

@@ -64,3 +64,17 @@ class Setting:
         cosine to ``min_lr_ratio``) is the one every arm trains with."""
         return OptimConfig(steps=self.steps, batch_size=self.batch, lr=self.lr, warmup_steps=self.warmup_steps,
                            min_lr_ratio=self.min_lr_ratio, ema_decay=self.ema_decay)
+
+
+# The arms `raydiff bench quality` compares (its --arms choices).
+BASE = Arm("base")
+ARMS: tuple[Arm, ...] = (
+    BASE,
+    Arm("min-snr", weighting="min_snr"),
+    Arm("p2", weighting="p2"),
+    Arm("cosine", schedule="cosine"),
+    Arm("v-pred", prediction="v"),
+    Arm("v-cosine", prediction="v", schedule="cosine"),
+    Arm("v-cosine-min-snr", prediction="v", schedule="cosine", weighting="min_snr"),
+    Arm("dropout-0", label_dropout=0.0),
+)

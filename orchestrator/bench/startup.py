@@ -120,13 +120,3 @@ def cmd_bench_startup(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(r, indent=1))
     return 0
-
-
-def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
-    p = bench_subparsers.add_parser("startup", help="time to first step of a fresh run by phase, beside a plain loop's")
-    p.add_argument("--repeats", type=int, default=3, help="runs of each, alternating (the table shows medians)")
-    p.add_argument("--json", help="also write the results as JSON to this file")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value",
-                   help="raydiff config overrides (the plain loop uses the same network, data shape and batch)")
-    p.set_defaults(func=cmd_bench_startup)
-    return p

@@ -314,19 +314,3 @@ def cmd_bench_step(args: argparse.Namespace) -> int:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=2)
     return 0
-
-
-def register_bench(bench_subparsers: Any) -> argparse.ArgumentParser:
-    p = bench_subparsers.add_parser("step", help="raydiff's training step vs a plain (and compiled) PyTorch loop")
-    p.add_argument("--model", default="unet-tiny", help="registry model (e.g. unet-cifar, dit-b2, dit-xl2)")
-    p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--steps", type=int, default=0, help="timed steps (default 40 on GPU, 3 on CPU)")
-    p.add_argument("--warmup", type=int, default=0, help="untimed steps first (default 10 on GPU, 1 on CPU)")
-    p.add_argument("--compile", action="store_true", help="add the torch.compile variants")
-    p.add_argument("--latent", action="store_true", help="4x32x32 latents instead of RGB images")
-    p.add_argument("--no-ray", action="store_true", help="skip the Ray Train + Ray Data variant")
-    p.add_argument("--profile", action="store_true", help="print torch.profiler tables of the eager variants")
-    p.add_argument("--json", help="also write the results as JSON to this file")
-    p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="raydiff config overrides for its step")
-    p.set_defaults(func=cmd_bench_step)
-    return p

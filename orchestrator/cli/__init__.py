@@ -8,10 +8,7 @@ import argparse
 import logging
 import sys
 
-from orchestrator.bench.data import register_bench as register_bench_data
-from orchestrator.bench.quality import register_bench as register_bench_quality
-from orchestrator.bench.startup import register_bench as register_bench_startup
-from orchestrator.bench.step import register_bench as register_bench_step
+from orchestrator.cli.bench import register as register_bench
 from orchestrator.cli.controller import register as register_controller
 from orchestrator.cli.data import register as register_data
 from orchestrator.cli.submit import register as register_submit
@@ -28,8 +25,7 @@ from orchestrator.storage import StorageError
 log = logging.getLogger("raydiff")
 
 _COMMANDS = (register_train, register_sample, register_export, register_eval, register_report, register_data, register_tune,
-             register_submit, register_controller)
-_BENCHES = (register_bench_data, register_bench_step, register_bench_startup, register_bench_quality)
+             register_submit, register_controller, register_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,10 +34,6 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for register in _COMMANDS:
         register(sub)
-    bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
-    bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    for register in _BENCHES:
-        register(bench_sub)
     return parser
 
 

@@ -11,9 +11,6 @@ from __future__ import annotations
 import json
 import time
 
-import torch
-
-from model.conditioning import class_conditioning
 from orchestrator.cli.sample import SAMPLE_OVERRIDES, add_checkpoint_args, checkpoint_uri, s3_from_overrides
 from orchestrator.config import ConfigError, apply_overrides, config_to_dict, validate_config
 
@@ -61,6 +58,8 @@ def _numbers(text: str, kind, what: str, lowest: float) -> list:
 
 
 def _features(args, ref, device):
+    import torch
+
     from orchestrator.eval.features import CNNFeatures, InceptionFeatures
 
     if args.inception:
@@ -78,6 +77,9 @@ def _features(args, ref, device):
 
 
 def cmd_eval(args) -> int:
+    import torch
+
+    from model.conditioning import class_conditioning
     from orchestrator.eval.features import metric_label
     from orchestrator.eval.fid import fid_from_features, kernel_inception_distance
     from orchestrator.eval.generate import generate_batched, pick_device

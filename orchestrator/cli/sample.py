@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import argparse
 import io
+from typing import TYPE_CHECKING
 
-import torch
-from PIL import Image
-
-from model.conditioning import class_conditioning
 from orchestrator.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_override, validate_config
 from orchestrator.storage import join, write_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 SAMPLE_OVERRIDES = ("sampling.", "storage.s3.")
 
@@ -88,6 +88,8 @@ def sampling_config(cfg, overrides: list[str], args):
 
 
 def image_png(image: torch.Tensor) -> bytes:
+    from PIL import Image
+
     from orchestrator.sampling import to_uint8
 
     arr = to_uint8(image[None])[0]
@@ -97,6 +99,10 @@ def image_png(image: torch.Tensor) -> bytes:
 
 
 def cmd_sample(args) -> int:
+    # Imported here, not at module level: building the parser of every command skips torch.
+    import torch
+
+    from model.conditioning import class_conditioning
     from orchestrator.eval.generate import generate_batched, pick_device
     from orchestrator.eval.loading import load_checkpoint, parse_labels
     from orchestrator.sampling import grid_png, is_latent

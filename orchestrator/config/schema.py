@@ -13,11 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from model.objectives import PredictionType, Weighting
+from model.choices import ModelName, PredictionType, SamplerName, ScheduleKind, Spacing, Weighting
 from model.pretrained import DEFAULT_LORA_TARGETS, PretrainedError, read_pretrained
-from model.registry import ModelName
-from model.samplers import SamplerName, Spacing
-from model.schedules import ScheduleKind
 
 
 class ConfigError(ValueError):

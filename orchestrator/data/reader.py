@@ -11,8 +11,9 @@ slices of the global batches name, from a given epoch position on:
   on is decoded. Decoding stays parallel (one map task per block of units, across the cluster);
   ``preserve_order`` keeps the blocks in need order, and a small buffer (about one shuffle
   window) reorders the rows within a window.
-* **cached** (the decoded set fits ``data.cache_max_bytes``): the driver decodes every training
-  sample once into the object store (``ObjectRef`` per block); each rank maps canonical ids to
+* **cached** (the decoded set fits ``data.cache_max_bytes``): every training sample is decoded
+  once into the object store (by the driver's background actor while the workers start,
+  data/background.py) (``ObjectRef`` per block); each rank maps canonical ids to
   rows of those blocks (zero-copy on the same node) and gathers its micro-batches directly.
 
 Samples that fail to decode (counted in the bad-sample counter) are holes: their micro-batch
@@ -63,7 +64,9 @@ class TrainReader:
     ctx: Any  # DecodeContext
     units: "pa.Table"  # training units, canonical order, with ``_first``
     order: SampleOrder
-    cached: list[Any] | None = None  # ObjectRefs of decoded blocks (dicts of numpy arrays)
+    # ObjectRefs of decoded blocks (dicts of numpy arrays), or one ObjectRef of that list while a
+    # background decode (data/background.py) is still producing it.
+    cached: list[Any] | Any | None = None
     _cache_index: Any = field(default=None, repr=False, compare=False)
     _last: StepBatch | None = field(default=None, repr=False, compare=False)
 
@@ -114,7 +117,8 @@ class TrainReader:
         import ray
 
         if self._cache_index is None:
-            blocks = ray.get(self.cached)  # zero-copy views of the object store on this node
+            refs = self.cached if isinstance(self.cached, list) else ray.get(self.cached)
+            blocks = ray.get(refs)  # zero-copy views of the object store on this node
             where = np.full((self.total, 2), -1, np.int64)
             for b, blk in enumerate(blocks):
                 idx = np.asarray(blk["index"], np.int64)

@@ -7,16 +7,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from orchestrator.builders import build_denoiser
 from orchestrator.cluster.rules import check_cluster_paths, with_job_address
 from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.data import bad_sample_counts, build_train_dataset, inspect_dataset
+from orchestrator.data.background import decode_in_background
 from orchestrator.data.pipeline import load_validation_images
 from orchestrator.data.reader import make_train_reader
 from orchestrator.data.source import resolve_data_config, resolve_paths
-from orchestrator.eval.judge import evaluate_run
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
@@ -100,11 +97,16 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     num_classes = info.num_classes if cfg.data.conditional else None
     if cfg.model.pretrained is not None:
         # A pretrained model's classes and LoRA targets are checked before anything starts.
+        import torch
+
+        from orchestrator.builders import build_denoiser
+
         with torch.device("meta"):
             build_denoiser(cfg.model, cfg.data, num_classes, weights=False)
     # One writer per run, decided before Ray starts (orchestrator/storage/lease.py).
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False
+    decode = None
     try:
         # A cluster's GPUs can be counted only once connected; any other plan is made before Ray
         # starts, so that a config the hardware rejects (fp16 on CPU) fails before anything starts.
@@ -126,8 +128,13 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         counter = f"raydiff-bad-samples-{cfg.run.name}"
         decoded_bytes = info.num_samples * cfg.data.channels * cfg.data.resolution**2 * 4
         # Each rank reads its exact slice of every epoch (data/reader.py); a decoded set small
-        # enough for the object store is decoded once here and later epochs skip read + decode.
-        reader = make_train_reader(cfg.data, info, counter_name=counter, cache=decoded_bytes <= cfg.data.cache_max_bytes)
+        # enough for the object store is decoded once and later epochs skip read + decode. That
+        # decode runs while the workers start (data/background.py): they need it only at their
+        # first batch.
+        reader = make_train_reader(cfg.data, info, counter_name=counter)
+        if decoded_bytes <= cfg.data.cache_max_bytes:
+            decode = decode_in_background(cfg.data, info, counter_name=counter, progress_bars=is_verbose())
+            reader.cached = decode.blocks
 
         storage_path, storage_fs = ray_storage(cfg.run.storage, cfg.storage.s3)
         args = WorkerArgs(
@@ -173,7 +180,17 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             ),
         )
         rundir.event(phase_event("data"))
-        trainer.fit()
+        try:
+            trainer.fit()
+        except Exception:
+            # A failed decode fails every rank's first batch; its own error says what to fix.
+            failed = decode.error() if decode is not None else None
+            if failed is not None:
+                raise failed from None
+            raise
+        finally:
+            if decode is not None:
+                decode.stop()  # its blocks are not needed past training
         # From storage, not Result.metrics: a run that was already complete reports nothing new.
         checkpointer.prune(cfg.checkpoint.keep)
         latest = checkpointer.latest()
@@ -181,6 +198,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         ckpt_path = f"{rundir.uri}/{latest.name}" if latest is not None else None
         eval_result = None
         if cfg.run.evaluate and num_classes is not None and latest is not None:
+            from orchestrator.eval.judge import evaluate_run  # torch and the judge: only when evaluating
+
             ds = build_train_dataset(cfg.data, info).drop_columns(["index"])  # the judge's real images (a few thousand)
             eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
         # Cumulative over every read of the data: exact when the decoded set is cached (read

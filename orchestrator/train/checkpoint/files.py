@@ -18,7 +18,6 @@ import torch
 import torch.distributed as dist
 
 from model.ema import EMA
-from orchestrator.builders import build_denoiser
 from orchestrator.config import ConfigError, TrainConfig, config_to_yaml, load_config_text
 from orchestrator.storage import RunDir, join, list_files, parse_uri, read_bytes, redact_uri
 from orchestrator.train.checkpoint.elastic import (
@@ -89,6 +88,10 @@ def read_checkpoint(directory: str | Path, *, engine: Any, ema: EMA) -> TrainSta
 
 def _saved_denoiser(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module, TrainConfig]:
     """The untrained denoiser checkpoint ``ref`` was trained as, and its config."""
+    # Here, not at module level: the driver imports this package and needs diffusers only when
+    # it opens a model (start-up, issue 18).
+    from orchestrator.builders import build_denoiser
+
     num_classes = json.loads(rundir.read_text(posixpath.join(ref.name, MODEL_FILE)))["num_classes"]
     cfg = load_config_text(rundir.read_text(posixpath.join(ref.name, CONFIG_FILE)))
     return build_denoiser(cfg.model, cfg.data, num_classes), cfg
