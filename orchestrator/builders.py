@@ -28,7 +28,14 @@ def build_denoiser(model: ModelConfig, data: DataConfig, num_classes: int | None
     (``weights=False``: its architecture only, for counting parameters on the meta device), with
     LoRA adapters when ``model.lora.rank`` > 0 (model/pretrained.py)."""
     if model.pretrained is None:
-        return build_model(model.name, in_channels=data.channels, image_size=data.resolution, num_classes=num_classes)
+        try:
+            return build_model(model.name, in_channels=data.channels, image_size=data.resolution,
+                               num_classes=num_classes, arch=model.unet or model.dit)
+        except (ValueError, TypeError) as e:
+            if model.unet is None and model.dit is None:
+                raise
+            raise ConfigError(f"model.{'unet' if model.unet is not None else 'dit'}: diffusers cannot build "
+                              f"{model.name} with these arguments: {e}") from None
     from model.pretrained import PretrainedError, add_lora, build_pretrained, read_pretrained
 
     try:

@@ -149,7 +149,9 @@ def network_lines(cfg: TrainConfig) -> list[str]:
     trainable, total = parameter_counts(m, cfg.data)
     share = f"{trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%})"
     if m.pretrained is None:
-        return [f"network         : {m.name} (registry, random init), {share} parameters"]
+        custom = m.unet if m.unet is not None else m.dit
+        extra = f" with model.{'unet' if m.unet is not None else 'dit'} {custom}" if custom is not None else ""
+        return [f"network         : {m.name}{extra} (registry, random init), {share} parameters"]
     from model.pretrained import read_pretrained
 
     info = read_pretrained(m.pretrained)

@@ -202,3 +202,29 @@ def test_tune_can_search_lora_rank_and_lr(tmp_path):
     check_entry("optim.lr", {"loguniform": [1e-4, 1e-2]}, base)
     with pytest.raises(ValueError, match="model.lora.rank"):
         check_entry("model.lora.rank", {"choice": [-1]}, base)
+
+
+def test_model_unet_and_dit_sections_set_diffusers_arguments(tmp_path):
+    cfg = load_config(None, ["model.name=unet-tiny", "data.resolution=16",
+                             "model.unet={block_out_channels: [16, 24], norm_num_groups: 4, attention_head_dim: 8}"])
+    net = build_denoiser(cfg.model, cfg.data, None)
+    assert tuple(net.backbone.config.block_out_channels) == (16, 24) and net.backbone.config.norm_num_groups == 4
+    assert net.backbone.config.layers_per_block == 1  # the rest from unet-tiny
+    dit = load_config(None, ["model.name=dit-s2", "data.resolution=16",
+                             "model.dit={num_layers: 1, num_attention_heads: 2, attention_head_dim: 8, patch_size: 4}"])
+    net = build_denoiser(dit.model, dit.data, 3)
+    assert len(net.backbone.transformer_blocks) == 1 and net.backbone.config.patch_size == 4
+    assert net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), ClassLabels(torch.tensor([0, 3]), 3)).shape == (2, 3, 16, 16)
+
+    with pytest.raises(ConfigError, match=r"unknown argument\(s\) \['channels'\]. Allowed: .*block_out_channels"):
+        load_config(None, ["model.name=unet-tiny", "model.unet={channels: 3}"])
+    with pytest.raises(ConfigError, match="model.unet .* model.name=dit-s2"):
+        load_config(None, ["model.name=dit-s2", "model.unet={layers_per_block: 2}"])
+    with pytest.raises(ConfigError, match="in_channels"):  # set by raydiff from the data: not allowed
+        load_config(None, ["model.name=dit-s2", "model.dit={in_channels: 4}"])
+    pipe = write_unet_pipeline(tmp_path / "pipe")
+    with pytest.raises(ConfigError, match="model.unet with model.pretrained"):
+        load_config(None, [f"model.pretrained={pipe}", "model.unet={layers_per_block: 2}"])
+    bad = load_config(None, ["model.name=unet-tiny", "model.unet={block_out_channels: [16, 32, 64]}"])
+    with pytest.raises(ConfigError, match="diffusers cannot build unet-tiny"):
+        build_denoiser(bad.model, bad.data, None)

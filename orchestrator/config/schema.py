@@ -134,6 +134,34 @@ class ModelConfig(_Strict):
                              "(e.g. huggingface-cli download NAME --local-dir DIR) and give DIR")
         return str(Path(v).expanduser().absolute())
 
+    # diffusers constructor arguments replacing those of model.name's configuration, for a network
+    # size the registry lacks: UNet2DModel's for a unet-* name (e.g. block_out_channels,
+    # layers_per_block, down_block_types), DiTTransformer2DModel's for a dit-* name (num_layers,
+    # num_attention_heads, attention_head_dim, patch_size). Image size, channels and classes come
+    # from the data.
+    unet: dict[str, Any] | None = None
+    dit: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _architecture_args(self) -> "ModelConfig":
+        for kind in ("unet", "dit"):
+            args = getattr(self, kind)
+            if args is None:
+                continue
+            if self.pretrained is not None:
+                raise ValueError(f"model.{kind} with model.pretrained: the network comes from the pretrained "
+                                 f"directory. Fix: drop model.{kind}")
+            if not self.name.startswith(f"{kind}-"):
+                raise ValueError(f"model.{kind} sets {'UNet2DModel' if kind == 'unet' else 'DiTTransformer2DModel'} "
+                                 f"arguments but model.name={self.name}. Fix: choose a {kind}-* model.name")
+            from model.registry import architecture_args  # diffusers, only when the section is used
+
+            allowed = architecture_args(kind)
+            unknown = sorted(set(args) - set(allowed))
+            if unknown:
+                raise ValueError(f"model.{kind}: unknown argument(s) {unknown}. Allowed: {', '.join(allowed)}")
+        return self
+
     @model_validator(mode="after")
     def _lora_needs_pretrained(self) -> "ModelConfig":
         if self.lora.rank and self.pretrained is None:

@@ -95,8 +95,9 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     check_writable(cfg.run.storage, cfg.storage.s3)
     info = inspect_dataset(cfg.data)
     num_classes = info.num_classes if cfg.data.conditional else None
-    if cfg.model.pretrained is not None:
-        # A pretrained model's classes and LoRA targets are checked before anything starts.
+    if cfg.model.pretrained is not None or cfg.model.unet is not None or cfg.model.dit is not None:
+        # A pretrained model's classes and LoRA targets, and model.unet/dit arguments that diffusers
+        # cannot build, are refused before anything starts.
         import torch
 
         from orchestrator.builders import build_denoiser
