@@ -2,7 +2,7 @@
 adapters trains, is interrupted (every worker exits after step 3) and resumes from step 2 to the
 same adapters and EMA as an uninterrupted run; its checkpoints hold the adapters only and are
 at least 10x smaller than a full fine-tuning checkpoint of the same network; `raydiff sample` and
-`raydiff export --lora adapters` (PEFT) and `--raw` work on it. Full fine-tuning runs the same path
+`raydiff export --lora adapters` (PEFT) and `--raw` work on it; it continues on 1 worker (elastic). Full fine-tuning runs the same path
 as a registry network (test_exact_resume.py, test_elastic_resume.py cover its resume)."""
 
 from __future__ import annotations
@@ -64,9 +64,15 @@ def test_lora_fine_tuning_resumes_exactly_and_checkpoints_small(ray_local, tmp_p
     states = torch.load(whole / "ds" / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
     assert states["module"] and all(".lora_" in k for k in states["module"])
 
+    # Elastic: the 2-worker LoRA run goes on to step 6 on 1 worker (its optimizer shards re-sharded
+    # through DeepSpeed's universal checkpoint, frozen weights absent from both).
+    more = load_config(None, [*lora, "run.name=whole", "optim.steps=6", "scaling.num_workers=1"])
+    assert run_training(more).final_step == 6
+    assert [e["step"] for e in RunDir.for_config(more).events() if e["event"] == "resumed"] == [4]
+
     # Full fine-tuning of the same network for the checkpoint size comparison.
     assert run_training(load_config(None, [*common, "run.name=full", "optim.steps=2"])).final_step == 2
-    full_size, lora_size = _size(runs / "full" / "checkpoint_00000002"), _size(whole)
+    full_size, lora_size = _size(runs / "full" / "checkpoint_00000002"), _size(runs / "cut" / "checkpoint_00000004")
     assert full_size >= 10 * lora_size, (full_size, lora_size)
     full = load_checkpoint(str(runs / "full"))
     base = UNet2DModel.from_pretrained(pipe / "unet")
