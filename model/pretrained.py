@@ -71,6 +71,7 @@ class PretrainedInfo:
     prediction: str | None = None  # "eps" / "v" / "x0"
     zero_terminal_snr: bool | None = None
     class_names: tuple[str, ...] | None = None
+    scheduler_class: str | None = None  # e.g. "DDIMScheduler": how the directory sampled, not a training fact
 
     def taken(self) -> dict[str, tuple[Any, str]]:
         """Config key -> (value, where it comes from), for the keys the directory fixes."""
@@ -197,6 +198,8 @@ def read_pretrained(path: str | Path) -> PretrainedInfo:
     names = meta.get("class_names")
     sfile = _scheduler(mdir, root)
     sched = _schedule(_json(sfile), sfile) if sfile is not None else {}
+    if sfile is not None:
+        sched["scheduler_class"] = _json(sfile).get("_class_name")
     return PretrainedInfo(root=str(root), model_dir=str(mdir), network_class=cls, kind=kind, in_channels=cin,
                           sample_size=int(size), num_classes=num_classes,
                           scheduler_file=str(sfile) if sfile is not None else None,

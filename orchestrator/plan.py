@@ -161,6 +161,10 @@ def network_lines(cfg: TrainConfig) -> list[str]:
         lines.append(f"  from pretrained: {key}={show} ({where})")
     if info.scheduler_file is None:
         lines.append("  no scheduler in the directory: diffusion.* (schedule, prediction) come from the config")
+    elif info.scheduler_class:
+        # The sampler is not a property of the trained network: any sampler runs on its schedule.
+        lines.append(f"  sampling       : sampling.sampler={cfg.sampling.sampler} (the directory's {info.scheduler_class} "
+                     "is not used: samplers share the schedule)")
     if m.lora.rank:
         lines.append(f"  LoRA adapters  : rank {m.lora.rank}, alpha {m.lora.scale_alpha:g} on {', '.join(m.lora.targets)}"
                      " (the pretrained weights stay frozen)")

@@ -70,6 +70,7 @@ def test_pretrained_directory_fixes_its_keys_and_refuses_contradictions(tmp_path
         ("v", "linear", 1000, 16, 3, True)
     text = make_plan(cfg).describe(cfg, "runs/x")
     assert "from pretrained: diffusion.prediction=v" in text and "prediction_type" in text
+    assert "sampling.sampler=ddim (the directory's DDIMScheduler is not used" in text
     # 4 attention blocks (down, mid, 2 up) x 4 projections x rank 4 x (48 in + 48 out), counted by hand:
     assert "6,144 trainable of 471,955" in text
     with torch.device("meta"):
