@@ -12,6 +12,7 @@ model); guidance wraps the network (model/guidance.py) before the sampler sees i
 
 from __future__ import annotations
 
+import copy
 import io
 import math
 from typing import Protocol
@@ -25,7 +26,7 @@ from model.guidance import CFGDenoiser
 from model.samplers import DDIMOptions, DDPMOptions, SamplerOptions, initial_noise, sample, timesteps_for
 from model.schedules import NoiseSchedule
 from orchestrator.builders import build_schedule
-from orchestrator.config import SamplingConfig, TrainConfig
+from orchestrator.config import ConfigError, SamplePrecision, SamplingConfig, TrainConfig
 
 
 def is_latent(cfg: TrainConfig) -> bool:
@@ -63,6 +64,47 @@ def grid_labels(num_classes: int | None, scfg: SamplingConfig) -> torch.Tensor |
     return torch.arange(rows).repeat_interleave(scfg.per_class)
 
 
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sample_dtype(precision: SamplePrecision, device: torch.device | str) -> torch.dtype:
+    """The network's dtype for ``sampling.precision`` on ``device``; "auto" is the fastest that
+    keeps the images: bf16 where the hardware computes it natively (CPUs with AVX512-BF16/AMX,
+    GPUs since Ampere), fp16 on older GPUs, fp32 elsewhere."""
+    from orchestrator.plan import cpu_has_bf16
+
+    device = torch.device(device)
+    if precision != "auto":
+        if precision == "fp16" and device.type == "cpu":
+            raise ConfigError("sampling.precision=fp16 (--precision) on a CPU: PyTorch's CPU kernels compute "
+                              "fp16 slowly or not at all. Fix: bf16, fp32 or auto")
+        return _DTYPES[precision]
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if device.type == "cpu" and cpu_has_bf16() else torch.float32
+
+
+class _AtPrecision(torch.nn.Module):
+    """Runs the network in ``dtype`` and hands the sampler float32: the sampler's updates mix
+    the network's output with x_t under coefficients near 0 and 1, and bf16's 8-bit mantissa
+    would lose the small differences that each step adds."""
+
+    def __init__(self, inner: torch.nn.Module, dtype: torch.dtype):
+        super().__init__()
+        self.inner = copy.deepcopy(inner).to(dtype)
+        self.compute_dtype = dtype
+        self.train(inner.training)
+
+    def forward(self, x, t, cond: Conditioning | None = None):
+        return self.inner(x.to(self.compute_dtype), t, cond).float()
+
+
+def at_precision(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """``model`` itself for float32, else a copy in ``dtype`` that returns float32 (the caller's
+    weights, an EMA for one, keep their precision)."""
+    return model if dtype == torch.float32 else _AtPrecision(model, dtype)
+
+
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
@@ -73,11 +115,13 @@ def generate(
     seed: int,
     device: torch.device | str = "cpu",
     scfg: SamplingConfig | None = None,
+    cast: bool = True,
 ) -> torch.Tensor:
     """``num`` images in [-1, 1] from ``model`` (put EMA weights in first) conditioned on ``cond``
     (``num`` entries; None for an unconditional model); latents, unclamped, for a latent model.
     The initial noise and then the sampler's per-step noise come from one CPU generator seeded
-    ``seed``."""
+    ``seed``. The network runs at ``sampling.precision`` (``cast=False``: the caller has put it
+    there already, ``at_precision``)."""
     scfg = scfg or cfg.sampling
     if cond is not None and cond.batch_size != num:
         raise ValueError(f"conditioning for {cond.batch_size} samples given for {num} images")
@@ -90,7 +134,8 @@ def generate(
         g = torch.Generator(device="cpu").manual_seed(seed)
         side = cfg.data.resolution
         x = initial_noise((num, cfg.data.channels, side, side), generator=g, device=device)
-        guided = CFGDenoiser(model, None if cond is None else cond.to(device), scfg.guidance_scale)
+        net = at_precision(model, sample_dtype(scfg.precision, device)) if cast else model
+        guided = CFGDenoiser(net, None if cond is None else cond.to(device), scfg.guidance_scale)
         out = sample(guided, x, schedule, timesteps, prediction=cfg.diffusion.prediction,
                      options=sampler_options(scfg), generator=g)
         return (out if is_latent(cfg) else out.clamp(-1, 1)).cpu()

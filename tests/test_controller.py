@@ -193,7 +193,11 @@ def test_controller_resubmits_a_killed_driver_survives_its_own_kill_and_does_not
     assert main_cli(["controller", "status", "--db", str(db), "--attempts"]) == 0
     table = capsys.readouterr().out
     assert re.search(rf"{NAME}\s+succeeded\s+2\s+1/2\s+{NAME}-2", table), table
-    assert re.search(rf"{NAME}-1: FAILED \d+s, exit (137|-9), infra: the driver was killed by SIGKILL", table), table
+    assert re.search(rf"{NAME}-1: FAILED \d+s, training \d+s after submission, exit (137|-9), infra: the driver was "
+                     "killed by SIGKILL", table), table
+    # The resubmission's "training again" time is its own first step's, read from the run's events.
+    again = re.search(rf"{NAME}-2: SUCCEEDED \d+s, training (\d+)s after submission", table)
+    assert again, table
 
     # The run: resumed from its last checkpoint at or before the kill, every step once, to the end.
     resumed = _events(run, "resumed")
@@ -208,6 +212,7 @@ def test_controller_resubmits_a_killed_driver_survives_its_own_kill_and_does_not
     assert takeovers[0]["holder"]["submission_id"] == f"{NAME}-2"
 
     recovery_s = firsts[1]["time"] - t_kill
+    assert int(again.group(1)) == round(firsts[1]["time"] - attempts[1].submitted_at)
     started2 = _events(run, "started")[1]["time"]
     print(f"\n[controller] after the kill: failure recorded +{attempts[0].ended_at - t_kill:.1f}s, resubmitted "
           f"+{attempts[1].submitted_at - t_kill:.1f}s, new driver took the lease and connected +{started2 - t_kill:.1f}s, "

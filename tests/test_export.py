@@ -92,7 +92,9 @@ def test_export_loads_in_diffusers_and_reproduces_raydiff_sample(name, tmp_path)
     expected = _diffusers_only_sampling(backbone, case["sub"], scheduler, gen_labels, meta["null_class"],
                                         shape=(len(gen_labels), 3, 16, 16), seed=case["seed"], eta=case["eta"],
                                         guidance=GUIDANCE, steps=STEPS)
-    scfg = ck.cfg.sampling.model_copy(update={"eta": case["eta"], "guidance_scale": GUIDANCE, "seed": case["seed"]})
+    # fp32: the diffusers loop above runs the network in float32 (bf16 is tested in test_sample_cli).
+    scfg = ck.cfg.sampling.model_copy(update={"eta": case["eta"], "guidance_scale": GUIDANCE, "seed": case["seed"],
+                                              "precision": "fp32"})
     got = generate_batched(ck.model, ck.cfg, ClassLabels(gen_labels, 10), len(gen_labels), seed=case["seed"], scfg=scfg)
     assert expected.std() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
@@ -101,7 +103,8 @@ def test_export_loads_in_diffusers_and_reproduces_raydiff_sample(name, tmp_path)
     # Labels by index, full class name and name without the demo's index prefix.
     assert main(["sample", "--checkpoint", str(run), "--labels", "0,03-yellow-cross,white-x", "--num", str(PER_CLASS),
                  "--seed", str(case["seed"]),
-                 "--eta", str(case["eta"]), "--guidance", str(GUIDANCE), "--out-dir", str(pngs)]) == 0
+                 "--eta", str(case["eta"]), "--guidance", str(GUIDANCE), "--precision", "fp32",
+                 "--out-dir", str(pngs)]) == 0
     files = sorted(pngs.iterdir())
     assert [f.name for f in files][::2] == ["00000_00-red-circle.png", "00002_03-yellow-cross.png",
                                              "00004_07-white-x.png"]

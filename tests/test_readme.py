@@ -66,6 +66,7 @@ NOT_RUN = {
     "RAY_AUTH_MODE=token ray job submit": "needs a Ray cluster (HEAD); the entrypoint is checked with --dry-run",
     "raydiff submit": "needs a Ray cluster (HEAD:8265); tests/test_jobs_submit.py submits to a local head",
     "raydiff controller": "needs a Ray cluster or starts one; tests/test_controller*.py run it",
+    "raydiff bench sample --checkpoint runs/demo": "needs a finished demo run; tests/test_bench_sample.py runs the bench",
     "raydiff bench startup": "six fresh processes, three of them training runs (minutes); tests/test_bench_startup.py runs its plain side",
     "raydiff bench quality": "trains several models side by side (about a minute with --quick, far longer without); tests/test_quality.py runs it",
 }

@@ -206,3 +206,42 @@ def test_raw_weights_of_a_real_zero2_checkpoint(tmp_path, capsys):
     assert main(["sample", "--checkpoint", str(tmp_path / "run"), "--raw", "--out", str(out)]) == 0
     assert "step 2, RAW weights" in capsys.readouterr().out
     assert out.read_bytes() == sample_grid(raw.model, raw.cfg)
+
+
+def test_sampling_precision_runs_a_copy_and_stays_close_to_float32(run):
+    ck = load_checkpoint(str(run))
+    before = {k: v.clone() for k, v in ck.model.state_dict().items()}
+    labels = ClassLabels(torch.arange(4), 10)
+
+    def draw(precision):
+        scfg = ck.cfg.sampling.model_copy(update={"precision": precision})
+        return generate(ck.model, ck.cfg, labels, 4, seed=1, scfg=scfg)
+
+    fp32, bf16 = draw("fp32"), draw("bf16")
+    # The network ran in bf16 (different numbers), on a copy: the caller's weights (an EMA's,
+    # during training) keep their values and float32.
+    assert not torch.equal(fp32, bf16) and bf16.dtype == torch.float32
+    after = ck.model.state_dict()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+    # bf16 rounding (8-bit mantissa) moves pixels by a small fraction of the images' own spread.
+    assert (fp32 - bf16).abs().mean() < 0.1 * fp32.std()
+
+
+def test_sampling_precision_auto_follows_the_hardware(monkeypatch):
+    import orchestrator.plan as plan
+    from orchestrator.config import ConfigError
+    from orchestrator.sampling import sample_dtype
+
+    for native, want in ((True, torch.bfloat16), (False, torch.float32)):
+        monkeypatch.setattr(plan, "cpu_has_bf16", lambda native=native: native)
+        assert sample_dtype("auto", "cpu") == want
+    assert sample_dtype("fp32", "cpu") == torch.float32 and sample_dtype("bf16", "cpu") == torch.bfloat16
+    with pytest.raises(ConfigError, match="fp16.*CPU"):
+        sample_dtype("fp16", "cpu")
+
+
+def test_fp16_on_cpu_is_one_line_and_exit_2(run, tmp_path, capsys):
+    assert main(["sample", "--checkpoint", str(run), "--device", "cpu", "--precision", "fp16",
+                 "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "Fix: bf16, fp32 or auto" in err and "Traceback" not in err

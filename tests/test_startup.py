@@ -1,6 +1,7 @@
 """Time to first step by phase (train/startup.py), from events.jsonl records."""
 
-from orchestrator.train.startup import PHASES, phase_event, startup_breakdown, startup_line
+from orchestrator.train.startup import (PHASES, first_step_after, phase_event, startup_breakdown, startup_line,
+                                        time_to_first_step)
 
 
 def _ev(name, t, **kw):
@@ -29,6 +30,16 @@ def test_breakdown_is_the_gaps_between_phase_ends_of_the_newest_invocation():
     assert [p for p, _ in parts] == list(PHASES)
     line = startup_line(first + second)
     assert line.startswith("time to first step: 29.0 s (ray 2.0 s, data 4.5 s, workers 11.5 s")
+    assert time_to_first_step(first + second) == 29.0 and time_to_first_step(first) is None
+
+
+def test_training_again_after_a_resubmission_is_the_first_step_after_it():
+    events = [_ev("started", 0.0), _ev("first_step", 20.0, step=1), _ev("started", 100.0),
+              _ev("first_step", 118.0, step=31), _ev("started", 200.0), _ev("first_step", 215.0, step=61)]
+    assert first_step_after(events, 0.0) == 20.0
+    assert first_step_after(events, 95.0, until=190.0) == 118.0  # the attempt submitted at 95 s trained at 118 s
+    assert first_step_after(events, 119.0, until=190.0) is None  # that attempt never trained
+    assert first_step_after(events, 216.0) is None
 
 
 def test_a_start_that_never_trained_has_no_time_to_first_step():

@@ -140,6 +140,8 @@ def test_asha_sweep_killed_and_resumed_then_best_config_trains(tmp_path):
     stopped = table[table["status"] == "stopped early"]
     assert len(stopped) >= 1 and (stopped["step"] < STEPS).all()
     assert table["val_loss"].notna().all()
+    # Every trial's start-up (its newest start to its first step) is read from its events.jsonl.
+    assert (table["start_s"] > 0).all()
     with Image.open(sweep / "metric.png") as png:
         assert png.size[0] >= 600
     best = sweep / "best.yaml"
@@ -181,6 +183,6 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(tmp_path):
     expected = [min(max(theirs["ema_decay"] * f, 0.9), 0.99) for f in (0.8, 1.2)]
     assert any(mine["ema_decay"] == pytest.approx(e) for e in expected), (mine, theirs)
     table = pd.read_csv(sweep / "results.csv")
-    assert len(table) == 2 and (table["status"] == "completed").all()
+    assert len(table) == 2 and (table["status"] == "completed").all() and (table["start_s"] > 0).all()
     assert table["sample_accuracy"].between(0, 1).all()
     assert trial in set(table["trial"])

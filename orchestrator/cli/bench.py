@@ -18,7 +18,7 @@ from orchestrator.storage.flags import add_s3_args
 def register(sub: Any) -> None:
     bench = sub.add_parser("bench", help="benchmarks that print ratios measured side by side")
     bench_sub = bench.add_subparsers(dest="bench_command", required=True, metavar="BENCH")
-    for add in (_data, _step, _startup, _quality):
+    for add in (_data, _step, _startup, _sample, _quality):
         add(bench_sub)
 
 
@@ -58,6 +58,23 @@ def _startup(bench_subparsers: Any) -> argparse.ArgumentParser:
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="raydiff config overrides (the plain loop uses the same network, data shape and batch)")
     p.set_defaults(func=handler("orchestrator.bench.startup:cmd_bench_startup"))
+    return p
+
+
+def _sample(bench_subparsers: Any) -> argparse.ArgumentParser:
+    p = bench_subparsers.add_parser("sample", help="raydiff sample's generation vs a bare loop of the same forward passes")
+    p.add_argument("--checkpoint", help="a run or checkpoint directory (default: a fresh --model network)")
+    p.add_argument("--model", default="unet-demo", choices=MODEL_NAMES, metavar="MODEL",
+                   help="registry network when no --checkpoint is given (default unet-demo)")
+    p.add_argument("--classes", type=int, default=10, help="classes of the fresh network (default 10, as the demo)")
+    p.add_argument("--channels", type=int, default=1, choices=(1, 3), help="image channels of the fresh network")
+    p.add_argument("--resolution", type=int, default=32, help="image side of the fresh network")
+    p.add_argument("--per-class", type=int, default=20, help="images per class (default 20: 200 for 10 classes)")
+    p.add_argument("--steps", type=int, default=0, help="sampling steps (default: the config's, 25)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), help="sampling.precision (default auto)")
+    p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+    p.add_argument("--json", help="also write the results as JSON to this file")
+    p.set_defaults(func=handler("orchestrator.bench.sample:cmd_bench_sample"))
     return p
 
 

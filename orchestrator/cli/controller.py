@@ -164,6 +164,29 @@ def _ago(t: float | None) -> str:
     return f"{s:.0f}s ago" if s < 120 else (f"{s / 60:.0f}m ago" if s < 7200 else f"{s / 3600:.1f}h ago")
 
 
+def _training_again(job, attempts: list) -> dict[str, float]:
+    """Seconds from each attempt's submission to the run's next first step (the run's
+    events.jsonl), for the attempts that trained; {} where the run directory is unreadable here."""
+    from orchestrator.storage import StorageError
+    from orchestrator.storage.jsonl import read_records
+    from orchestrator.storage.rundir import EVENTS_LOG
+    from orchestrator.train.startup import first_step_after
+
+    if not job.run_uri:
+        return {}
+    try:
+        events = read_records(job.run_uri, EVENTS_LOG)
+    except (StorageError, OSError):
+        return {}
+    out = {}
+    ordered = sorted((a for a in attempts if a.submitted_at), key=lambda a: a.submitted_at)
+    for a, nxt in zip(ordered, [*ordered[1:], None]):
+        at = first_step_after(events, a.submitted_at, nxt.submitted_at if nxt else None)
+        if at is not None:
+            out[a.submission_id] = at - a.submitted_at
+    return out
+
+
 def _table(jobs, attempts: dict | None = None) -> str:
     rows = [("NAME", "STATUS", "ATTEMPTS", "RESTARTS", "SUBMISSION", "UPDATED", "REASON")]
     for j in jobs:
@@ -178,9 +201,12 @@ def _table(jobs, attempts: dict | None = None) -> str:
         out = [lines[0]]
         for j, line in zip(jobs, lines[1:]):
             out.append(line)
+            trained = _training_again(j, attempts.get(j.name, []))
             for a in attempts.get(j.name, []):
                 took = f"{a.ended_at - a.submitted_at:.0f}s" if a.ended_at and a.submitted_at else "running"
-                out.append(f"    {a.submission_id}: {a.ray_status or 'submitted'} {took}"
+                # Submission to training again: for a resubmission, what a crash cost.
+                again = f", training {trained[a.submission_id]:.0f}s after submission" if a.submission_id in trained else ""
+                out.append(f"    {a.submission_id}: {a.ray_status or 'submitted'} {took}{again}"
                            + (f", exit {a.exit_code}" if a.exit_code is not None else "")
                            + (f", {a.kind}" if a.kind else "") + (f": {' '.join(a.reason.split())}" if a.reason else ""))
         lines = out

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 
-from orchestrator.cli.sample import SAMPLE_OVERRIDES, add_checkpoint_args, checkpoint_uri, s3_from_overrides
+from orchestrator.cli.sample import SAMPLE_OVERRIDES, add_checkpoint_args, add_precision_arg, checkpoint_uri, s3_from_overrides
 from orchestrator.config import ConfigError, apply_overrides, config_to_dict, validate_config
 
 EVAL_FILE = "eval_fid.json"
@@ -42,6 +42,7 @@ def register(sub) -> None:
     p.add_argument("--kid-subsets", type=int, default=100)
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+    add_precision_arg(p)
     p.add_argument("--output", default=EVAL_FILE, help=f"file name in the run directory (default {EVAL_FILE})")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value", help="sampling.* and storage.s3.* overrides")
     p.set_defaults(func=cmd_eval)
@@ -98,7 +99,8 @@ def cmd_eval(args) -> int:
     if is_latent(ck.cfg):
         raise ConfigError(f"{ck.uri} is a latent model (data.format=latents): FID/KID would need decoded images and "
                           "a reference image set, which raydiff eval does not handle for latent runs yet")
-    flags = [f"sampling.{k}={v}" for k, v in (("sampler", args.sampler), ("eta", args.eta)) if v is not None]
+    flags = [f"sampling.{k}={v}" for k, v in (("sampler", args.sampler), ("eta", args.eta),
+                                               ("precision", args.precision)) if v is not None]
     cfg = validate_config(apply_overrides(config_to_dict(ck.cfg, reveal_secrets=True), [*args.overrides, *flags]))
     if args.eta is not None and cfg.sampling.sampler == "ddpm" and args.eta != 1.0:
         raise ConfigError(f"--eta {args.eta} with the DDPM sampler: ancestral DDPM always has eta 1. "

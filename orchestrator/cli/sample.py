@@ -4,15 +4,21 @@ from __future__ import annotations
 
 import argparse
 import io
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, get_args
 
-from orchestrator.config import ConfigError, apply_overrides, config_to_dict, load_config, parse_override, validate_config
+from orchestrator.config import ConfigError, SamplePrecision, apply_overrides, config_to_dict, load_config, parse_override, validate_config
 from orchestrator.storage import join, write_bytes
 
 if TYPE_CHECKING:
     import torch
 
 SAMPLE_OVERRIDES = ("sampling.", "storage.s3.")
+
+
+def add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--precision", choices=get_args(SamplePrecision),
+                   help="the network's precision (sampling.precision; default auto: bf16 where the CPU or GPU "
+                        "has it natively, else fp16 on a GPU, fp32 on a CPU)")
 
 
 def add_checkpoint_args(p: argparse.ArgumentParser) -> None:
@@ -46,6 +52,7 @@ def register(sub) -> None:
     p.add_argument("--batch-size", type=int, help="images per sampler batch (default: all at once); "
                    "batch i uses seed+i, so the batch size is part of what fixes the images")
     p.add_argument("--device", default="auto", help="auto (a GPU when present), cpu, cuda or cuda:N")
+    add_precision_arg(p)
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
                    help="sampling.* and storage.s3.* overrides, e.g. sampling.guidance_scale=4")
     p.set_defaults(func=cmd_sample)
@@ -78,7 +85,7 @@ def checkpoint_uri(args) -> tuple[str, str | None]:
 def sampling_config(cfg, overrides: list[str], args):
     """The run's config with the sampling.* / storage.s3.* overrides, then the command-line options, applied."""
     flags = {"sampler": args.sampler, "num_steps": args.steps, "eta": args.eta,
-             "guidance_scale": args.guidance, "seed": args.seed}
+             "guidance_scale": args.guidance, "seed": args.seed, "precision": args.precision}
     extra = [f"sampling.{k}={v}" for k, v in flags.items() if v is not None]
     out = validate_config(apply_overrides(config_to_dict(cfg, reveal_secrets=True), [*overrides, *extra]))
     if args.eta is not None and out.sampling.sampler == "ddpm" and args.eta != 1.0:

@@ -21,6 +21,7 @@ from orchestrator.config.schema import (
     PrecisionConfig,
     RunConfig,
     S3Config,
+    SamplePrecision,
     SamplingConfig,
     ScalingConfig,
     StorageConfig,
@@ -30,7 +31,7 @@ from orchestrator.config.schema import (
 
 __all__ = [
     "CheckpointConfig", "ConfigError", "DataConfig", "DiffusionConfig", "LoggingConfig", "ModelConfig", "OptimConfig",
-    "PrecisionConfig", "RunConfig", "S3Config", "SamplingConfig", "ScalingConfig", "StorageConfig", "TrainConfig", "_Strict",
+    "PrecisionConfig", "RunConfig", "S3Config", "SamplePrecision", "SamplingConfig", "ScalingConfig", "StorageConfig", "TrainConfig", "_Strict",
     "apply_overrides", "config_to_dict", "config_to_yaml", "load_config", "load_config_text", "parse_override",
     "validate_config",
 ]

@@ -21,11 +21,14 @@ if TYPE_CHECKING:
 class _Decoder:
     """Runs the training set's Ray Data decode; its process owns the resulting blocks."""
 
-    def __init__(self, progress_bars: bool) -> None:
+    def __init__(self, verbose: bool) -> None:
         from ray.data import DataContext
 
-        # Set per process: the driver's setting does not reach an actor.
-        DataContext.get_current().enable_progress_bars = progress_bars
+        from orchestrator.logs import configure_worker
+
+        # Per process: the driver's filters and Ray Data settings do not reach an actor.
+        configure_worker(verbose)
+        DataContext.get_current().enable_progress_bars = verbose
 
     def decode(self, cfg: "DataConfig", info: "DatasetInfo", counter_name: str | None) -> list[Any]:
         from orchestrator.data.pipeline import build_train_dataset
@@ -62,9 +65,9 @@ class BackgroundDecode:
 
 
 def decode_in_background(cfg: "DataConfig", info: "DatasetInfo", *, counter_name: str | None,
-                         progress_bars: bool) -> BackgroundDecode:
+                         verbose: bool) -> BackgroundDecode:
     import ray
 
     # num_cpus=0: it waits on its Ray Data tasks, which ask for CPUs of their own.
-    actor = ray.remote(num_cpus=0)(_Decoder).remote(progress_bars)
+    actor = ray.remote(num_cpus=0)(_Decoder).remote(verbose)
     return BackgroundDecode(actor, actor.decode.remote(cfg, info, counter_name))

@@ -14,7 +14,7 @@ from torch import nn
 
 from model.conditioning import Conditioning
 from orchestrator.config import ConfigError, SamplingConfig, TrainConfig
-from orchestrator.sampling import generate
+from orchestrator.sampling import at_precision, generate, sample_dtype
 
 
 def pick_device(name: str = "auto") -> torch.device:
@@ -46,7 +46,8 @@ def generate_batched(model: nn.Module, cfg: TrainConfig, cond: Conditioning | No
                      scfg: SamplingConfig | None = None, desc: str = "sampling",
                      progress: bool | None = None) -> torch.Tensor:
     """``num`` images in [-1, 1] (CPU, float32); ``cond`` is None (unconditional) or has ``num``
-    entries. ``progress`` None shows a tqdm bar only when stdout is a terminal."""
+    entries; the network runs in ``sampling.precision``. ``progress`` None shows a tqdm bar only
+    when stdout is a terminal."""
     from tqdm import tqdm
 
     scfg = scfg or cfg.sampling
@@ -57,12 +58,13 @@ def generate_batched(model: nn.Module, cfg: TrainConfig, cond: Conditioning | No
     steps = min(scfg.num_steps, cfg.diffusion.num_timesteps)
     show = sys.stdout.isatty() if progress is None else progress
     device = torch.device(device)
-    model = model.to(device)
+    # One copy at the sampling precision for every batch (generate() would make one per call).
+    model = at_precision(model.to(device), sample_dtype(scfg.precision, device))
     out = []
     with tqdm(total=len(starts) * steps, desc=desc, unit="step", disable=not show, leave=False) as bar:
         counted = _Counted(model, bar)
         for i, s in enumerate(starts):
             n = min(bs, num - s)
             part = None if cond is None else cond[s : s + n]
-            out.append(generate(counted, cfg, part, n, seed=seed + i, device=device, scfg=scfg))
+            out.append(generate(counted, cfg, part, n, seed=seed + i, device=device, scfg=scfg, cast=False))
     return torch.cat(out)

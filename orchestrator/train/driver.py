@@ -134,7 +134,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         # first batch.
         reader = make_train_reader(cfg.data, info, counter_name=counter)
         if decoded_bytes <= cfg.data.cache_max_bytes:
-            decode = decode_in_background(cfg.data, info, counter_name=counter, progress_bars=is_verbose())
+            decode = decode_in_background(cfg.data, info, counter_name=counter, verbose=is_verbose())
             reader.cached = decode.blocks
 
         storage_path, storage_fs = ray_storage(cfg.run.storage, cfg.storage.s3)

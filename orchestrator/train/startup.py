@@ -56,3 +56,24 @@ def startup_line(events: Iterable[dict[str, Any]]) -> str | None:
     total = sum(s for _, s in parts)
     detail = ", ".join(f"{name.replace('_', ' ')} {s:.1f} s" for name, s in parts)
     return f"time to first step: {total:.1f} s ({detail})"
+
+
+def time_to_first_step(events: Iterable[dict[str, Any]]) -> float | None:
+    """Seconds from the newest invocation's start to its first step (a Tune trial's start-up),
+    or None when it has not stepped."""
+    parts = startup_breakdown(events)
+    if not parts or parts[-1][0] != "first_step":
+        return None
+    return sum(s for _, s in parts)
+
+
+def first_step_after(events: Iterable[dict[str, Any]], since: float, until: float | None = None) -> float | None:
+    """When the run first stepped at or after ``since`` (and before ``until``): for a controller
+    attempt submitted at ``since``, when training ran again."""
+    for e in events:
+        if e.get("event") == "first_step":
+            at = float(e["time"])
+            if at >= since and (until is None or at < until):
+                return at
+    return None
+

@@ -5,6 +5,7 @@ training progress for every trial (PNG) and the best configuration as a job spec
 from __future__ import annotations
 
 import io
+import logging
 import math
 from typing import Any
 
@@ -12,7 +13,10 @@ import pandas as pd
 import yaml
 
 from orchestrator.config import TrainConfig, config_to_dict
-from orchestrator.storage import RunDir
+from orchestrator.storage import RunDir, StorageError, join
+from orchestrator.storage.jsonl import read_records
+from orchestrator.storage.rundir import EVENTS_LOG
+from orchestrator.train.startup import time_to_first_step
 from orchestrator.tune.config import TuneJob
 from orchestrator.tune.space import trial_tree
 
@@ -20,6 +24,7 @@ CSV_FILE = "results.csv"
 PNG_FILE = "metric.png"
 BEST_FILE = "best.yaml"
 MASK = "**********"
+log = logging.getLogger("raydiff")
 
 
 def _trial_id(result: Any) -> str:
@@ -37,6 +42,20 @@ def _target_steps(job: TuneJob, params: dict[str, Any]) -> int:
 
 def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _start_seconds(runs: list[str], job: TuneJob) -> float | None:
+    if not runs:
+        return None
+    # A trial's runs live in the sweep directory (tune/runner.py, tune/trainable.py).
+    uri = join(job.run.storage, job.run.name, runs[-1])
+    try:
+        events = read_records(uri, EVENTS_LOG, job.storage.s3)
+    except (StorageError, OSError) as e:  # the table still prints; the start-up column says "-"
+        log.warning("time to first step of %s not read: %s", uri, e)
+        return None
+    took = time_to_first_step(events)
+    return None if took is None else round(took, 1)
 
 
 def results_table(grid: Any, job: TuneJob) -> Any:
@@ -61,6 +80,8 @@ def results_table(grid: Any, job: TuneJob) -> Any:
             "trial": _trial_id(result),
             "status": status,
             "step": step,
+            # Seconds from the trial's (newest) start to its first step: what every trial pays.
+            "start_s": _start_seconds(runs, job),
             metric: m.get(metric),
             f"best_{metric}": min(values) if values else None,
             "sample_accuracy": m.get("sample_accuracy"),
