@@ -182,7 +182,9 @@ def test_lora_checkpoint_exports_merged_and_adapters_that_reproduce_raydiff(tmp_
     gen = torch.tensor([1, 4, 7])
     expected = _diffusers_only_sampling(merged, "unet", DDIMScheduler.from_pretrained(tmp_path / "merged" / "scheduler"),
                                         gen, NUM_CLASSES, shape=(3, 3, 16, 16), seed=4, eta=0.5, guidance=2.0, steps=3)
-    got = generate_batched(ck.model, ck.cfg, ClassLabels(gen, NUM_CLASSES), 3, seed=4)
+    # fp32 like the diffusers loop (sampling.precision auto may pick bf16 on this CPU).
+    scfg = ck.cfg.sampling.model_copy(update={"precision": "fp32"})
+    got = generate_batched(ck.model, ck.cfg, ClassLabels(gen, NUM_CLASSES), 3, seed=4, scfg=scfg)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
     # The merged export is a pretrained directory again: the network and schedule round-trip.
