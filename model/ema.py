@@ -14,7 +14,11 @@ from torch import Tensor, nn
 
 
 class EMA:
-    """fp32 shadow copy of ``module``'s parameters, plus a copy of its float buffers.
+    """fp32 shadow copy of ``module``'s trainable parameters, plus a copy of its float buffers.
+
+    Frozen parameters (``requires_grad`` False: a LoRA run's pretrained weights) never change,
+    so they are not shadowed: a LoRA run's EMA holds the adapters only, and loading it into a
+    model built the same way (model/pretrained.py) leaves the frozen weights as loaded.
 
     Decay for the update with 0-based index ``n`` (n = number of updates done before):
       * ``warmup=True``: d_n = clamp(1 - (1 + n / inv_gamma)^(-warmup_power), min_decay, decay).
@@ -50,7 +54,7 @@ class EMA:
         self.num_updates = 0
         self.last_decay: float | None = None
         self.shadow_params: dict[str, Tensor] = {
-            name: p.detach().to(torch.float32).clone() for name, p in module.named_parameters()
+            name: p.detach().to(torch.float32).clone() for name, p in module.named_parameters() if p.requires_grad
         }
         self.shadow_buffers: dict[str, Tensor] = {
             name: b.detach().to(torch.float32).clone()
@@ -68,7 +72,7 @@ class EMA:
         return min(max(d, self.min_decay), self.decay)
 
     def _named(self, module: nn.Module) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        params = dict(module.named_parameters())
+        params = {n: p for n, p in module.named_parameters() if p.requires_grad}
         buffers = {n: b for n, b in module.named_buffers() if b.is_floating_point()}
         if params.keys() != self.shadow_params.keys() or buffers.keys() != self.shadow_buffers.keys():
             missing = sorted(set(self.shadow_params) ^ set(params))[:5]

@@ -120,9 +120,27 @@ def count_parameters(module: nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
+# Constructor arguments raydiff sets itself (from the data and the conditioning): not overridable
+# through ``arch`` (model.unet / model.dit).
+RESERVED_ARGS: dict[str, frozenset[str]] = {
+    "unet": frozenset({"sample_size", "in_channels", "out_channels", "num_class_embeds", "class_embed_type"}),
+    "dit": frozenset({"sample_size", "in_channels", "out_channels", "num_embeds_ada_norm", "norm_type"}),
+}
+
+
+def architecture_args(kind: str) -> tuple[str, ...]:
+    """The diffusers constructor arguments ``model.unet`` (``kind="unet"``: UNet2DModel) or
+    ``model.dit`` (DiTTransformer2DModel) may set, from the constructor's signature."""
+    import inspect
+
+    cls = UNet2DModel if kind == "unet" else DiTTransformer2DModel
+    names = [n for n in inspect.signature(cls.__init__).parameters if n != "self"]
+    return tuple(sorted(n for n in names if n not in RESERVED_ARGS[kind]))
+
+
 def build_model(
     name: ModelName, *, in_channels: int = 3, image_size: int = 32, num_classes: int | None = None,
-    text_dim: int | None = None,
+    text_dim: int | None = None, arch: dict | None = None,
 ) -> Denoiser:
     """Build a :class:`Denoiser` by registry name for ``in_channels`` x ``image_size``².
 
@@ -130,9 +148,19 @@ def build_model(
     ``num_classes``) for classifier-free guidance; None builds an unconditional model.
     Text models (:data:`TEXT_MODEL_NAMES`) need ``text_dim``, the text encoder's hidden size,
     which their cross-attention reads.
+    ``arch``: diffusers constructor arguments replacing the named configuration's (a network size
+    the registry lacks); keys outside ``architecture_args`` are refused.
     """
     if name not in MODEL_NAMES:
         raise ValueError(f"unknown model {name!r}; choose one of {MODEL_NAMES}")
+    if arch and is_text_model(name):
+        raise ValueError(f"{name}: constructor arguments (model.unet / model.dit) apply to the unet-* and dit-* "
+                         "networks, not to the text models")
+    kind = "unet" if name in _UNETS else "dit"
+    arch = dict(arch or {})
+    unknown = sorted(set(arch) - set(architecture_args(kind)))
+    if unknown:
+        raise ValueError(f"unknown {kind} constructor arguments {unknown}; allowed: {list(architecture_args(kind))}")
     if isinstance(in_channels, bool) or not isinstance(in_channels, int) or in_channels < 1:
         raise ValueError(f"in_channels must be a positive int, got {in_channels!r}")
     if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < 1:
@@ -149,7 +177,7 @@ def build_model(
         raise ValueError(f"{name} is not text-conditioned; choose one of {TEXT_MODEL_NAMES} for text")
 
     if name in _UNETS:
-        cfg = dict(_UNETS[name])
+        cfg = {**_UNETS[name], **arch}
         factor = 2 ** (len(cfg["block_out_channels"]) - 1)
         if image_size % factor:
             raise ValueError(f"{name} downsamples by {factor}; image_size {image_size} is not divisible by it")
@@ -164,21 +192,20 @@ def build_model(
         return Denoiser(backbone, "unet", in_channels=in_channels, image_size=image_size, num_classes=num_classes)
 
     depth, hidden, heads = _DITS[name]
-    if image_size % DIT_PATCH_SIZE:
-        raise ValueError(f"{name} uses patch size {DIT_PATCH_SIZE}; image_size {image_size} is not divisible by it")
+    kwargs = {"num_attention_heads": heads, "attention_head_dim": hidden // heads, "num_layers": depth,
+              "patch_size": DIT_PATCH_SIZE, **arch}
+    if image_size % kwargs["patch_size"]:
+        raise ValueError(f"{name} uses patch size {kwargs['patch_size']}; image_size {image_size} is not divisible by it")
     backbone = DiTTransformer2DModel(
-        num_attention_heads=heads,
-        attention_head_dim=hidden // heads,
         in_channels=in_channels,
         out_channels=in_channels,  # no learned sigma: fixed-variance samplers only
-        num_layers=depth,
         sample_size=image_size,
-        patch_size=DIT_PATCH_SIZE,
         # diffusers' LabelEmbedding (dropout_prob 0.1 by default) allocates
         # num_embeds_ada_norm + 1 rows, the last being its CFG "null" row. We use that row
         # as our null class (index num_classes), exactly as in the original DiT code,
         # instead of adding a second one. Unconditional: one class, label always 0.
         num_embeds_ada_norm=1 if num_classes is None else num_classes,
+        **kwargs,
     )
     for m in backbone.modules():
         if isinstance(m, LabelEmbedding):

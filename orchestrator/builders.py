@@ -16,19 +16,57 @@ import torch
 from model.objectives import DiffusionObjective
 from model.registry import build_model
 from model.schedules import NoiseSchedule, make_schedule
-from orchestrator.config import DataConfig, DiffusionConfig, ModelConfig, OptimConfig
+from orchestrator.config import ConfigError, DataConfig, DiffusionConfig, ModelConfig, OptimConfig
 
 
-def build_denoiser(model: ModelConfig, data: DataConfig, num_classes: int | None) -> torch.nn.Module:
+def build_denoiser(model: ModelConfig, data: DataConfig, num_classes: int | None, *,
+                   weights: bool = True) -> torch.nn.Module:
     """The registry network ``model`` names, sized for ``data``'s images (or latents);
     class-conditional when ``num_classes`` is given (the number of classes found in the data);
     a text model's cross-attention is as wide as ``model.text_encoder``'s hidden size (read
-    from its config), and it takes no class labels."""
-    from orchestrator.text import text_dim
+    from its config), and it takes no class labels.
 
-    dim = text_dim(model)
-    return build_model(model.name, in_channels=data.channels, image_size=data.resolution,
-                       num_classes=None if dim is not None else num_classes, text_dim=dim)
+    With ``model.pretrained`` the network and its weights come from that diffusers directory
+    (``weights=False``: its architecture only, for counting parameters on the meta device), with
+    LoRA adapters when ``model.lora.rank`` > 0 (model/pretrained.py)."""
+    if model.pretrained is None:
+        from orchestrator.text import text_dim
+
+        dim = text_dim(model)
+        try:
+            return build_model(model.name, in_channels=data.channels, image_size=data.resolution,
+                               num_classes=None if dim is not None else num_classes, text_dim=dim,
+                               arch=model.unet or model.dit)
+        except (ValueError, TypeError) as e:
+            if model.unet is None and model.dit is None:
+                raise
+            raise ConfigError(f"model.{'unet' if model.unet is not None else 'dit'}: diffusers cannot build "
+                              f"{model.name} with these arguments: {e}") from None
+    from model.pretrained import PretrainedError, add_lora, build_pretrained, read_pretrained
+
+    try:
+        info = read_pretrained(model.pretrained)
+    except PretrainedError as e:
+        raise ConfigError(f"model.pretrained: {e}") from None
+    if num_classes != info.num_classes:
+        raise ConfigError(f"model.pretrained={model.pretrained} is "
+                          + (f"a {info.num_classes}-class model" if info.num_classes else "unconditional")
+                          + f" but the data gives {num_classes or 'no'} classes. Fix: train on data with "
+                          + (f"{info.num_classes} classes (the same class order)" if info.num_classes
+                             else "data.conditional=false"))
+    net = build_pretrained(info, weights=weights)
+    if model.lora.rank:
+        try:
+            add_lora(net.backbone, model.lora.rank, model.lora.scale_alpha, model.lora.targets)
+        except PretrainedError as e:
+            raise ConfigError(str(e)) from None
+    return net
+
+
+def trainable_parameters(module: torch.nn.Module) -> tuple[int, int]:
+    """(trainable, total) parameter elements."""
+    total = sum(p.numel() for p in module.parameters())
+    return sum(p.numel() for p in module.parameters() if p.requires_grad), total
 
 
 def build_schedule(diffusion: DiffusionConfig) -> NoiseSchedule:

@@ -52,6 +52,7 @@ class Plan:
                 f"precision       : {self.precision} ({self.precision_reason})",
                 f"mixed precision : {'torch autocast, fp32 weights' if self.autocast else 'DeepSpeed engine'} ({self.mixed_reason})",
                 f"DeepSpeed ZeRO  : stage {self.zero_stage} ({self.zero_reason})",
+                *network_lines(cfg),
                 f"batch           : {cfg.optim.batch_size} global = {self.num_workers} x {self.micro_batch_size}",
                 f"steps           : {cfg.optim.steps}",
                 f"checkpoints     : every {cfg.checkpoint.every_steps} steps, keep last {cfg.checkpoint.keep}",
@@ -127,15 +128,59 @@ ZERO0_MEMORY_SHARE = 0.25
 DEFAULT_GPU_BYTES = 40 << 30
 
 
-def parameter_count(model: ModelConfig, data: DataConfig) -> int:
-    """Parameters of the configured network, counted on the meta device (no memory, no compute)."""
+def parameter_counts(model: ModelConfig, data: DataConfig) -> tuple[int, int]:
+    """(trainable, total) parameters of the configured network, counted on the meta device (no
+    memory, no compute). A registry network is counted with 10 classes when conditional."""
     import torch
 
-    from orchestrator.builders import build_denoiser
+    from orchestrator.builders import build_denoiser, trainable_parameters
 
+    if model.pretrained is not None:
+        from model.pretrained import read_pretrained
+
+        num_classes = read_pretrained(model.pretrained).num_classes
+    else:
+        num_classes = 10 if data.conditional else None
     with torch.device("meta"):
-        net = build_denoiser(model, data, 10 if data.conditional else None)
-    return sum(p.numel() for p in net.parameters())
+        net = build_denoiser(model, data, num_classes, weights=False)
+    return trainable_parameters(net)
+
+
+def parameter_count(model: ModelConfig, data: DataConfig) -> int:
+    """Parameters of the configured network (all of them, trainable or frozen)."""
+    return parameter_counts(model, data)[1]
+
+
+def network_lines(cfg: TrainConfig) -> list[str]:
+    """What the plan says about the network: where it comes from, what a pretrained directory
+    fixed (model/pretrained.py), and how many parameters train."""
+    m = cfg.model
+    trainable, total = parameter_counts(m, cfg.data)
+    share = f"{trainable:,} trainable of {total:,} ({trainable / max(total, 1):.2%})"
+    if m.pretrained is None:
+        custom = m.unet if m.unet is not None else m.dit
+        extra = f" with model.{'unet' if m.unet is not None else 'dit'} {custom}" if custom is not None else ""
+        return [f"network         : {m.name}{extra} (registry, random init), {share} parameters"]
+    from model.pretrained import read_pretrained
+
+    info = read_pretrained(m.pretrained)
+    lines = [f"network         : {info.network_class} from {info.model_dir} (model.pretrained)"]
+    for key, (value, where) in info.taken().items():
+        show = str(value).lower() if isinstance(value, bool) else value
+        lines.append(f"  from pretrained: {key}={show} ({where})")
+    if info.scheduler_file is None:
+        lines.append("  no scheduler in the directory: diffusion.* (schedule, prediction) come from the config")
+    elif info.scheduler_class:
+        # The sampler is not a property of the trained network: any sampler runs on its schedule.
+        lines.append(f"  sampling       : sampling.sampler={cfg.sampling.sampler} (the directory's {info.scheduler_class} "
+                     "is not used: samplers share the schedule)")
+    if m.lora.rank:
+        lines.append(f"  LoRA adapters  : rank {m.lora.rank}, alpha {m.lora.scale_alpha:g} on {', '.join(m.lora.targets)}"
+                     " (the pretrained weights stay frozen)")
+    else:
+        lines.append("  full fine-tuning: every weight trains (model.lora.rank=0)")
+    lines.append(f"parameters      : {share}")
+    return lines
 
 
 def _gpu_bytes(scaling: ScalingConfig) -> int:

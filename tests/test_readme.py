@@ -75,8 +75,10 @@ NOT_RUN = {
     "raydiff bench scale": "2-billion-sample sizes: about a minute on 2 cores; tests/test_bench_scale.py runs it at tiny sizes",
     "raydiff bench quality": "trains several models side by side (about a minute with --quick, far longer without); tests/test_quality.py runs it",
 }
-# The block that runs end to end (slow test), by its first command.
+# The blocks that run end to end (slow tests), by their first command.
 S3_BLOCK = "raydiff data serve-s3"
+FINETUNE_BLOCK = "raydiff train run.name=ft-base"
+RUN_BLOCKS = (S3_BLOCK, FINETUNE_BLOCK)
 
 
 def bash_blocks(text: str) -> list[list[str]]:
@@ -130,7 +132,7 @@ def test_doc_blocks_are_all_run_or_listed_with_a_reason_and_parse(page, tmp_path
     name = page.relative_to(ROOT).as_posix()
     env = {"S3": "http://127.0.0.1:9000", "TRY": ""}  # variables carry over between a page's blocks
     for block in bash_blocks(page.read_text()):
-        runs = block and block[0].startswith(S3_BLOCK)
+        runs = block and block[0].startswith(RUN_BLOCKS)
         for cmd in block:
             if re.match(r"^(export\s+)?\w+=", cmd) and not cmd.startswith(("RAY_AUTH_MODE",)):
                 for assignment in shlex.split(cmd.removeprefix("export "), comments=True):
@@ -347,3 +349,27 @@ def test_s3_walkthrough_runs_as_written(tmp_path, monkeypatch, capsys):
                 proc.wait(timeout=20)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+@pytest.mark.slow
+def test_fine_tuning_walkthrough_runs_as_written(ray_local, tmp_path, monkeypatch, capsys):
+    """docs/fine-tuning.md: train and export a base model, fine-tune it with LoRA on another
+    variant of the built-in set, sample, export the adapters and the merged model."""
+    from orchestrator.cli import main
+
+    found = [b for _, b in doc_blocks() if b and b[0].startswith(FINETUNE_BLOCK)]
+    assert len(found) == 1
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    for cmd in found[0]:
+        argv = words(cmd, {})
+        assert argv[0] == "raydiff", cmd
+        capsys.readouterr()
+        rc = main(argv[1:])
+        out = capsys.readouterr()
+        assert rc == 0, f"{cmd}\n{out.out}\n{out.err}"
+        if "--dry-run" in argv:
+            assert "from pretrained: diffusion.prediction=v" in out.out and "LoRA adapters  : rank 4" in out.out
+    assert (tmp_path / "ft-lora.png").stat().st_size > 0
+    assert (tmp_path / "ft-adapters" / "unet" / "adapter_model.safetensors").is_file()
+    assert (tmp_path / "ft-merged" / "unet" / "config.json").is_file()

@@ -14,10 +14,17 @@ def register(sub) -> None:
         help="export a checkpoint's denoiser as diffusers components (EMA weights)",
         description="Write OUT/unet (or OUT/transformer), OUT/scheduler, OUT/raydiff.json and a model "
         "card OUT/README.md. Load them with UNet2DModel.from_pretrained(OUT/unet) / "
-        "DiTTransformer2DModel.from_pretrained(OUT/transformer) and DDIMScheduler.from_pretrained(OUT/scheduler).",
+        "DiTTransformer2DModel.from_pretrained(OUT/transformer) and DDIMScheduler.from_pretrained(OUT/scheduler). "
+        "A LoRA run (model.lora.rank > 0) exports the merged network (--lora merged, the default: adapters folded "
+        "into the pretrained weights, a full diffusers model that also serves as model.pretrained) or the adapters "
+        "alone (--lora adapters: PEFT's adapter_config.json + adapter_model.safetensors in OUT/unet or "
+        "OUT/transformer, loaded with peft.PeftModel.from_pretrained onto the pretrained network). The model card "
+        "shows both ways to load.",
     )
     add_checkpoint_args(p)
     p.add_argument("--format", choices=("diffusers",), default="diffusers")
+    p.add_argument("--lora", choices=("merged", "adapters"), default="merged",
+                   help="for a LoRA run: write the merged network (default) or only the adapters (a few hundred KB)")
     p.add_argument("--force", action="store_true", help="write into OUT even if it is not empty")
     p.add_argument("out", metavar="OUT", help="output directory (local)")
     p.add_argument("overrides", nargs="*", metavar="key.sub=value",
@@ -26,7 +33,7 @@ def register(sub) -> None:
 
 
 def cmd_export(args) -> int:
-    from orchestrator.eval.export import export_diffusers
+    from orchestrator.eval.export import export_diffusers, has_lora
     from orchestrator.eval.loading import load_checkpoint
     from orchestrator.sampling import is_latent
 
@@ -59,7 +66,13 @@ def cmd_export(args) -> int:
                           "yet. Fix: sample it with `raydiff sample`, which decodes with the dataset's VAE")
     cfg = validate_config(apply_overrides(config_to_dict(ck.cfg, reveal_secrets=True),
                                           [o for o in args.overrides if o.startswith("sampling.")]))
-    meta = export_diffusers(ck.model, cfg, ck.class_names, out, source=ck.uri, step=ck.ref.step, weights=ck.weights)
+    if args.lora == "adapters" and not has_lora(ck.model):
+        raise ConfigError(f"--lora adapters: {ck.uri} has no LoRA adapters (model.lora.rank=0: every weight trained). "
+                          "Fix: drop --lora to export the whole network")
+    meta = export_diffusers(ck.model, cfg, ck.class_names, out, source=ck.uri, step=ck.ref.step, weights=ck.weights,
+                            lora=args.lora)
+    what = (f"LoRA adapters ({meta['backbone_class']}, PEFT format)" if meta["lora"] and args.lora == "adapters"
+            else meta["backbone_class"] + (" with its LoRA adapters merged" if meta["lora"] else ""))
     print(f"exported {ck.uri} (step {ck.ref.step}, {ck.weights.upper()} weights) to {out}/{meta['backbone']} "
-          f"({meta['backbone_class']}) and {out}/scheduler")
+          f"({what}) and {out}/scheduler")
     return 0

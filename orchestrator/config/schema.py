@@ -10,20 +10,13 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SecretStr, field_validator, model_validator
+from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from model.choices import TEXT_MODEL_NAMES, ModelName, PredictionType, SamplerName, ScheduleKind, Spacing, Weighting, \
-    is_text_model
+from model.choices import TEXT_MODEL_NAMES, PredictionType, SamplerName, ScheduleKind, Spacing, Weighting, is_text_model
+from orchestrator.config.base import ConfigError, _Strict
+from orchestrator.config.model import LoraConfig, ModelConfig, apply_pretrained
 
-
-class ConfigError(ValueError):
-    """A configuration problem found before any work starts; the message names key, value and fix."""
-
-
-class _Strict(BaseModel):
-    # allow_inf_nan=False: nan/inf fail every range check with a misleading message ("less than
-    # or equal to 1"); rejecting them first names the real problem.
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+__all__ = ["ConfigError", "LoraConfig", "ModelConfig", "_Strict"]  # defined beside, part of the tree
 
 
 class S3Config(_Strict):
@@ -104,20 +97,6 @@ class DataConfig(_Strict):
         out = self.model_copy()
         out._s3 = s3
         return out
-
-
-class ModelConfig(_Strict):
-    # The CPU demo's network: faster per image than unet-tiny on a CPU core, with 4x its
-    # parameters (model/registry.py, BENCHMARKS.md "Built-in demo").
-    name: ModelName = "unet-demo"
-    # Text-to-image models (model/registry.py TEXT_MODEL_NAMES: unet-text-*, pixart-*): the frozen
-    # text encoder (model/text_encoder.py), a local directory holding a transformers CLIP text
-    # model or T5 encoder with its tokenizer (or a diffusers pipeline directory with
-    # text_encoder/ + tokenizer/), or a hub name. Its hidden size sizes the cross-attention.
-    text_encoder: str | None = None
-    # Tokens per prompt (prompts are padded/truncated to it); None: the tokenizer's own limit
-    # (77 for CLIP, like Stable Diffusion).
-    text_max_length: int | None = Field(None, ge=2, le=4096)
 
 
 class DiffusionConfig(_Strict):
@@ -371,6 +350,11 @@ class TrainConfig(_Strict):
             # (data.captions alone is allowed: `raydiff data` commands read captions of any dataset.)
             raise ValueError(f"model.text_encoder is for text-conditioned models but model.name={m.name} is not one. "
                              f"Fix: set model.name to one of {', '.join(TEXT_MODEL_NAMES)}, or unset model.text_encoder")
+
+    @model_validator(mode="after")
+    def _from_pretrained(self) -> "TrainConfig":
+        apply_pretrained(self)  # keys a model.pretrained directory fixes (config/model.py)
+        return self
 
     @model_validator(mode="after")
     def _cross_checks(self) -> "TrainConfig":

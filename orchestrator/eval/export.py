@@ -7,6 +7,15 @@ Layout of the output directory::
     raydiff.json            classes, null class, prediction type and sampling settings
     README.md               model card: training config, classes, a diffusers-only sampling loop
 
+A LoRA run (``model.lora.rank`` > 0, model/pretrained.py) exports either the merged network
+(``lora="merged"``: every adapter folded into its base layer, a plain diffusers model that loads,
+and fine-tunes again, like any other) or the adapters alone (``lora="adapters"``: ``unet/`` or
+``transformer/`` then holds PEFT's ``adapter_config.json`` + ``adapter_model.safetensors``, a few
+hundred kilobytes, loaded with ``PeftModel.from_pretrained`` onto the pretrained network).
+UNet2DModel and DiTTransformer2DModel have no diffusers LoRA loader (``load_lora_adapter`` is on
+the PeftAdapterMixin networks, e.g. UNet2DConditionModel), so PEFT's own format is the one both
+load from.
+
 The denoiser (model/networks.py) is a thin wrapper: it maps its conditioning (``ClassLabels``,
 model/conditioning.py) to ``class_labels`` and passes (x, t, class_labels) straight to the
 diffusers backbone, and its "null" class for classifier-free guidance is the extra
@@ -18,6 +27,7 @@ config matches the training schedule, which ``scheduler_for`` builds and checks.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -69,15 +79,25 @@ def scheduler_for(cfg: TrainConfig):
     return sched
 
 
+def has_lora(model: torch.nn.Module) -> bool:
+    """Whether ``model``'s backbone carries LoRA adapters (model/pretrained.py add_lora)."""
+    return hasattr(model.backbone, "lora_config")
+
+
 def export_metadata(model: torch.nn.Module, cfg: TrainConfig, class_names, *, source: str, step: int,
-                    weights: str) -> dict[str, Any]:
+                    weights: str, lora: str = "merged") -> dict[str, Any]:
     num_classes = getattr(model, "num_classes", None)
     s = cfg.sampling
+    m = cfg.model
     return {
         "format": "diffusers",
         "backbone": SUBFOLDER[model.kind],
         "backbone_class": type(model.backbone).__name__,
-        "model_name": cfg.model.name,
+        "model_name": "fine-tuned " + Path(m.pretrained).name if m.pretrained else m.name,
+        # The diffusers directory the run started from (model.pretrained), and its LoRA adapters.
+        "pretrained": m.pretrained,
+        "lora": ({"rank": m.lora.rank, "alpha": m.lora.scale_alpha, "targets": list(m.lora.targets), "export": lora}
+                 if has_lora(model) else None),
         "resolution": cfg.data.resolution,
         "channels": cfg.data.channels,
         "num_classes": num_classes,
@@ -92,6 +112,40 @@ def export_metadata(model: torch.nn.Module, cfg: TrainConfig, class_names, *, so
         "step": step,
         "weights": weights,
     }
+
+
+def _loading(meta: dict[str, Any]) -> str:
+    """The lines of the card's sampling loop that load the network."""
+    sub, cls, lora = meta["backbone"], meta["backbone_class"], meta["lora"]
+    if lora is None or lora["export"] == "merged":
+        return f'model = {cls}.from_pretrained("OUT/{sub}").eval()'
+    base = meta["pretrained"] + ("" if (Path(meta["pretrained"]) / "config.json").exists() else f"/{sub}")
+    return (f'from peft import PeftModel\n\n'
+            f'# The LoRA adapters on the pretrained network they were trained on.\n'
+            f'base = {cls}.from_pretrained("{base}")\n'
+            f'model = PeftModel.from_pretrained(base, "OUT/{sub}").merge_and_unload().eval()')
+
+
+def _lora_section(meta: dict[str, Any]) -> str:
+    lora = meta["lora"]
+    if lora is None:
+        return ""
+    sub, cls = meta["backbone"], meta["backbone_class"]
+    return f"""
+## LoRA adapters
+
+Fine-tuned from `{meta['pretrained']}` with LoRA adapters (rank {lora['rank']}, alpha {lora['alpha']:g}) on
+{', '.join(f'`{t}`' for t in lora['targets'])}. Two ways to load it:
+
+* merged (`raydiff export --lora merged`): `OUT/{sub}` is a full network,
+  `{cls}.from_pretrained("OUT/{sub}")`;
+* adapters (`raydiff export --lora adapters`): `OUT/{sub}` holds PEFT's `adapter_config.json` and
+  `adapter_model.safetensors`; load the pretrained network and add them:
+  `PeftModel.from_pretrained({cls}.from_pretrained(PRETRAINED), "OUT/{sub}").merge_and_unload()`
+  (`from peft import PeftModel`).
+
+This export: **{lora['export']}**.
+"""
 
 
 def _model_card(meta: dict[str, Any], cfg: TrainConfig) -> str:
@@ -139,8 +193,7 @@ raw model output (w = 1 is the conditional model alone).
 ```python
 import torch
 from diffusers import {cls}, {sched}
-
-model = {cls}.from_pretrained("OUT/{sub}").eval()
+{_loading(meta)}
 scheduler = {sched}.from_pretrained("OUT/scheduler")
 scheduler.set_timesteps({s['num_steps']})
 NUM_CLASSES, n, guidance = {meta['num_classes']}, 8, {s['guidance_scale']:g}
@@ -156,7 +209,7 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 ```
 
 `raydiff.json` holds the same facts in machine-readable form.
-
+{_lora_section(meta)}
 ## Training configuration
 
 ```yaml
@@ -165,20 +218,44 @@ images = ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 """
 
 
+def write_adapters(backbone: torch.nn.Module, out: Path, base: str | None) -> None:
+    """PEFT's saved-adapter layout (what ``PeftModel.save_pretrained`` writes): adapter_config.json
+    and adapter_model.safetensors with keys under ``base_model.model.``."""
+    from safetensors.torch import save_file
+
+    from model.pretrained import lora_state_dict
+
+    config = copy.deepcopy(backbone.lora_config)
+    config.base_model_name_or_path = base
+    config.save_pretrained(str(out))
+    save_file({f"base_model.model.{k}": v.detach().float().contiguous() for k, v in lora_state_dict(backbone).items()},
+              str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+
+
 def export_diffusers(model: torch.nn.Module, cfg: TrainConfig, class_names, out_dir: str | Path, *,
-                     source: str, step: int, weights: str = "ema") -> dict[str, Any]:
+                     source: str, step: int, weights: str = "ema", lora: str = "merged") -> dict[str, Any]:
     """Write the backbone, scheduler, ``raydiff.json`` and ``README.md`` into ``out_dir``;
-    returns the metadata written to ``raydiff.json``."""
+    returns the metadata written to ``raydiff.json``. ``lora`` ("merged" or "adapters") says
+    how a LoRA model's network is written (module docstring)."""
+    if lora not in ("merged", "adapters"):
+        raise ValueError(f"lora must be 'merged' or 'adapters', got {lora!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    meta = export_metadata(model, cfg, class_names, source=source, step=step, weights=weights)
+    meta = export_metadata(model, cfg, class_names, source=source, step=step, weights=weights, lora=lora)
     backbone = model.backbone
-    was_training = backbone.training
-    backbone.eval()
-    try:
-        backbone.save_pretrained(out / meta["backbone"])
-    finally:
-        backbone.train(was_training)
+    if has_lora(model) and lora == "adapters":
+        write_adapters(backbone, out / meta["backbone"], cfg.model.pretrained)
+    else:
+        if has_lora(model):
+            from model.pretrained import merge_lora
+
+            backbone = merge_lora(copy.deepcopy(backbone))
+        was_training = backbone.training
+        backbone.eval()
+        try:
+            backbone.save_pretrained(out / meta["backbone"])
+        finally:
+            backbone.train(was_training)
     scheduler_for(cfg).save_pretrained(out / "scheduler")
     (out / "raydiff.json").write_text(json.dumps(meta, indent=2) + "\n")
     (out / "README.md").write_text(_model_card(meta, cfg))

@@ -100,6 +100,15 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     info = inspect_dataset(cfg.data)
     # A text model is conditioned on captions, not on the data's class labels (if it has any).
     num_classes = info.num_classes if cfg.data.conditional and not is_text_model(cfg.model.name) else None
+    if cfg.model.pretrained is not None or cfg.model.unet is not None or cfg.model.dit is not None:
+        # A pretrained model's classes and LoRA targets, and model.unet/dit arguments that diffusers
+        # cannot build, are refused before anything starts.
+        import torch
+
+        from orchestrator.builders import build_denoiser
+
+        with torch.device("meta"):
+            build_denoiser(cfg.model, cfg.data, num_classes, weights=False)
     # One writer per run, decided before Ray starts (orchestrator/storage/lease.py).
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False

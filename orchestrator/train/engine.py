@@ -81,6 +81,9 @@ def build_engine(optim: OptimConfig, precision: PrecisionConfig, plan: Plan, mod
             continue
         (no_decay if prm.ndim <= 1 or name.endswith(".bias") else decay).append(prm)
     groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # DeepSpeed drops empty groups (LoRA adapters are all matrices: no biases or norms), and the
+    # LR scheduler must see the groups the optimizer ends up with.
+    groups = [g for g in groups if g["params"]]
     optimizer = torch.optim.AdamW(groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, fused=fused)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(optim))
     engine, _, _, _ = deepspeed.initialize(

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from orchestrator import storage
 from orchestrator.data import decode as D
-from orchestrator.data.formats.base import (DataFormat, DecodeContext, Listing, Sample, count, decode_chunks, ext, is_hidden, read_one,
+from orchestrator.data.formats.base import (DataFormat, DecodeContext, Listing, Sample, decode_chunks, ext, is_hidden, read_one,
                                             sample_ids, stable_hash)
 from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.labels import classes_from_values

@@ -45,9 +45,11 @@ def write_checkpoint(directory: str | Path, *, engine: Any, ema: EMA, state: Tra
     """Write this rank's part of a checkpoint into a local directory (every rank calls it).
     ``class_names`` (the dataset's, index order) go to model.json for sampling by class name."""
     d = Path(directory)
-    # ZeRO shards are per rank; Ray Train merges the ranks' directories into one.
+    # ZeRO shards are per rank; Ray Train merges the ranks' directories into one. Frozen weights (a
+    # LoRA run's pretrained network) are left out: they are model.pretrained's, unchanged.
     engine.save_checkpoint(str(d), tag=DS_TAG, client_state={"train_state": state.as_dict(),
-                                                             **universal_client_state()})
+                                                             **universal_client_state()},
+                           exclude_frozen_parameters=has_frozen(engine.module))
     if rank == 0:
         torch.save(ema.state_dict(), d / EMA_FILE)
         (d / CONFIG_FILE).write_text(config_to_yaml(cfg))
@@ -57,10 +59,17 @@ def write_checkpoint(directory: str | Path, *, engine: Any, ema: EMA, state: Tra
         (d / STATE_FILE).write_text(json.dumps(state.as_dict()))
 
 
+def has_frozen(module: torch.nn.Module) -> bool:
+    """Whether ``module`` has frozen parameters, which its checkpoints leave out."""
+    return any(not p.requires_grad for p in module.parameters())
+
+
 def read_checkpoint(directory: str | Path, *, engine: Any, ema: EMA) -> TrainState:
     """Load a checkpoint directory into ``engine`` and ``ema``; returns the saved state. A
     checkpoint sharded over another number of workers is re-sharded (elastic.py)."""
     d = Path(directory)
+    # Checkpoints of a module with frozen weights hold the trainable ones only (write_checkpoint).
+    strict = not has_frozen(engine.module)
     if needs_conversion(d, DS_TAG, engine.dp_world_size):
         if engine.global_rank == 0:
             # print, like the worker's resume line: Ray drops worker log records below ERROR.
@@ -68,9 +77,9 @@ def read_checkpoint(directory: str | Path, *, engine: Any, ema: EMA) -> TrainSta
                   "re-sharding its optimizer state through DeepSpeed's universal checkpoint", flush=True)
         with universal_copy(d, DS_TAG, local_rank=engine.local_rank, world=engine.dp_world_size,
                             barrier=dist.barrier) as root, loading_universal(engine):
-            path, _ = engine.load_checkpoint(str(root), tag=DS_TAG)
+            path, _ = engine.load_checkpoint(str(root), tag=DS_TAG, load_module_strict=strict)
     else:
-        path, _ = engine.load_checkpoint(str(d), tag=DS_TAG)
+        path, _ = engine.load_checkpoint(str(d), tag=DS_TAG, load_module_strict=strict)
     if path is None:
         raise RuntimeError(f"checkpoint {d} has no DeepSpeed state under tag {DS_TAG!r}")
     ema.load_state_dict(torch.load(d / EMA_FILE, map_location="cpu", weights_only=True))
@@ -91,7 +100,12 @@ def _saved_denoiser(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module
 def read_raw_model(rundir: RunDir, ref: CheckpointRef) -> tuple[torch.nn.Module, TrainConfig]:
     """The denoiser with the raw DeepSpeed weights of ``ref`` (eval mode), and its config."""
     model, cfg = _saved_denoiser(rundir, ref)
-    model.load_state_dict(read_raw_state_dict(rundir, ref))
+    missing, unexpected = model.load_state_dict(read_raw_state_dict(rundir, ref), strict=False)
+    trained = {n for n, p in model.named_parameters() if p.requires_grad}
+    if unexpected or trained & set(missing):
+        raise ConfigError(f"{redact_uri(join(rundir.uri, ref.name))}: the DeepSpeed weights do not fit the network "
+                          f"its config builds (missing {sorted(trained & set(missing))[:3]}, unexpected "
+                          f"{sorted(unexpected)[:3]}). Fix: drop --raw to use the EMA weights (ema.pt)")
     model.eval()
     return model, cfg
 

@@ -22,7 +22,6 @@ from typing import Callable
 
 import pyarrow.fs as pafs
 import torch
-import torch.distributed as dist
 
 from orchestrator.storage import RunDir, delete, filesystem_for, join, list_files
 from orchestrator.train.checkpoint.layout import (

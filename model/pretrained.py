@@ -1,0 +1,272 @@
+"""Pretrained diffusers networks as raydiff denoisers, and LoRA adapters on them.
+
+``read_pretrained`` reads what a local diffusers directory says without loading weights: the
+network class, its conditioning, image size and channels (the model's ``config.json``) and the
+noise schedule and prediction type (the ``scheduler_config.json`` next to it, when there is
+one). ``build_pretrained`` loads the weights into a :class:`Denoiser`. Two layouts are read:
+
+* a model folder: ``config.json`` + weights, as ``ModelMixin.save_pretrained`` writes it
+  (``unet/``, ``transformer/``); a ``scheduler/`` folder beside it is read as its scheduler;
+* a pipeline or ``raydiff export`` folder: ``unet/`` or ``transformer/`` with ``scheduler/``
+  (and ``model_index.json`` or ``raydiff.json``).
+
+Conditioning follows raydiff's null-class convention (model/networks.py): a ``UNet2DModel``
+with ``num_class_embeds = K + 1`` is a K-class model whose last row is the null class; a
+class-conditional ``DiTTransformer2DModel`` with ``num_embeds_ada_norm = K`` has K classes and
+the LabelEmbedding's own extra row as null class, exactly like facebook/DiT checkpoints. A DiT
+with one class is unconditional (raydiff's own unconditional DiT); an export's ``raydiff.json``
+settles the question where it exists.
+
+LoRA (Hu et al. 2022, "LoRA: Low-Rank Adaptation of Large Language Models") adds trainable
+low-rank updates B·A (scaled by alpha / rank) beside frozen linear layers, injected with PEFT's
+``inject_adapter_in_model``: the backbone keeps its structure (parameter names gain
+``.lora_A.default`` / ``.lora_B.default`` under the adapted layers and ``.base_layer`` for the
+frozen weight), so the Denoiser wrapper, the EMA and the checkpoints see a plain module. B starts
+at zero, so the adapted network first computes exactly what the pretrained one does.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+if TYPE_CHECKING:  # torch and diffusers load on use: the config schema reads directories with this module
+    from torch import nn
+
+    from .networks import Denoiser
+
+BackboneKind = Literal["unet", "dit"]  # model/networks.py
+
+# diffusers network class -> Denoiser kind.
+NETWORKS: dict[str, BackboneKind] = {"UNet2DModel": "unet", "DiTTransformer2DModel": "dit"}
+SUBFOLDERS = ("unet", "transformer")
+PREDICTION_FROM_DIFFUSERS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
+# model/schedules.py's linear betas (Ho et al. 2020); other ranges are a schedule raydiff lacks.
+LINEAR_BETAS = (1e-4, 0.02)
+# Attention projections of diffusers' ``Attention`` (U-Net attention blocks and DiT blocks alike),
+# the layers the LoRA paper and diffusers' LoRA training scripts adapt.
+DEFAULT_LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+class PretrainedError(ValueError):
+    """A pretrained directory raydiff cannot use; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class PretrainedInfo:
+    """What a pretrained directory fixes about the run (read from JSON only)."""
+
+    root: str  # the directory as given, made absolute
+    model_dir: str  # the folder with the network's config.json and weights
+    network_class: str  # "UNet2DModel" or "DiTTransformer2DModel"
+    kind: BackboneKind
+    in_channels: int
+    sample_size: int
+    num_classes: int | None
+    scheduler_file: str | None  # the scheduler_config.json read, None when there is none
+    schedule: str | None = None  # "linear" / "cosine" (model/schedules.py), None without a scheduler
+    num_timesteps: int | None = None
+    prediction: str | None = None  # "eps" / "v" / "x0"
+    zero_terminal_snr: bool | None = None
+    class_names: tuple[str, ...] | None = None
+    scheduler_class: str | None = None  # e.g. "DDIMScheduler": how the directory sampled, not a training fact
+
+    def taken(self) -> dict[str, tuple[Any, str]]:
+        """Config key -> (value, where it comes from), for the keys the directory fixes."""
+        cfg_file = str(Path(self.model_dir) / "config.json")
+        out: dict[str, tuple[Any, str]] = {
+            "data.resolution": (self.sample_size, f"{cfg_file} sample_size"),
+            "data.channels": (self.in_channels, f"{cfg_file} in_channels"),
+            "data.conditional": (self.num_classes is not None,
+                                 f"{cfg_file} ({self.num_classes or 'no'} classes)"),
+        }
+        if self.scheduler_file is not None:
+            s = self.scheduler_file
+            out["diffusion.schedule"] = (self.schedule, f"{s} beta_schedule")
+            out["diffusion.num_timesteps"] = (self.num_timesteps, f"{s} num_train_timesteps")
+            out["diffusion.prediction"] = (self.prediction, f"{s} prediction_type")
+            out["diffusion.zero_terminal_snr"] = (self.zero_terminal_snr, f"{s} rescale_betas_zero_snr")
+        return out
+
+
+def _json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise PretrainedError(f"{path} cannot be read as JSON ({e})") from None
+
+
+def _model_dir(root: Path) -> Path:
+    if (root / "config.json").is_file():
+        return root
+    for sub in SUBFOLDERS:
+        if (root / sub / "config.json").is_file():
+            return root / sub
+    index = root / "model_index.json"
+    if index.is_file():
+        parts = sorted(k for k in _json(index) if not k.startswith("_"))
+        raise PretrainedError(f"{root} is a diffusers pipeline with components {parts} but no unet/ or transformer/ "
+                              "network raydiff can train. Fix: point model.pretrained at a pipeline with a UNet2DModel "
+                              "or DiTTransformer2DModel")
+    raise PretrainedError(f"{root} holds neither a diffusers model (config.json) nor a pipeline (unet/ or "
+                          "transformer/ with scheduler/). Fix: give the directory save_pretrained or `raydiff export` "
+                          "wrote")
+
+
+def _scheduler(model_dir: Path, root: Path) -> Path | None:
+    for base in (root, model_dir.parent):
+        f = base / "scheduler" / "scheduler_config.json"
+        if f.is_file():
+            return f
+    return None
+
+
+def _schedule(sched: dict[str, Any], where: Path) -> dict[str, Any]:
+    if sched.get("trained_betas") is not None:
+        raise PretrainedError(f"{where}: trained_betas (an explicit beta list) is not a schedule raydiff has. Fix: "
+                              "use a model trained with a linear or squaredcos_cap_v2 schedule")
+    kind = sched.get("beta_schedule", "linear")
+    if kind == "squaredcos_cap_v2":
+        schedule = "cosine"
+    elif kind == "linear":
+        lo, hi = float(sched.get("beta_start", 1e-4)), float(sched.get("beta_end", 0.02))
+        if abs(lo - LINEAR_BETAS[0]) > 1e-12 or abs(hi - LINEAR_BETAS[1]) > 1e-12:
+            raise PretrainedError(f"{where}: linear betas from {lo} to {hi}; raydiff's linear schedule runs from "
+                                  f"{LINEAR_BETAS[0]} to {LINEAR_BETAS[1]} (Ho et al. 2020) and training on other betas "
+                                  "than the model learned would change its noise levels. Fix: use a model with that "
+                                  "schedule or squaredcos_cap_v2")
+        schedule = "linear"
+    else:
+        raise PretrainedError(f"{where}: beta_schedule={kind!r} is not a schedule raydiff has (linear 1e-4..0.02, "
+                              "squaredcos_cap_v2). Fix: use a model trained with one of those")
+    pred = sched.get("prediction_type", "epsilon")
+    if pred not in PREDICTION_FROM_DIFFUSERS:
+        raise PretrainedError(f"{where}: prediction_type={pred!r}; raydiff trains "
+                              f"{sorted(PREDICTION_FROM_DIFFUSERS)}")
+    return {"schedule": schedule, "num_timesteps": int(sched.get("num_train_timesteps", 1000)),
+            "prediction": PREDICTION_FROM_DIFFUSERS[pred],
+            "zero_terminal_snr": bool(sched.get("rescale_betas_zero_snr", False))}
+
+
+def read_pretrained(path: str | Path) -> PretrainedInfo:
+    """What the diffusers directory ``path`` fixes; ``PretrainedError`` naming the problem."""
+    root = Path(path).expanduser().absolute()
+    if not root.is_dir():
+        raise PretrainedError(f"{root} is not a directory. Fix: give a local diffusers model or pipeline directory "
+                              "(written by save_pretrained or `raydiff export`)")
+    mdir = _model_dir(root)
+    conf = _json(mdir / "config.json")
+    cls = conf.get("_class_name")
+    if cls not in NETWORKS:
+        hint = (" (a text-conditioned network: it needs a text encoder, which raydiff's fine-tuning does not load yet)"
+                if cls == "UNet2DConditionModel" else "")
+        raise PretrainedError(f"{mdir / 'config.json'}: network class {cls!r}{hint} is not one raydiff fine-tunes; "
+                              f"supported: {sorted(NETWORKS)}")
+    kind = NETWORKS[cls]
+    size = conf.get("sample_size")
+    if isinstance(size, (list, tuple)):
+        if len(set(size)) != 1:
+            raise PretrainedError(f"{mdir / 'config.json'}: non-square sample_size {size}; raydiff trains square images")
+        size = size[0]
+    cin, cout = int(conf.get("in_channels", 3)), conf.get("out_channels")
+    if cout is not None and int(cout) != cin:
+        raise PretrainedError(f"{mdir / 'config.json'}: out_channels={cout} != in_channels={cin} (a learned-variance "
+                              "output); raydiff's samplers use fixed variances and train the mean only. Fix: use a "
+                              "model whose out_channels equal its in_channels")
+    meta_file = next((d / "raydiff.json" for d in (root, mdir.parent) if (d / "raydiff.json").is_file()), None)
+    meta = _json(meta_file) if meta_file is not None else {}
+    if kind == "unet":
+        if conf.get("class_embed_type") is not None:
+            raise PretrainedError(f"{mdir / 'config.json'}: class_embed_type={conf['class_embed_type']!r}; raydiff "
+                                  "conditions a UNet2DModel through num_class_embeds only")
+        n = conf.get("num_class_embeds")
+        if n is not None and int(n) < 2:
+            raise PretrainedError(f"{mdir / 'config.json'}: num_class_embeds={n}: raydiff's class-conditional U-Net "
+                                  "has K classes and a null class (K + 1 rows)")
+        num_classes = None if n is None else int(n) - 1
+    else:
+        if conf.get("norm_type", "ada_norm_zero") != "ada_norm_zero":
+            raise PretrainedError(f"{mdir / 'config.json'}: norm_type={conf.get('norm_type')!r}; raydiff's DiT is "
+                                  "the class-conditional ada_norm_zero DiT (Peebles & Xie 2023)")
+        k = int(conf.get("num_embeds_ada_norm") or 1)
+        num_classes = None if ("num_classes" in meta and meta["num_classes"] is None) or k == 1 else k
+    if "num_classes" in meta and meta["num_classes"] != num_classes:
+        raise PretrainedError(f"{meta_file}: num_classes={meta['num_classes']} but {mdir / 'config.json'} has "
+                              f"{num_classes}; the directory mixes two exports")
+    names = meta.get("class_names")
+    sfile = _scheduler(mdir, root)
+    sched = _schedule(_json(sfile), sfile) if sfile is not None else {}
+    if sfile is not None:
+        sched["scheduler_class"] = _json(sfile).get("_class_name")
+    return PretrainedInfo(root=str(root), model_dir=str(mdir), network_class=cls, kind=kind, in_channels=cin,
+                          sample_size=int(size), num_classes=num_classes,
+                          scheduler_file=str(sfile) if sfile is not None else None,
+                          class_names=tuple(names) if names and num_classes and len(names) == num_classes else None,
+                          **sched)
+
+
+def load_backbone(info: PretrainedInfo, *, weights: bool = True) -> "nn.Module":
+    """The diffusers network of ``info``: with its weights (``from_pretrained``), or only its
+    architecture (``from_config``: for counting parameters on the meta device)."""
+    import diffusers
+    from diffusers.models.embeddings import LabelEmbedding
+
+    cls = getattr(diffusers, info.network_class)
+    net = cls.from_pretrained(info.model_dir) if weights else cls.from_config(cls.load_config(info.model_dir))
+    for m in net.modules():
+        if isinstance(m, LabelEmbedding):
+            # As in model/registry.py: DiffusionObjective drops labels with the caller's generator.
+            m.dropout_prob = 0.0
+    return net.train()
+
+
+def build_pretrained(info: PretrainedInfo, *, weights: bool = True) -> "Denoiser":
+    from .networks import Denoiser
+
+    return Denoiser(load_backbone(info, weights=weights), info.kind, in_channels=info.in_channels,
+                    image_size=info.sample_size, num_classes=info.num_classes)
+
+
+def add_lora(backbone: "nn.Module", rank: int, alpha: float, targets: tuple[str, ...] | list[str]) -> "nn.Module":
+    """Inject LoRA adapters into ``backbone``'s ``targets`` layers and freeze everything else."""
+    from peft import LoraConfig, inject_adapter_in_model
+    from torch import nn
+
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    try:
+        inject_adapter_in_model(config, backbone)
+    except ValueError as e:
+        linear = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
+                         for n, m in backbone.named_modules() if isinstance(m, nn.Linear)})
+        raise PretrainedError(f"model.lora.targets={list(targets)}: {str(e).rstrip('.')}. Fix: name some of this "
+                              f"network's linear layers: {linear}") from None
+    for name, p in backbone.named_parameters():
+        p.requires_grad_(".lora_" in name)
+    backbone.lora_config = config  # read by the export (adapter_config.json)
+    return backbone
+
+
+def lora_state_dict(backbone: "nn.Module") -> dict[str, Any]:
+    """The adapter weights in PEFT's saved form (no adapter name in the keys)."""
+    from peft import get_peft_model_state_dict
+
+    return get_peft_model_state_dict(backbone)
+
+
+def merge_lora(backbone: "nn.Module") -> "nn.Module":
+    """Fold every adapter into its base layer (W + alpha/r B A) and remove the adapter layers, in place:
+    the result is the plain diffusers network."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils import _get_submodules
+
+    for name, m in list(backbone.named_modules()):
+        if isinstance(m, BaseTunerLayer):
+            m.merge()
+            parent, _, attr = _get_submodules(backbone, name)
+            setattr(parent, attr, m.get_base_layer())
+    for attr in ("peft_config", "lora_config"):
+        if hasattr(backbone, attr):
+            delattr(backbone, attr)
+    return backbone
