@@ -3,7 +3,7 @@ once and written to a local directory or ``s3://bucket/prefix`` (the ``latents``
 ``--vae``; Parquet images beside their embeddings with ``--text-encoder`` alone).
 
 With ``--text-encoder DIR`` the source is read with its captions (``data.captions``) and a
-``text_stage`` of ``TextEncoderActor`` actors (one GPU each when there are GPUs) runs the frozen
+``text_stage`` of ``TextEncoderActor`` actors (``text_encode.py``) (one GPU each when there are GPUs) runs the frozen
 encoder (``model/text_encoder.py``) once per caption; the shards then hold ``text``,
 ``text_embedding`` [L, D] and ``text_mask`` [L] per sample, and training reads the embeddings
 instead of running the encoder in every step (Ray's Stable Diffusion pre-training template and
@@ -50,6 +50,7 @@ from orchestrator.data.formats.latents import LATENTS_MANIFEST, LATENTS_VERSION,
 from orchestrator.data.info import DataError
 from orchestrator.data.labels import NO_LABEL
 from orchestrator.data.pipeline import build_train_dataset, inspect_dataset
+from orchestrator.data.text_encode import png_bytes, text_stage
 from orchestrator.data.vae import VaeSpec, encode_mean, load_vae, resolve_vae
 
 if TYPE_CHECKING:
@@ -93,54 +94,8 @@ class VaeEncoder:
                 **{k: batch[k][finite] for k in _PASS if k in batch}}
 
 
-class TextEncoderActor:
-    """Ray Data class UDF: adds ``text_embedding`` [N, L, D] (dtype) and ``text_mask`` [N, L]
-    (uint8) of ``batch["text"]``; the frozen encoder loads once per actor."""
-
-    def __init__(self, path: str, max_length: int | None, dtype: LatentDtype, device: str) -> None:
-        import torch
-
-        from model.text_encoder import FrozenTextEncoder
-
-        # Encoded in float32 and stored in ``dtype``: the stored values then equal what a worker
-        # encoding in float32 gets, cast once.
-        self.encoder = FrozenTextEncoder.from_pretrained(path, dtype=torch.float32, device=device, max_length=max_length)
-        self.dtype = np.dtype(dtype)
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        texts = [str(t) for t in batch["text"]]
-        if texts:
-            emb = self.encoder.encode(texts)
-            h, m = emb.hidden_states.float().cpu().numpy(), emb.mask.cpu().numpy()
-        else:
-            h = np.zeros((0, self.encoder.max_length, self.encoder.embedding_dim), np.float32)
-            m = np.zeros((0, self.encoder.max_length), bool)
-        return {**batch, "text_embedding": h.astype(self.dtype), "text_mask": m.astype(np.uint8)}
-
-
-def text_stage(ds: "ray.data.Dataset", path: str, *, batch_size: int, max_length: int | None = None,
-               concurrency: int | None = None, use_gpu: bool | None = None, dtype: LatentDtype = "float32"
-               ) -> "ray.data.Dataset":
-    """``ds`` (rows with ``text``) with the captions' embeddings added by ``concurrency``
-    ``TextEncoderActor`` actors (GPU as in ``latent_stage``)."""
-    import ray
-
-    gpus = int(ray.cluster_resources().get("GPU", 0))
-    use_gpu = gpus > 0 if use_gpu is None else use_gpu
-    n = concurrency or (max(gpus, 1) if use_gpu else 1)
-    return ds.map_batches(
-        TextEncoderActor,
-        fn_constructor_kwargs={"path": path, "max_length": max_length, "dtype": dtype, "device": "cuda" if use_gpu else "cpu"},
-        batch_size=batch_size,
-        batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=n),
-        num_gpus=1 if use_gpu else 0,
-        num_cpus=1,
-    )
-
-
 def latent_stage(ds: "ray.data.Dataset", vae: VaeSpec, *, batch_size: int, concurrency: int | None = None,
-                 use_gpu: bool | None = None, scaling_factor: float | None = None, dtype: LatentDtype = "float32",
+                 use_gpu: bool | None = None, scaling_factor: float | None = None, dtype: str = "float32",
                  counter_name: str | None = None) -> "ray.data.Dataset":
     """``ds`` (decoded images) mapped to latents by ``concurrency`` ``VaeEncoder`` actors: one GPU
     each when ``use_gpu`` (default: when the cluster has GPUs; then one actor per GPU), else one
@@ -223,22 +178,6 @@ class _ShardWriter:
         n = table.num_rows
         self.shards.append({"name": name, "num_samples": n,
                             "row_groups": [min(ROW_GROUP_ROWS, n - i) for i in range(0, n, ROW_GROUP_ROWS)]})
-
-
-def _png(images: np.ndarray) -> np.ndarray:
-    """float32 [N, C, H, W] in [-1, 1] (decoded from 8-bit pixels) -> PNG bytes per image, the same
-    pixels (to_model_range is exact on 8-bit values and inverted here by rounding)."""
-    import io
-
-    from PIL import Image
-
-    u8 = np.clip(np.rint((images + 1.0) * 127.5), 0, 255).astype(np.uint8).transpose(0, 2, 3, 1)
-    out = np.empty(len(u8), dtype=object)
-    for i, a in enumerate(u8):
-        buf = io.BytesIO()
-        Image.fromarray(a[:, :, 0] if a.shape[2] == 1 else a).save(buf, format="PNG")
-        out[i] = buf.getvalue()
-    return out
 
 
 def _source_config(src: str, resolution: int, channels: int, batch_size: int, s3cfg: "S3Config | None",
@@ -344,7 +283,7 @@ def encode(src: str, dest: str, *, vae: str | None = None, text_encoder: str | N
                 cols: dict[str, np.ndarray] = {"latent": batch["latent"], "label": labels}
             else:
                 # Parquet images: labels as class names (the Parquet reader's class names), none if unlabelled.
-                cols = {"image": _png(batch["image"])}
+                cols = {"image": png_bytes(batch["image"])}
                 if info.class_names is not None:
                     cols["label"] = np.asarray([info.class_names[i] for i in labels.tolist()], dtype=object)
             for k in _PASS:
