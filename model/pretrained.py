@@ -37,10 +37,17 @@ if TYPE_CHECKING:  # torch and diffusers load on use: the config schema reads di
 
     from .networks import Denoiser
 
-BackboneKind = Literal["unet", "dit"]  # model/networks.py
+BackboneKind = Literal["unet", "dit", "unet-text"]  # model/networks.py
 
-# diffusers network class -> Denoiser kind.
-NETWORKS: dict[str, BackboneKind] = {"UNet2DModel": "unet", "DiTTransformer2DModel": "dit"}
+# diffusers network class -> Denoiser kind. UNet2DConditionModel is Stable Diffusion's text-conditioned
+# U-Net (Rombach et al. 2022), wrapped like raydiff's unet-text-* models (model/registry.py).
+NETWORKS: dict[str, BackboneKind] = {"UNet2DModel": "unet", "DiTTransformer2DModel": "dit",
+                                     "UNet2DConditionModel": "unet-text"}
+# UNet2DConditionModel options beyond SD 1.x/2.x's plain cross-attention to the text encoder's
+# hidden states (SDXL's added time/text embeddings, class or extra hidden-state projections):
+# Denoiser passes encoder_hidden_states only.
+UNSUPPORTED_TEXT_UNET = ("class_embed_type", "addition_embed_type", "encoder_hid_dim", "encoder_hid_dim_type",
+                         "time_cond_proj_dim", "num_class_embeds")
 SUBFOLDERS = ("unet", "transformer")
 PREDICTION_FROM_DIFFUSERS = {"epsilon": "eps", "v_prediction": "v", "sample": "x0"}
 # model/schedules.py's linear betas (Ho et al. 2020); other ranges are a schedule raydiff lacks.
@@ -72,9 +79,25 @@ class PretrainedInfo:
     zero_terminal_snr: bool | None = None
     class_names: tuple[str, ...] | None = None
     scheduler_class: str | None = None  # e.g. "DDIMScheduler": how the directory sampled, not a training fact
+    # Text-conditioned (UNet2DConditionModel) pipelines: the cross-attention width, the directory
+    # whose text_encoder/ + tokenizer/ the run encodes prompts with (None: the pipeline has none),
+    # and the pipeline's VAE folder (None: a pixel-space pipeline).
+    text_dim: int | None = None
+    text_encoder: str | None = None
+    vae: str | None = None
 
     def taken(self) -> dict[str, tuple[Any, str]]:
         """Config key -> (value, where it comes from), for the keys the directory fixes."""
+        out = self._taken()
+        if self.text_dim is not None:
+            cfg_file = str(Path(self.model_dir) / "config.json")
+            out["data.conditional"] = (False, f"{cfg_file} (text-conditioned, cross_attention_dim={self.text_dim})")
+            out["data.captions"] = (True, f"{cfg_file} (a text-to-image network trains on captions)")
+            if self.text_encoder is not None:
+                out["model.text_encoder"] = (self.text_encoder, f"{self.text_encoder}/text_encoder + tokenizer")
+        return out
+
+    def _taken(self) -> dict[str, tuple[Any, str]]:
         cfg_file = str(Path(self.model_dir) / "config.json")
         out: dict[str, tuple[Any, str]] = {
             "data.resolution": (self.sample_size, f"{cfg_file} sample_size"),
@@ -160,9 +183,7 @@ def read_pretrained(path: str | Path) -> PretrainedInfo:
     conf = _json(mdir / "config.json")
     cls = conf.get("_class_name")
     if cls not in NETWORKS:
-        hint = (" (a text-conditioned network: it needs a text encoder, which raydiff's fine-tuning does not load yet)"
-                if cls == "UNet2DConditionModel" else "")
-        raise PretrainedError(f"{mdir / 'config.json'}: network class {cls!r}{hint} is not one raydiff fine-tunes; "
+        raise PretrainedError(f"{mdir / 'config.json'}: network class {cls!r} is not one raydiff fine-tunes; "
                               f"supported: {sorted(NETWORKS)}")
     kind = NETWORKS[cls]
     size = conf.get("sample_size")
@@ -177,7 +198,11 @@ def read_pretrained(path: str | Path) -> PretrainedInfo:
                               "model whose out_channels equal its in_channels")
     meta_file = next((d / "raydiff.json" for d in (root, mdir.parent) if (d / "raydiff.json").is_file()), None)
     meta = _json(meta_file) if meta_file is not None else {}
-    if kind == "unet":
+    text: dict[str, Any] = {}
+    if kind == "unet-text":
+        text = _text_unet(conf, mdir, root)
+        num_classes = None
+    elif kind == "unet":
         if conf.get("class_embed_type") is not None:
             raise PretrainedError(f"{mdir / 'config.json'}: class_embed_type={conf['class_embed_type']!r}; raydiff "
                                   "conditions a UNet2DModel through num_class_embeds only")
@@ -204,7 +229,37 @@ def read_pretrained(path: str | Path) -> PretrainedInfo:
                           sample_size=int(size), num_classes=num_classes,
                           scheduler_file=str(sfile) if sfile is not None else None,
                           class_names=tuple(names) if names and num_classes and len(names) == num_classes else None,
-                          **sched)
+                          **sched, **text)
+
+
+def _text_unet(conf: dict[str, Any], mdir: Path, root: Path) -> dict[str, Any]:
+    """What a UNet2DConditionModel's directory gives a text run: its cross-attention width, the
+    pipeline's text encoder (text_encoder/ + tokenizer/ beside unet/, read by FrozenTextEncoder)
+    and its VAE folder."""
+    where = mdir / "config.json"
+    extra = sorted(k for k in UNSUPPORTED_TEXT_UNET if conf.get(k) is not None)
+    if extra:
+        raise PretrainedError(f"{where}: {', '.join(f'{k}={conf[k]!r}' for k in extra)}: raydiff's text U-Net conditions "
+                              "on the text encoder's hidden states through cross-attention only (Stable Diffusion "
+                              "1.x/2.x); SDXL-style added embeddings are not supported. Fix: use such a pipeline")
+    dim = conf.get("cross_attention_dim", 1280)
+    if not isinstance(dim, int):
+        raise PretrainedError(f"{where}: cross_attention_dim={dim!r} differs per block; raydiff's text U-Net reads one "
+                              "text encoder width")
+    base = root if (root / "unet" / "config.json").is_file() else mdir.parent
+    has_encoder = (base / "text_encoder" / "config.json").is_file() and (base / "tokenizer").is_dir()
+    vae = base / "vae" / "config.json"
+    return {"text_dim": dim, "text_encoder": str(base) if has_encoder else None,
+            "vae": str(vae.parent) if vae.is_file() else None}
+
+
+def is_text_pretrained(path: str | Path) -> bool:
+    """Whether the diffusers directory ``path`` holds a text-conditioned network (JSON only; False
+    when it cannot be read: read_pretrained reports that)."""
+    try:
+        return read_pretrained(path).text_dim is not None
+    except PretrainedError:
+        return False
 
 
 def load_backbone(info: PretrainedInfo, *, weights: bool = True) -> "nn.Module":
@@ -226,7 +281,7 @@ def build_pretrained(info: PretrainedInfo, *, weights: bool = True) -> "Denoiser
     from .networks import Denoiser
 
     return Denoiser(load_backbone(info, weights=weights), info.kind, in_channels=info.in_channels,
-                    image_size=info.sample_size, num_classes=info.num_classes)
+                    image_size=info.sample_size, num_classes=info.num_classes, text_dim=info.text_dim)
 
 
 def add_lora(backbone: "nn.Module", rank: int, alpha: float, targets: tuple[str, ...] | list[str]) -> "nn.Module":

@@ -54,6 +54,15 @@ def build_denoiser(model: ModelConfig, data: DataConfig, num_classes: int | None
                           + f" but the data gives {num_classes or 'no'} classes. Fix: train on data with "
                           + (f"{info.num_classes} classes (the same class order)" if info.num_classes
                              else "data.conditional=false"))
+    if info.text_dim is not None:
+        from orchestrator.text import text_dim
+
+        dim = text_dim(model)
+        if dim != info.text_dim:
+            raise ConfigError(f"model.text_encoder={model.text_encoder} has hidden size {dim} but "
+                              f"{info.model_dir} cross-attends to width {info.text_dim} (cross_attention_dim). Fix: use "
+                              "the text encoder the pipeline was trained with (leave model.text_encoder unset to take "
+                              "the pipeline's own)")
     net = build_pretrained(info, weights=weights)
     if model.lora.rank:
         try:

@@ -224,9 +224,8 @@ def resolve_mixed(pcfg: PrecisionConfig, precision: Precision, zero_stage: int, 
 
 def resolve_text(cfg: TrainConfig, precision: Precision) -> tuple[str | None, str | None, str]:
     """(encoder, where the step's text embeddings come from, why) for a text model."""
-    from model.choices import is_text_model
 
-    if not is_text_model(cfg.model.name):
+    if not cfg.model.text_conditioned:
         return None, None, ""
     enc = cfg.model.text_encoder
     half = "" if precision == "fp32" else f" in {precision}"

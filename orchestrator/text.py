@@ -18,7 +18,6 @@ import numpy as np
 import torch
 
 from model.conditioning import TextEmbeddings, text_conditioning
-from model.choices import is_text_model
 from orchestrator.config import ConfigError, DataConfig, ModelConfig
 
 TEXT_FIELDS = ("text", "text_embedding", "text_mask")
@@ -27,7 +26,7 @@ TEXT_FIELDS = ("text", "text_embedding", "text_mask")
 def text_dim(model: ModelConfig) -> int | None:
     """The hidden size of ``model.text_encoder`` (the width cross-attention reads), None for a
     model that is not text-conditioned. Reads the encoder's config only."""
-    if not is_text_model(model.name):
+    if not model.text_conditioned:
         return None
     from model.text_encoder import encoder_info
 

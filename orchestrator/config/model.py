@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 
-from model.choices import ModelName
+from model.choices import ModelName, is_text_model
 from model.pretrained import DEFAULT_LORA_TARGETS, PretrainedError, read_pretrained
 from orchestrator.config.base import _Strict
 
@@ -86,6 +86,18 @@ class ModelConfig(_Strict):
                 raise ValueError(f"model.{kind}: unknown argument(s) {unknown}. Allowed: {', '.join(allowed)}")
         return self
 
+    @property
+    def text_conditioned(self) -> bool:
+        """A text-to-image network: a text registry model, or a pretrained text-conditioned
+        pipeline (UNet2DConditionModel, model/pretrained.py)."""
+        if is_text_model(self.name):
+            return True
+        if self.pretrained is None:
+            return False
+        from model.pretrained import is_text_pretrained
+
+        return is_text_pretrained(self.pretrained)
+
     @model_validator(mode="after")
     def _lora_needs_pretrained(self) -> "ModelConfig":
         if self.lora.rank and self.pretrained is None:
@@ -103,10 +115,15 @@ def apply_pretrained(cfg: Any) -> None:
         info = read_pretrained(cfg.model.pretrained)
     except PretrainedError as e:
         raise ValueError(f"model.pretrained: {e}") from None
+    if info.text_dim is not None:
+        _check_text_pipeline(cfg, info)
     for key, (value, where) in info.taken().items():
         section, field = key.split(".")
         sub = getattr(cfg, section)
         current = getattr(sub, field)
+        if key == "model.text_encoder" and current is not None and "://" not in current and \
+                Path(current).expanduser().resolve() == Path(value).resolve():
+            current = value  # the same directory, written another way
         if field in sub.model_fields_set and current != value:
             show = str(value).lower() if isinstance(value, bool) else value
             raise ValueError(f"{key}={str(current).lower() if isinstance(current, bool) else current} contradicts "
@@ -116,3 +133,17 @@ def apply_pretrained(cfg: Any) -> None:
         if current != value:
             setattr(sub, field, value)
 
+
+
+def _check_text_pipeline(cfg: Any, info: Any) -> None:
+    """A text-conditioned pipeline's needs the generic keys cannot say: a text encoder, and latent
+    data encoded with its VAE when it has one (Stable Diffusion denoises the VAE's latents)."""
+    if info.text_encoder is None and not cfg.model.text_encoder:
+        raise ValueError(f"model.pretrained={cfg.model.pretrained} is a text-conditioned {info.network_class} without "
+                         "text_encoder/ + tokenizer/ folders. Fix: set model.text_encoder to the text encoder it was "
+                         f"trained with (a directory with a model of hidden size {info.text_dim} and its tokenizer)")
+    if info.vae is not None and cfg.data.format != "latents":
+        raise ValueError(f"model.pretrained={cfg.model.pretrained} has a VAE ({info.vae}): its {info.network_class} "
+                         f"denoises {info.in_channels}-channel latents, not pixels, but data.format={cfg.data.format}. "
+                         f"Fix: encode the images with that VAE (`raydiff data encode SRC OUT --vae {info.vae}`) and "
+                         "train with data.source=OUT data.format=latents")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, SecretStr, field_validator, model_validator
 
-from model.choices import TEXT_MODEL_NAMES, PredictionType, SamplerName, ScheduleKind, Spacing, Weighting, is_text_model
+from model.choices import TEXT_MODEL_NAMES, PredictionType, SamplerName, ScheduleKind, Spacing, Weighting
 from orchestrator.config.base import ConfigError, _Strict
 from orchestrator.config.model import LoraConfig, ModelConfig, apply_pretrained
 
@@ -338,13 +338,14 @@ class TrainConfig(_Strict):
 
     def _text_checks(self) -> None:
         m, captions = self.model, self.data.captions
-        if is_text_model(m.name):
+        if m.text_conditioned:
+            what = f"model.pretrained={m.pretrained}" if m.pretrained is not None else f"model.name={m.name}"
             if not m.text_encoder:
-                raise ValueError(f"model.name={m.name} is text-conditioned and needs a frozen text encoder. Fix: set "
+                raise ValueError(f"{what} is text-conditioned and needs a frozen text encoder. Fix: set "
                                  "model.text_encoder to a local directory with a transformers CLIP/T5 text model and its "
                                  "tokenizer (e.g. the one `raydiff data make-demo --captions` writes)")
             if not captions:
-                raise ValueError(f"model.name={m.name} is text-conditioned and trains on captions. Fix: set "
+                raise ValueError(f"{what} is text-conditioned and trains on captions. Fix: set "
                                  "data.captions=true (and data.caption_column if the captions are not under 'text')")
         elif m.text_encoder:
             # (data.captions alone is allowed: `raydiff data` commands read captions of any dataset.)

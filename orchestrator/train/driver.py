@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from model.choices import is_text_model
 
 import json
 import time
@@ -99,7 +98,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     check_writable(cfg.run.storage, cfg.storage.s3)
     info = inspect_dataset(cfg.data)
     # A text model is conditioned on captions, not on the data's class labels (if it has any).
-    num_classes = info.num_classes if cfg.data.conditional and not is_text_model(cfg.model.name) else None
+    num_classes = info.num_classes if cfg.data.conditional and not cfg.model.text_conditioned else None
     if cfg.model.pretrained is not None or cfg.model.unet is not None or cfg.model.dit is not None:
         # A pretrained model's classes and LoRA targets, and model.unet/dit arguments that diffusers
         # cannot build, are refused before anything starts.
@@ -216,7 +215,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
 
             ds = build_train_dataset(cfg.data, info).drop_columns(["index"])  # the judge's real images (a few thousand)
             eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
-        elif cfg.run.evaluate and is_text_model(cfg.model.name) and latest is not None:
+        elif cfg.run.evaluate and cfg.model.text_conditioned and latest is not None:
             from orchestrator.eval.compose import captioned_demo_root, evaluate_text_run
 
             # The text demo's score (held-out colour-shape prompts vs seen ones); other caption

@@ -1,0 +1,176 @@
+"""Fine-tuning a Stable-Diffusion-style pipeline (model.pretrained at a directory with unet/
+(UNet2DConditionModel), scheduler/, text_encoder/ + tokenizer/, optionally vae/), without Ray:
+what the pipeline fixes (text encoder included), the first step computing with the loaded U-Net
+and text encoder, LoRA training only the adapters, and the export back (merged pipeline, and
+adapters that diffusers' ``load_lora_weights`` loads) reproducing ``raydiff sample``.
+
+The pipeline is tiny and random: a 2-layer CLIP text encoder with a word-level tokenizer
+(text_encoder_factory.py) and a small UNet2DConditionModel with seeded, perturbed weights (so
+that a network that was not really loaded computes something else)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+from text_encoder_factory import make_tiny_clip
+
+HIDDEN = 32  # the tiny CLIP's hidden size = the U-Net's cross_attention_dim
+
+
+@torch.no_grad()
+def _perturb(module: torch.nn.Module, seed: int, only_trainable: bool = False) -> None:
+    g = torch.Generator().manual_seed(seed)
+    for p in module.parameters():
+        if p.requires_grad or not only_trainable:
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+def write_sd_pipeline(root: Path, *, vae: bool = False) -> Path:
+    """A pixel-space (or, with ``vae``, latent) Stable Diffusion pipeline directory written by
+    StableDiffusionPipeline.save_pretrained: model_index.json, unet/, scheduler/, text_encoder/,
+    tokenizer/ (and vae/)."""
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    clip = make_tiny_clip(root.parent / f"{root.name}-clip", hidden_size=HIDDEN)
+    torch.manual_seed(0)
+    channels = 4 if vae else 3
+    unet = UNet2DConditionModel(
+        sample_size=16, in_channels=channels, out_channels=channels, block_out_channels=(32, 48), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        norm_num_groups=8, attention_head_dim=8, cross_attention_dim=HIDDEN)
+    _perturb(unet, 1)
+    autoencoder = None
+    if vae:
+        from diffusers import AutoencoderKL
+
+        autoencoder = AutoencoderKL(block_out_channels=(8,), norm_num_groups=8, latent_channels=4)
+    pipe = StableDiffusionPipeline(
+        vae=autoencoder, text_encoder=CLIPTextModel.from_pretrained(clip), tokenizer=AutoTokenizer.from_pretrained(clip),
+        unet=unet, scheduler=DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="epsilon",
+                                clip_sample=False, steps_offset=1),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def sd_pipe(tmp_path_factory):
+    return write_sd_pipeline(tmp_path_factory.mktemp("sd") / "pipe")
+
+
+CAPTIONS = ["a red circle", "a small blue square", "", "a dog on the left"]
+
+
+def _cfg(pipe: Path, *extra: str):
+    from orchestrator.config import load_config
+
+    return load_config(None, [f"model.pretrained={pipe}", "scaling.device=cpu", "scaling.num_workers=1",
+                              "optim.batch_size=4", "precision.dtype=fp32", "precision.zero_stage=0",
+                              "diffusion.label_dropout=0.5", *extra])
+
+
+def test_pipeline_fixes_its_keys_and_text_encoder(sd_pipe, tmp_path, capsys):
+    from orchestrator.cli import main
+    from orchestrator.config import ConfigError, load_config
+
+    cfg = load_config(None, [f"model.pretrained={sd_pipe}"])
+    m, d = cfg.model, cfg.data
+    assert (m.text_encoder, d.captions, d.conditional, d.channels, d.resolution) == (str(sd_pipe), True, False, 3, 16)
+    assert m.text_conditioned and not load_config(None, []).model.text_conditioned
+    # The same directory written another way is no contradiction; another encoder is.
+    rel = load_config(None, [f"model.pretrained={sd_pipe}", f"model.text_encoder={sd_pipe}/../{sd_pipe.name}"])
+    assert Path(rel.model.text_encoder).resolve() == sd_pipe.resolve()
+    other = make_tiny_clip(tmp_path / "other", hidden_size=HIDDEN)
+    with pytest.raises(ConfigError, match=r"model.text_encoder=.*other contradicts model.pretrained=.*Fix: drop "
+                                          r"model.text_encoder"):
+        load_config(None, [f"model.pretrained={sd_pipe}", f"model.text_encoder={other}"])
+    with pytest.raises(ConfigError, match="data.captions=false contradicts"):
+        load_config(None, [f"model.pretrained={sd_pipe}", "data.captions=false"])
+
+    # The dry-run plan names what came from the pipeline, text encoder included.
+    assert main(["train", "--dry-run", f"run.storage={tmp_path}", f"model.pretrained={sd_pipe}",
+                 "model.lora.rank=4"]) == 0
+    out = capsys.readouterr().out
+    assert f"network         : UNet2DConditionModel from {sd_pipe}/unet (model.pretrained)" in out
+    assert f"from pretrained: model.text_encoder={sd_pipe} ({sd_pipe}/text_encoder + tokenizer)" in out
+    assert "from pretrained: data.captions=true" in out and "from pretrained: diffusion.prediction=eps" in out
+    assert f"text encoder    : {sd_pipe} (frozen" in out
+    # Attention in 4 transformer blocks (down and 2 up at 32 channels, middle at 48) of C channels: self-
+    # attention's q, k, v, out are C->C, rank 4 x (C + C) each; cross-attention's q and out too, its k, v
+    # 32 (text width)->C: 4 x [4 x 2C + 2 x (32 + C)] + ... = 56C + 256 per block: 3 x 2048 + 2944.
+    assert "parameters      : 9,088 trainable of" in out
+
+
+def test_pipeline_with_a_vae_needs_latents_and_odd_pipelines_are_refused(tmp_path):
+    from orchestrator.builders import build_denoiser
+    from orchestrator.config import ConfigError, load_config
+
+    pipe = write_sd_pipeline(tmp_path / "latent", vae=True)
+    with pytest.raises(ConfigError, match=r"has a VAE .*data.format=auto.*raydiff data encode SRC OUT --vae .*/vae"):
+        load_config(None, [f"model.pretrained={pipe}"])
+    cfg = load_config(None, [f"model.pretrained={pipe}", "data.format=latents"])
+    assert cfg.data.channels == 4 and cfg.model.text_encoder == str(pipe)
+
+    bare = tmp_path / "bare"  # a U-Net and scheduler without the text encoder
+    (bare / "unet").mkdir(parents=True)
+    for f in (pipe / "unet").iterdir():
+        (bare / "unet" / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ConfigError, match="without text_encoder/ \\+ tokenizer/ folders. Fix: set model.text_encoder"):
+        load_config(None, [f"model.pretrained={bare}", "data.format=latents"])
+    wide = make_tiny_clip(tmp_path / "wide", hidden_size=48)
+    cfg = load_config(None, [f"model.pretrained={bare}", "data.format=latents", f"model.text_encoder={wide}"])
+    with torch.device("meta"), pytest.raises(ConfigError, match=r"hidden size 48 but .* width 32 \(cross_attention_dim\)"):
+        build_denoiser(cfg.model, cfg.data, None, weights=False)
+
+    conf = json.loads((bare / "unet" / "config.json").read_text())
+    conf["addition_embed_type"] = "text_time"  # SDXL's added conditioning
+    (bare / "unet" / "config.json").write_text(json.dumps(conf))
+    with pytest.raises(ConfigError, match="addition_embed_type='text_time'.*SDXL"):
+        load_config(None, [f"model.pretrained={bare}", "data.format=latents", f"model.text_encoder={wide}"])
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_first_step_loss_is_the_loaded_pipeline_s_loss(sd_pipe, lora):
+    """TrainStep's first loss equals diffusers' own U-Net and prompt encoding (the pipeline's
+    ``encode_prompt``; the empty prompt for dropped captions) on the same batch, noise and
+    timesteps: the U-Net and the text encoder were loaded (LoRA's B starts at zero). With LoRA only
+    the adapters train: the step leaves every pretrained weight as it was."""
+    from model.conditioning import TextEmbeddings
+    from orchestrator.bench.step import init_single_process_group, make_batches
+    from orchestrator.plan import make_plan
+    from orchestrator.train.step import TrainStep
+
+    init_single_process_group(torch.device("cpu"))
+    cfg = _cfg(sd_pipe, *(["model.lora.rank=4"] if lora else []))
+    batch = {**make_batches(cfg.data, 4, 1, torch.device("cpu"))[0], "text": CAPTIONS}
+    ts = TrainStep(cfg, make_plan(cfg), None, device=torch.device("cpu"))
+    module = ts.engine.module
+    trainable = {n for n, p in module.named_parameters() if p.requires_grad}
+    assert set(ts.ema.shadow_params) == trainable
+    before = {n: p.detach().clone() for n, p in module.named_parameters()}
+    got = ts.step(batch, 0).loss.detach()
+
+    pipe = StableDiffusionPipeline.from_pretrained(sd_pipe, vae=None, safety_checker=None)
+    with torch.no_grad():
+        hidden = pipe.encode_prompt(CAPTIONS, "cpu", 1, False)[0]
+        null = pipe.encode_prompt([""], "cpu", 1, False)[0][0]
+    ones = torch.ones(hidden.shape[:2], dtype=torch.bool)
+    cond = TextEmbeddings(hidden, ones, null, ones[0])
+    g = ts.generator(0)
+    x0 = ts._flip(batch["image"], g)
+    unet = pipe.unet.train()
+    expected = ts.objective.training_losses(lambda x, t, c: unet(x, t, encoder_hidden_states=c.hidden_states).sample,
+                                            x0, cond, generator=g).loss.detach()
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+    changed = {n for n, p in module.named_parameters() if not torch.equal(p.detach(), before[n])}
+    if lora:
+        assert trainable and all(".lora_" in n for n in trainable)
+        assert changed and changed <= trainable  # the frozen U-Net is untouched
+    else:
+        assert trainable == set(before) and len(changed) > len(before) // 2
