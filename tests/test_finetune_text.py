@@ -174,3 +174,86 @@ def test_first_step_loss_is_the_loaded_pipeline_s_loss(sd_pipe, lora):
         assert changed and changed <= trainable  # the frozen U-Net is untouched
     else:
         assert trainable == set(before) and len(changed) > len(before) // 2
+
+
+def _dir_bytes(d: Path) -> int:
+    return sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+
+
+def test_lora_checkpoint_is_over_10x_smaller_than_a_full_one(sd_pipe, tmp_path):
+    """What the checkpointer writes (write_checkpoint: DeepSpeed's model and optimizer states and the
+    EMA) for a LoRA run holds the adapters only."""
+    from orchestrator.bench.step import init_single_process_group
+    from orchestrator.plan import make_plan
+    from orchestrator.train.checkpoint.files import write_checkpoint
+    from orchestrator.train.state import TrainState
+    from orchestrator.train.step import TrainStep
+
+    init_single_process_group(torch.device("cpu"))
+    sizes = {}
+    for name, extra in (("full", []), ("lora", ["model.lora.rank=4"])):
+        cfg = _cfg(sd_pipe, *extra)
+        ts = TrainStep(cfg, make_plan(cfg), None, device=torch.device("cpu"))
+        write_checkpoint(tmp_path / name, engine=ts.engine, ema=ts.ema, state=TrainState(), cfg=cfg, num_classes=None,
+                         rank=0)
+        sizes[name] = _dir_bytes(tmp_path / name)
+    assert sizes["full"] >= 10 * sizes["lora"], sizes
+
+
+def test_lora_export_merged_and_adapters_reproduce_raydiff_sample(sd_pipe, tmp_path, capsys):
+    """A LoRA checkpoint on the pipeline exports (a) the pipeline with the adapters merged and (b)
+    the adapters in diffusers' LoRA format; each, loaded as its model card says (b: the pretrained
+    pipeline + ``load_lora_weights``), gives the images of ``raydiff sample --prompt``."""
+    import numpy as np
+    from PIL import Image
+
+    from checkpoint_factory import write_checkpoint_dir
+    from model.conditioning import TextEmbeddings
+    from orchestrator.builders import build_denoiser
+    from orchestrator.cli import main
+    from orchestrator.config import load_config
+    from orchestrator.eval.loading import load_checkpoint
+
+    cfg = load_config(None, [f"model.pretrained={sd_pipe}", "model.lora.rank=4", "model.lora.alpha=8",
+                             "sampling.num_steps=3", "sampling.eta=0.5", "sampling.seed=4", "sampling.guidance_scale=3"])
+    torch.manual_seed(0)
+    model = build_denoiser(cfg.model, cfg.data, None)
+    _perturb(model, 3, only_trainable=True)  # adapters away from B = 0
+    run = tmp_path / "run"
+    write_checkpoint_dir(run, cfg, model.eval(), step=5, num_classes=None)
+    for how in ("merged", "adapters"):
+        assert main(["export", "--checkpoint", str(run), "--lora", how, str(tmp_path / how)]) == 0
+    assert "load_lora_weights" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "adapters").iterdir()) == \
+        ["README.md", "pytorch_lora_weights.safetensors", "raydiff.json", "scheduler"]
+    assert json.loads((tmp_path / "merged" / "model_index.json").read_text())["_class_name"] == "StableDiffusionPipeline"
+
+    # The adapters, loaded by diffusers onto the pretrained U-Net, compute raydiff's network.
+    ck = load_checkpoint(str(run))
+    pipe = StableDiffusionPipeline.from_pretrained(sd_pipe, vae=None, safety_checker=None)
+    x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
+    with torch.no_grad():
+        hidden = pipe.encode_prompt(CAPTIONS[:2], "cpu", 1, False)[0]
+        base = pipe.unet(x, t, encoder_hidden_states=hidden).sample
+        pipe.load_lora_weights(tmp_path / "adapters")
+        ones = torch.ones(hidden.shape[:2], dtype=torch.bool)
+        ours = ck.model(x, t, TextEmbeddings(hidden, ones, hidden[0], ones[0]))
+        assert (ours - base).abs().max() > 1e-3  # the adapters change the function
+        torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=hidden).sample, ours, rtol=1e-4, atol=1e-5)
+
+    png = tmp_path / "pngs"
+    assert main(["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--num", "2", "--precision", "fp32",
+                 "--out-dir", str(png)]) == 0
+    ours = np.stack([np.asarray(Image.open(f)) for f in sorted(png.iterdir())]).astype(int)
+    assert ours.std() > 10
+    for how in ("merged", "adapters"):
+        out = tmp_path / how
+        card = (out / "README.md").read_text()
+        assert ("load_lora_weights" in card) == (how == "adapters")
+        code = card.split("```python\n", 1)[1].split("```", 1)[0].replace('"OUT"', repr(str(out)))
+        code = code.replace('prompts = ["a red circle"]', 'prompts = ["a red circle"] * 2')
+        scope: dict = {}
+        exec(code, scope)  # noqa: S102 - the model card's example is the thing under test
+        theirs = scope["images"].permute(0, 2, 3, 1).numpy().astype(int)
+        # float32 rounding (batch order of the guidance halves differs) can flip a pixel's 8-bit rounding.
+        assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01, how

@@ -18,8 +18,10 @@ def register(sub) -> None:
         "A LoRA run (model.lora.rank > 0) exports the merged network (--lora merged, the default: adapters folded "
         "into the pretrained weights, a full diffusers model that also serves as model.pretrained) or the adapters "
         "alone (--lora adapters: PEFT's adapter_config.json + adapter_model.safetensors in OUT/unet or "
-        "OUT/transformer, loaded with peft.PeftModel.from_pretrained onto the pretrained network). The model card "
-        "shows both ways to load.",
+        "OUT/transformer, loaded with peft.PeftModel.from_pretrained onto the pretrained network). A text model "
+        "is written as a diffusers pipeline directory; a LoRA run on a Stable Diffusion pipeline exports it merged, "
+        "or its adapters as OUT/pytorch_lora_weights.safetensors for pipe.load_lora_weights(OUT). The model card "
+        "shows how to load.",
     )
     add_checkpoint_args(p)
     p.add_argument("--format", choices=("diffusers",), default="diffusers")
@@ -47,6 +49,9 @@ def cmd_export(args) -> int:
     s3 = s3_from_overrides(args.overrides, SAMPLE_OVERRIDES, "export")
     uri, name = checkpoint_uri(args)
     ck = load_checkpoint(uri, s3, raw=args.raw, name=name)
+    if args.lora == "adapters" and not has_lora(ck.model):
+        raise ConfigError(f"--lora adapters: {ck.uri} has no LoRA adapters (model.lora.rank=0: every weight trained). "
+                          "Fix: drop --lora to export the whole network")
     if getattr(ck.model, "text_dim", None) is not None:
         from orchestrator.eval.export import export_text_pipeline
 
@@ -56,19 +61,21 @@ def cmd_export(args) -> int:
                                               [o for o in args.overrides if o.startswith("sampling.")]))
         vae, factor = dataset_vae(cfg) if is_latent(cfg) else (None, None)
         meta = export_text_pipeline(ck.model, cfg, out, source=ck.uri, step=ck.ref.step, weights=ck.weights,
-                                    vae=vae, vae_scale_factor=factor)
+                                    vae=vae, vae_scale_factor=factor, lora=args.lora)
+        if meta["lora"] and args.lora == "adapters":
+            print(f"exported {ck.uri} (step {ck.ref.step}, {ck.weights.upper()} weights) to {out}: the "
+                  f"{meta['backbone_class']}'s LoRA adapters in diffusers' format (pytorch_lora_weights.safetensors: "
+                  f"{meta['pipeline']}.from_pretrained({meta['pretrained']}).load_lora_weights({out}))")
+            return 0
         print(f"exported {ck.uri} (step {ck.ref.step}, {ck.weights.upper()} weights) to {out} as a diffusers "
-              f"{meta['pipeline']} ({meta['backbone_class']}, text encoder {meta['text_encoder_class']}, "
-              f"{'the dataset VAE' if vae is not None else 'no VAE'})")
+              f"{meta['pipeline']} ({meta['backbone_class']}{' with its LoRA adapters merged' if meta['lora'] else ''}, "
+              f"text encoder {meta['text_encoder_class']}, {'the dataset VAE' if vae is not None else 'no VAE'})")
         return 0
     if is_latent(ck.cfg):
         raise ConfigError(f"{ck.uri} is a latent model (data.format=latents): the export has no place for its VAE "
                           "yet. Fix: sample it with `raydiff sample`, which decodes with the dataset's VAE")
     cfg = validate_config(apply_overrides(config_to_dict(ck.cfg, reveal_secrets=True),
                                           [o for o in args.overrides if o.startswith("sampling.")]))
-    if args.lora == "adapters" and not has_lora(ck.model):
-        raise ConfigError(f"--lora adapters: {ck.uri} has no LoRA adapters (model.lora.rank=0: every weight trained). "
-                          "Fix: drop --lora to export the whole network")
     meta = export_diffusers(ck.model, cfg, ck.class_names, out, source=ck.uri, step=ck.ref.step, weights=ck.weights,
                             lora=args.lora)
     what = (f"LoRA adapters ({meta['backbone_class']}, PEFT format)" if meta["lora"] and args.lora == "adapters"

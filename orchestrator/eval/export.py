@@ -274,6 +274,13 @@ def _text_model_card(meta: dict[str, Any], cfg: TrainConfig, has_vae: bool) -> s
     sched = "DDPMScheduler" if s["sampler"] == "ddpm" else "DDIMScheduler"
     extra = ', safety_checker=None, feature_extractor=None' if pipe == "StableDiffusionPipeline" else ""
     load_vae = "" if has_vae else ", vae=None"
+    lora = meta.get("lora")
+    if lora and lora["export"] == "adapters":
+        base = (f'# Fine-tuned with LoRA (rank {lora["rank"]}, alpha {lora["alpha"]:g}): the pretrained pipeline with the adapters.\n'
+                f'pipe = {pipe}.from_pretrained({meta["pretrained"]!r}{load_vae}{extra})\n'
+                'pipe.load_lora_weights("OUT")  # pytorch_lora_weights.safetensors (diffusers LoRA format)\n')
+    else:
+        base = f'pipe = {pipe}.from_pretrained("OUT"{load_vae}{extra})\n'
     pixart_args = (f",\n              max_sequence_length={meta['text_max_length']}, clean_caption=False, use_resolution_binning=False"
                    if pipe == "PixArtAlphaPipeline" else "")
     eta = f", eta={s['eta']}" if sched == "DDIMScheduler" else ""
@@ -308,8 +315,7 @@ the run's settings exactly (StableDiffusionPipeline's constructor rewrites `clip
 import torch
 from diffusers import {pipe}, {sched}
 
-pipe = {pipe}.from_pretrained("OUT"{load_vae}{extra})
-pipe.scheduler = {sched}.from_pretrained("OUT", subfolder="scheduler")
+{base}pipe.scheduler = {sched}.from_pretrained("OUT", subfolder="scheduler")
 {'' if has_vae else 'pipe.vae_scale_factor = 1  # pixel space: the "latents" are the image' + chr(10)}prompts = ["a red circle"]
 negative = {meta['negative_prompt']!r}  # "" = the empty prompt, the trained unconditional input
 images = pipe(prompts, negative_prompt=[negative] * len(prompts), height={res * (meta.get('vae_scale_factor') or 1)}, width={res * (meta.get('vae_scale_factor') or 1)},
@@ -356,15 +362,39 @@ def dataset_vae(cfg: TrainConfig) -> tuple[Any, int]:
     return vae, spec.downsample
 
 
+def write_lora_weights(backbone: torch.nn.Module, out: Path) -> None:
+    """The U-Net's adapters in diffusers' LoRA format (``pytorch_lora_weights.safetensors``, keys
+    ``unet.<module>.lora_A/B.weight``, the LoraConfig in the file's metadata so that alpha / rank
+    survives), which ``StableDiffusionPipeline.load_lora_weights(OUT)`` and
+    ``UNet2DConditionModel.load_lora_adapter`` read (diffusers' PeftAdapterMixin)."""
+    import diffusers
+
+    from model.pretrained import lora_state_dict
+
+    config = backbone.lora_config.to_dict()
+    config = {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
+    diffusers.StableDiffusionPipeline.save_lora_weights(
+        out, unet_lora_layers={k: v.detach().float().contiguous() for k, v in lora_state_dict(backbone).items()},
+        unet_lora_adapter_metadata=config, safe_serialization=True)
+
+
 def export_text_pipeline(model: torch.nn.Module, cfg: TrainConfig, out_dir: str | Path, *, source: str, step: int,
-                         weights: str = "ema", vae: Any = None, vae_scale_factor: int | None = None) -> dict[str, Any]:
+                         weights: str = "ema", vae: Any = None, vae_scale_factor: int | None = None,
+                         lora: str = "merged") -> dict[str, Any]:
     """Write a text model as a diffusers pipeline directory (see TEXT_PIPELINES) with the run's
     frozen text encoder and tokenizer (its ``model_max_length`` set to the prompts' length), the
-    scheduler, ``raydiff.json`` and ``README.md``; ``vae`` (latent models) is included when given."""
+    scheduler, ``raydiff.json`` and ``README.md``; ``vae`` (latent models) is included when given.
+
+    A LoRA run on a pretrained pipeline (model/pretrained.py) writes either that pipeline with the
+    adapters merged into its U-Net (``lora="merged"``) or only the adapters in diffusers' LoRA format
+    (``lora="adapters"``, :func:`write_lora_weights`), loaded onto the pretrained pipeline with
+    ``load_lora_weights``, with the run's scheduler, ``raydiff.json`` and ``README.md``."""
     import diffusers
 
     from model.text_encoder import FrozenTextEncoder
 
+    if lora not in ("merged", "adapters"):
+        raise ValueError(f"lora must be 'merged' or 'adapters', got {lora!r}")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     pipe_name, sub = TEXT_PIPELINES[model.kind]
@@ -373,22 +403,30 @@ def export_text_pipeline(model: torch.nn.Module, cfg: TrainConfig, out_dir: str 
     enc.tokenizer.model_max_length = enc.max_length
     scheduler = scheduler_for(cfg)
     backbone = model.backbone
+    adapters = has_lora(model) and lora == "adapters"
+    if has_lora(model) and not adapters:
+        from model.pretrained import merge_lora
+
+        backbone = merge_lora(copy.deepcopy(backbone))
     was_training = backbone.training
     backbone.eval()
     try:
-        if pipe_name == "StableDiffusionPipeline":
+        if adapters:
+            write_lora_weights(backbone, out)
+        elif pipe_name == "StableDiffusionPipeline":
             pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=enc.model, tokenizer=enc.tokenizer,
                                                      unet=backbone, scheduler=scheduler, safety_checker=None,
                                                      feature_extractor=None, requires_safety_checker=False)
         else:
             pipe = diffusers.PixArtAlphaPipeline(tokenizer=enc.tokenizer, text_encoder=enc.model, vae=vae,
                                                  transformer=backbone, scheduler=scheduler)
-        pipe.save_pretrained(out)
+        if not adapters:
+            pipe.save_pretrained(out)
     finally:
         backbone.train(was_training)
     # The pipeline constructor rewrote the scheduler's config (see the model card): save ours.
     scheduler_for(cfg).save_pretrained(out / "scheduler")
-    meta = export_metadata(model, cfg, None, source=source, step=step, weights=weights)
+    meta = export_metadata(model, cfg, None, source=source, step=step, weights=weights, lora=lora)
     meta.update(backbone=sub, pipeline=pipe_name, text_encoder=cfg.model.text_encoder,
                 text_encoder_class=type(enc.model).__name__, text_max_length=enc.max_length,
                 negative_prompt=cfg.sampling.negative_prompt, prompts=list(cfg.sampling.prompts),
