@@ -240,6 +240,9 @@ def test_lora_export_merged_and_adapters_reproduce_raydiff_sample(sd_pipe, tmp_p
         ours = ck.model(x, t, TextEmbeddings(hidden, ones, hidden[0], ones[0]))
         assert (ours - base).abs().max() > 1e-3  # the adapters change the function
         torch.testing.assert_close(pipe.unet(x, t, encoder_hidden_states=hidden).sample, ours, rtol=1e-4, atol=1e-5)
+        unet = UNet2DConditionModel.from_pretrained(sd_pipe / "unet")  # the U-Net's own loader (PeftAdapterMixin)
+        unet.load_lora_adapter(tmp_path / "adapters", prefix="unet", weight_name="pytorch_lora_weights.safetensors")
+        torch.testing.assert_close(unet(x, t, encoder_hidden_states=hidden).sample, ours, rtol=1e-4, atol=1e-5)
 
     png = tmp_path / "pngs"
     assert main(["sample", "--checkpoint", str(run), "--prompt", "a red circle", "--num", "2", "--precision", "fp32",
