@@ -260,3 +260,30 @@ def test_lora_export_merged_and_adapters_reproduce_raydiff_sample(sd_pipe, tmp_p
         theirs = scope["images"].permute(0, 2, 3, 1).numpy().astype(int)
         # float32 rounding (batch order of the guidance halves differs) can flip a pixel's 8-bit rounding.
         assert np.abs(ours - theirs).max() <= 1 and (ours != theirs).mean() < 0.01, how
+
+
+@pytest.mark.slow
+def test_lora_fine_tuning_of_a_pipeline_on_ray(ray_local, sd_pipe, tmp_path, monkeypatch):
+    """On Ray with 2 workers: LoRA on the pipeline's U-Net trains on the captioned built-in demo (the
+    workers encode captions with the pipeline's text encoder), its checkpoints hold adapters only, and
+    the adapters export loads in diffusers."""
+    from orchestrator.cli import main
+    from orchestrator.config import load_config
+    from orchestrator.train.driver import run_training
+
+    monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, [f"run.storage={tmp_path / 'runs'}", "run.name=sd-lora", f"model.pretrained={sd_pipe}",
+                             "model.lora.rank=4", "data.builtin_images_per_class=4", "optim.batch_size=8",
+                             "optim.steps=2", "optim.lr=1e-2", "checkpoint.every_steps=2", "logging.progress=false",
+                             "sampling.every_steps=1000", "sampling.num_steps=2", "run.evaluate=false",
+                             "run.max_failures=0", "scaling.num_workers=2"])
+    assert run_training(cfg).final_step == 2
+    ck = tmp_path / "runs" / "sd-lora" / "checkpoint_00000002"
+    ema = torch.load(ck / "ema.pt", weights_only=True)["shadow_params"]
+    assert ema and all(".lora_" in n for n in ema)
+    assert max(float(t.abs().max()) for n, t in ema.items() if "lora_B" in n) > 0  # the adapters trained
+    out = tmp_path / "adapters"
+    assert main(["export", "--checkpoint", str(tmp_path / "runs" / "sd-lora"), "--lora", "adapters", str(out)]) == 0
+    pipe = StableDiffusionPipeline.from_pretrained(sd_pipe, vae=None, safety_checker=None)
+    pipe.load_lora_weights(out)
+    assert any("lora_" in n for n, _ in pipe.unet.named_parameters())

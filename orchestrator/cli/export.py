@@ -53,9 +53,7 @@ def cmd_export(args) -> int:
         raise ConfigError(f"--lora adapters: {ck.uri} has no LoRA adapters (model.lora.rank=0: every weight trained). "
                           "Fix: drop --lora to export the whole network")
     if getattr(ck.model, "text_dim", None) is not None:
-        from orchestrator.eval.export import export_text_pipeline
-
-        from orchestrator.eval.export import dataset_vae
+        from orchestrator.eval.export_text import dataset_vae, export_text_pipeline
 
         cfg = validate_config(apply_overrides(config_to_dict(ck.cfg, reveal_secrets=True),
                                               [o for o in args.overrides if o.startswith("sampling.")]))
