@@ -16,7 +16,8 @@ from orchestrator.train.failure import training_failed
 # Ray's text for a worker whose process exited (os._exit) during training.
 DIED = ("The actor died unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n\tpid: 4242\n"
         "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit "
-        "detail: Worker unexpectedly exits with a connection error code 2. End of file.")
+        "detail: Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: "
+        "(1) the process was killed by the OOM killer due to high memory usage, (2) ray stop --force was called")
 
 
 def _group_error(failures):
@@ -33,7 +34,7 @@ def test_the_summary_names_each_rank_and_the_resume_step():
     text = str(e)
     assert "\n" not in text
     assert "rank 0, 1: RuntimeError: CUDA out of memory. Tried to allocate 2 GiB;" in text
-    assert "rank 2: the worker process died (Worker unexpectedly exits with a connection error code 2" in text
+    assert "rank 2: the worker process died (Worker unexpectedly exits with a connection error code 2)." in text
     assert "run.max_failures=0" in text and "resumes from the checkpoint at step 8" in text
     assert e.resume_step == 8 and e.run_uri == "/r/x"
     none = training_failed(ControllerError(ValueError("bad")), run_uri="/r/x", max_failures=2, resume_step=None)
@@ -61,10 +62,10 @@ def test_cli_prints_one_line_and_the_command_and_exits_1(monkeypatch, capsys, ve
 @pytest.mark.slow
 def test_a_failed_local_run_says_so_in_one_line_beside_another_ray_and_resumes(ray_local, tmp_path):
     """A real run, its own local Ray started beside the test session's (``ray_local``): the
-    workers exit after step 3 (train/faults.py) with no restart allowed. The output is one
-    line naming the failure and the command, exit 1, and no traceback at all (Ray Train's
-    placement-group cleaner, asking the state API with two Ray instances on the machine, used to
-    print "Found multiple active Ray instances"). The same command then resumes at step 2."""
+    workers exit after step 3 (train/faults.py) with no restart allowed. The output ends with one
+    line naming the failure and the command, exit 1, and has no traceback of raydiff's or of Ray
+    Train's placement-group cleaner (asking the state API with two Ray instances on the machine,
+    it printed "Found multiple active Ray instances"). The same command then resumes at step 2."""
     import os
     import subprocess
     import sys
@@ -88,7 +89,10 @@ def test_a_failed_local_run_says_so_in_one_line_beside_another_ray_and_resumes(r
     failed = raydiff({EXIT_ENV: "3"})
     out = failed.stdout + failed.stderr
     assert failed.returncode == 1, out[-3000:]
-    assert "Traceback" not in out and "Found multiple active Ray instances" not in out, out[-3000:]
+    assert "Found multiple active Ray instances" not in out and "PlacementGroupCleaner" not in out, out[-3000:]
+    # Ray Train's controller logs one warning with a traceback when it cannot shut down a crashed
+    # worker's backend (ray/train/v2/_internal/callbacks/backend_setup.py); no other traceback.
+    assert out.count("Traceback") == out.count("Graceful shutdown of backend failed"), out[-3000:]
     last = failed.stderr.strip().splitlines()[-1]
     assert last.startswith("raydiff: training failed (no restart allowed, run.max_failures=0): rank 0, 1: "
                            "the worker process died"), last

@@ -37,7 +37,8 @@ def describe_worker_error(error: BaseException) -> str:
         error = inner
     if isinstance(error, RayActorError):
         detail = _DETAIL.search(str(error))
-        return "the worker process died" + (f" ({_one_line(detail.group(1), 200)})" if detail else "")
+        # Ray's detail goes on to list common causes; its first sentence is this worker's.
+        return "the worker process died" + (f" ({_one_line(detail.group(1).split('. ')[0], 200)})" if detail else "")
     first = _one_line(str(error))
     return f"{type(error).__name__}: {first}" if first else type(error).__name__
 
