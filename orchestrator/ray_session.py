@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import socket
+from typing import Iterator
 
 from orchestrator.logs import is_verbose
+
+# Where Ray's state API clients look first (ray/dashboard/utils.py: get_address_for_submission_client).
+API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
 def init_ray(address: str | None, num_cpus: int) -> bool:
@@ -28,7 +34,46 @@ def init_ray(address: str | None, num_cpus: int) -> bool:
     # Preemption (spot capacity taken back) does not happen to a Ray started on this machine;
     # Ray Train's watcher for it only logs a core_worker error about its constructor arguments.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    with _api_server_known() as dashboard_port:
+        _start_local(ray, num_cpus, verbose, dashboard_port)
+    # Ray's LoggingConfig also sets this process's root logger to its level (ERROR): raydiff's own
+    # warnings (the plan, skipped checkpoints) keep theirs.
+    logging.getLogger("raydiff").setLevel(logging.INFO if verbose else logging.WARNING)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = verbose
+    return True
+
+
+@contextlib.contextmanager
+def _api_server_known() -> Iterator[int]:
+    """A free port for the local Ray's API server, named in ``RAY_API_SERVER_ADDRESS`` while Ray's
+    processes start (they inherit this process's environment; it is restored afterwards).
+
+    Ray Train's controller starts a detached ``PlacementGroupCleaner`` actor that asks the state
+    API about the controller with no address (ray/train/v2/_internal/execution/controller/
+    placement_group_cleaner.py); with no ``RAY_API_SERVER_ADDRESS`` or ``RAY_ADDRESS`` it searches
+    the machine, and when another Ray instance runs there (another user's, a test's, a
+    controller's head) it fails with "Found multiple active Ray instances" and prints a traceback
+    into the run's output. ``RAY_ADDRESS`` would name the cluster too, but raydiff's workers read
+    it as "inside a Ray Job" (cluster/rules.py), and ``ray.init`` reads it as the cluster to join."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = os.environ.get(API_SERVER_ENV)
+    os.environ[API_SERVER_ENV] = f"http://127.0.0.1:{port}"
+    try:
+        yield port
+    finally:
+        if before is None:
+            os.environ.pop(API_SERVER_ENV, None)
+        else:
+            os.environ[API_SERVER_ENV] = before
+
+
+def _start_local(ray, num_cpus: int, verbose: bool, dashboard_port: int) -> None:
     ray.init(
+        dashboard_port=dashboard_port,
         num_cpus=num_cpus,
         include_dashboard=False,
         log_to_driver=True,
@@ -41,10 +86,3 @@ def init_ray(address: str | None, num_cpus: int) -> bool:
         # one an actor starts in 0.15 s (issue 18). The processes that run raydiff's code apply
         # its filters themselves (logs.configure_worker, data/background.py).
     )
-    # Ray's LoggingConfig also sets this process's root logger to its level (ERROR): raydiff's own
-    # warnings (the plan, skipped checkpoints) keep theirs.
-    logging.getLogger("raydiff").setLevel(logging.INFO if verbose else logging.WARNING)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = verbose
-    return True

@@ -51,6 +51,10 @@ def test_signals_lost_drivers_and_crashes_are_infrastructure():
     v = classify(_failed(1, "ray.train.TrainingFailedError: worker group failed\n"))
     assert v.kind == "infra" and "TrainingFailedError" in v.reason
     assert classify(_failed(None, error_type=None, message="Unexpected error")).kind == "infra"
+    # Workers failed past run.max_failures: retried (it resumes), with raydiff's one line as the reason.
+    v = classify(_failed(1, "raydiff plan:\nraydiff: training failed (no restart allowed, run.max_failures=0): rank 1: "
+                            "KeyError: 'x'. The run r keeps its checkpoints\n"))
+    assert v.kind == "infra" and v.retry and "rank 1: KeyError: 'x'" in v.reason and "exit code 1" in v.reason
 
 
 def test_runtime_env_that_cannot_be_built_is_the_users():

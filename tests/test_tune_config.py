@@ -201,3 +201,37 @@ def test_asha_rungs_survive_a_restore():
     assert cb2.scheduler is sched2
     cb2.set_state(pickle.loads(pickle.dumps(cb.get_state())))
     assert dict(sched2._brackets[0]._rungs) == {12: {}, 6: {"t1": -0.7}, 3: {"t1": -0.9}}
+
+
+def test_plot_history_spans_resumes_and_pbt_runs(tmp_path):
+    """metric.png's points come from the trials' metrics.jsonl, not from Tune's per-restore
+    history: a trial killed and resumed keeps its points from before the kill, and a PBT
+    exploit's run takes over from its first step."""
+    import json
+
+    from PIL import Image
+    import io
+
+    from orchestrator.tune.results import plot_png, trial_history
+
+    j = job(f"run.storage={tmp_path}", "run.name=sw", "tune.metric=val_loss", "tune.space.optim.lr.choice=[1e-4]")
+    runs = {
+        # killed after step 6, resumed from the checkpoint at step 3: steps 6.. are redone
+        "t1": [(3, 0.9), (6, 0.8), (6, 0.7), (9, 0.6), (12, 0.5)],
+        "t2": [(3, 1.0), (6, 0.95), (9, 0.9)],
+        "t2-x6-t1": [(9, 0.65), (12, 0.55)],  # exploited t1's step-6 checkpoint
+        "t10": [(3, 2.0)],  # another trial whose name starts like t1's
+    }
+    for run, points in runs.items():
+        d = tmp_path / "sw" / run
+        d.mkdir(parents=True)
+        (d / "metrics.jsonl").write_text("".join(
+            json.dumps({"step": s, "loss": v + 0.1, "val_loss": v}) + "\n" for s, v in points)
+            + json.dumps({"step": 13, "loss": 0.1}) + "\n")  # no val_loss: not a point
+    assert trial_history(j, "t1") == [(3, 0.9), (6, 0.7), (9, 0.6), (12, 0.5)]
+    assert trial_history(j, "t2") == [(3, 1.0), (6, 0.95), (9, 0.65), (12, 0.55)]
+    assert trial_history(j, "t10") == [(3, 2.0)]
+    assert trial_history(j, "t3") == []
+    table = pd.DataFrame([{"trial": t, "status": "completed"} for t in ("t1", "t2", "t3", "t10")])
+    with Image.open(io.BytesIO(plot_png(table, j))) as png:
+        assert png.size == (800, 500)

@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
+import shlex
 import sys
+import traceback
 
 from orchestrator.cli.bench import register as register_bench
 from orchestrator.cli.controller import register as register_controller
@@ -21,6 +24,7 @@ from orchestrator.cli.tune import register as register_tune
 from orchestrator.config import ConfigError
 from orchestrator.data import DataError
 from orchestrator.storage import LEASE_LOST_EXIT, LeaseLost, StorageError, lease_lost_line
+from orchestrator.train.failure import TrainingFailed
 
 log = logging.getLogger("raydiff")
 
@@ -37,8 +41,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Override values not to repeat in a printed command (credentials given on the command line).
+_SECRET_KEY = re.compile(r"(secret|token|password|session)", re.IGNORECASE)
+
+
+def command_line(argv: list[str]) -> str:
+    """``argv`` as a ``raydiff`` command to copy, with credential values masked."""
+    words = []
+    for w in argv:
+        key, eq, _ = w.partition("=")
+        words.append(f"{key}=..." if eq and not w.startswith("-") and _SECRET_KEY.search(key) else w)
+    return shlex.join(["raydiff", *words])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args, extra = parser.parse_known_args(argv)
     if extra:
         # `raydiff submit SPEC --follow optim.steps=9`: argparse stops collecting the overrides
@@ -60,6 +78,12 @@ def main(argv: list[str] | None = None) -> int:
         # Another process took this run's lease (--force): this one wrote nothing after that.
         print(lease_lost_line(e), file=sys.stderr)
         return LEASE_LOST_EXIT
+    except TrainingFailed as e:
+        # A worker failed and run.max_failures restarts are used up (train/failure.py).
+        if args.verbose:
+            traceback.print_exc()
+        print(f"raydiff: {e}: {command_line(argv)}", file=sys.stderr)
+        return 1
     except (OSError, ValueError) as e:
         # Storage and data problems found before training (StorageError, DataError) carry
         # their own fix; anything else is a bug and keeps its traceback.

@@ -95,7 +95,9 @@ def classify(info: Any, logs: str = "") -> Verdict:
         return Verdict("user", f"the entrypoint cannot be imported: {exc[0]}: {_short(exc[1], 200)}")
     if exc is not None:
         return Verdict("infra", f"the driver failed with exit code {code}: {exc[0]}: {_short(exc[1], 200)}")
-    return Verdict("infra", f"the driver failed with exit code {code}")
+    # A run whose workers failed past run.max_failures says so in one line (train/failure.py).
+    said = _last_line(text, "raydiff: ")
+    return Verdict("infra", f"the driver failed with exit code {code}" + (f": {_short(said, 400)}" if said else ""))
 
 
 def backoff_s(failures: int, *, base_s: float, cap_s: float, rng: random.Random | None = None) -> float:

@@ -21,6 +21,7 @@ from orchestrator.ray_session import init_ray
 from orchestrator.report import report_after_training
 from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.train.checkpoint.persist import clear_staging
+from orchestrator.train.failure import training_failed
 from orchestrator.train.faults import FaultHooks
 from orchestrator.train.startup import phase_event
 from orchestrator.storage import RunDir, StorageError, acquire_lease, check_writable, fenced_rundir, ray_storage
@@ -79,7 +80,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     ``init_checkpoint`` is a checkpoint directory URI to start from when the run has no
     checkpoint of its own (a population-based-training trial taking over another's)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train import LoggingConfig as TrainLoggingConfig
     from ray.train.torch import TorchTrainer
 
@@ -192,7 +193,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         rundir.event(phase_event("data"))
         try:
             trainer.fit()
-        except Exception:
+        except Exception as e:
             # A worker that found the lease taken failed the fit: say that, not Ray's traceback.
             if rundir.fence is not None:
                 rundir.fence.check()
@@ -200,6 +201,12 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             failed = decode.error() if decode is not None else None
             if failed is not None:
                 raise failed from None
+            if isinstance(e, TrainingFailedError):
+                # run.max_failures restarts used up: one line naming the failure and how to
+                # resume (train/failure.py), not every rank's traceback.
+                latest = checkpointer.latest()
+                raise training_failed(e, run_uri=rundir.uri, max_failures=cfg.run.max_failures,
+                                      resume_step=latest.step if latest is not None else None) from e
             raise
         finally:
             if decode is not None:

@@ -13,7 +13,7 @@ import pandas as pd
 import yaml
 
 from orchestrator.config import TrainConfig, config_to_dict
-from orchestrator.storage import RunDir, StorageError, join
+from orchestrator.storage import RunDir, StorageError, join, listdir
 from orchestrator.storage.jsonl import read_records
 from orchestrator.storage.rundir import EVENTS_LOG
 from orchestrator.train.startup import time_to_first_step
@@ -120,8 +120,32 @@ def best_job_spec(job: TuneJob, row: Any) -> str:
     return head + yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
 
 
-def plot_png(grid: Any, table: Any, job: TuneJob) -> bytes:
-    """The metric against training step for every trial; stopped trials dashed."""
+def trial_history(job: TuneJob, trial: str) -> list[tuple[int, float]]:
+    """``(step, metric)`` of one trial over its whole life, read from its runs' ``metrics.jsonl``.
+
+    Tune's ``metrics_dataframe`` holds only what the trial reported since it was last restored,
+    so a trial resumed after a kill would lose its points from before it. A trial's runs are
+    ``{trial}`` and, after each PBT exploit, ``{trial}-x{step}-{donor}`` (tune/trainable.py:
+    run_for); a later run takes over from its first step on, like a resume within one run."""
+    sweep_uri = join(job.run.storage, job.run.name)
+    metric = job.tune.metric
+    runs = []
+    for name in listdir(sweep_uri, job.storage.s3):
+        if name != trial and not name.startswith(f"{trial}-x"):
+            continue
+        points = [(r["step"], float(r[metric])) for r in RunDir(join(sweep_uri, name), job.storage.s3).metrics()
+                  if isinstance(r.get("step"), int) and _finite(r.get(metric))]
+        if points:
+            runs.append(points)
+    history: list[tuple[int, float]] = []
+    for points in sorted(runs, key=lambda p: p[0][0]):
+        history = [p for p in history if p[0] < points[0][0]] + points
+    return history
+
+
+def plot_png(table: Any, job: TuneJob) -> bytes:
+    """The metric against training step for every trial of ``table`` (its whole history:
+    ``trial_history``); stopped trials dashed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -130,15 +154,17 @@ def plot_png(grid: Any, table: Any, job: TuneJob) -> bytes:
     metric = job.tune.metric
     status = dict(zip(table["trial"], table["status"]))
     fig, ax = plt.subplots(figsize=(8, 5), dpi=100)
-    for result in grid:
-        hist = result.metrics_dataframe
-        if hist is None or metric not in hist or "step" not in hist:
+    for tid in table["trial"]:
+        try:
+            h = trial_history(job, tid)
+        except (StorageError, OSError) as e:  # the other trials are still plotted
+            log.warning("metrics of trial %s not read: %s", tid, e)
             continue
-        h = hist[["step", metric]].dropna().sort_values("step")
-        tid = _trial_id(result)
+        if not h:
+            continue
         st = status.get(tid, "")
-        ax.plot(h["step"], h[metric], marker="o", markersize=3, linestyle="--" if st != "completed" else "-",
-                label=f"{tid} ({st})")
+        ax.plot([p[0] for p in h], [p[1] for p in h], marker="o", markersize=3,
+                linestyle="--" if st != "completed" else "-", label=f"{tid} ({st})")
     ax.set_xlabel("training step")
     ax.set_ylabel(metric)
     ax.set_title(f"sweep {job.run.name}: {metric} per trial ({job.tune.scheduler}, {job.tune.searcher})")
@@ -153,7 +179,7 @@ def plot_png(grid: Any, table: Any, job: TuneJob) -> bytes:
 
 def write_outputs(table: Any, grid: Any, job: TuneJob, sweep: RunDir) -> tuple[str, str | None, str | None]:
     csv_uri = sweep.write_text(CSV_FILE, table.to_csv(index=False))
-    png_uri = sweep.write_bytes(PNG_FILE, plot_png(grid, table, job)) if len(table) else None
+    png_uri = sweep.write_bytes(PNG_FILE, plot_png(table, job)) if len(table) else None
     row = best_row(table, job.tune.metric)
     best_uri = sweep.write_text(BEST_FILE, best_job_spec(job, row)) if row is not None else None
     return csv_uri, png_uri, best_uri
