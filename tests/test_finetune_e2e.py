@@ -19,6 +19,7 @@ from orchestrator.eval.loading import load_checkpoint
 from orchestrator.storage import RunDir
 from orchestrator.train.driver import run_training
 from orchestrator.train.faults import EXIT_ENV
+from orchestrator.train.failure import TrainingFailed
 from test_finetune import NUM_CLASSES, write_unet_pipeline
 
 pytestmark = pytest.mark.slow
@@ -44,8 +45,10 @@ def test_lora_fine_tuning_resumes_exactly_and_checkpoints_small(ray_local, tmp_p
 
     assert run_training(load_config(None, [*lora, "run.name=whole"])).final_step == 4
     monkeypatch.setenv(EXIT_ENV, "3")
-    with pytest.raises(WorkerGroupError):
+    # One line naming the failure (train/failure.py), caused by Ray Train's worker-group error.
+    with pytest.raises(TrainingFailed) as failed:
         run_training(load_config(None, [*lora, "run.name=cut"]))
+    assert isinstance(failed.value.__cause__, WorkerGroupError)
     monkeypatch.delenv(EXIT_ENV)
     cut_cfg = load_config(None, [*lora, "run.name=cut"])
     assert run_training(cut_cfg).final_step == 4
