@@ -136,11 +136,14 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         counter = f"raydiff-bad-samples-{cfg.run.name}"
         decoded_bytes = info.num_samples * cfg.data.channels * cfg.data.resolution**2 * 4
         # Each rank reads its exact slice of every epoch (data/reader.py); a decoded set small
-        # enough for the object store is decoded once and later epochs skip read + decode. That
-        # decode runs while the workers start (data/background.py): they need it only at their
-        # first batch.
-        reader = make_train_reader(cfg.data, info, counter_name=counter)
-        if decoded_bytes <= cfg.data.cache_max_bytes:
+        # enough for the object store is decoded once and later epochs skip read + decode. On this
+        # machine's Ray that decode runs while the workers start (data/background.py): they need
+        # it only at their first batch. On a cluster it runs first, as before: decode tasks
+        # competing with the worker group for CPUs would make an autoscaler add nodes for them.
+        cache = decoded_bytes <= cfg.data.cache_max_bytes
+        background = cache and cfg.scaling.ray_address is None
+        reader = make_train_reader(cfg.data, info, counter_name=counter, cache=cache and not background)
+        if background:
             decode = decode_in_background(cfg.data, info, counter_name=counter, verbose=is_verbose())
             reader.cached = decode.blocks
 
