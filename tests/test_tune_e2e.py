@@ -183,6 +183,6 @@ def test_pbt_exploit_continues_from_the_donors_checkpoint(tmp_path):
     expected = [min(max(theirs["ema_decay"] * f, 0.9), 0.99) for f in (0.8, 1.2)]
     assert any(mine["ema_decay"] == pytest.approx(e) for e in expected), (mine, theirs)
     table = pd.read_csv(sweep / "results.csv")
-    assert len(table) == 2 and (table["status"] == "completed").all() and (table["start_s"] > 0).all()
+    assert len(table) == 2 and (table["status"] == "completed").all()
     assert table["sample_accuracy"].between(0, 1).all()
     assert trial in set(table["trial"])

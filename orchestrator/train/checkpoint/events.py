@@ -32,9 +32,15 @@ class CheckpointEvents(UserCallback):
     def after_report(self, run_context: Any, metrics: list[dict[str, Any]], checkpoint: Any) -> None:
         if checkpoint is None:
             return
-        name = posixpath.basename(checkpoint.path.rstrip("/"))
-        self.rundir.event({"event": "checkpoint", "step": checkpoint_step(name),
-                           "checkpoint": join(self.rundir.uri, name), "time": time.time()})
+        from orchestrator.storage.lease import LeaseLost
         from orchestrator.train.checkpoint.manager import Checkpointer
 
-        Checkpointer(self.rundir).prune(self.keep, protect=name)
+        name = posixpath.basename(checkpoint.path.rstrip("/"))
+        try:
+            self.rundir.event({"event": "checkpoint", "step": checkpoint_step(name),
+                               "checkpoint": join(self.rundir.uri, name), "time": time.time()})
+            Checkpointer(self.rundir).prune(self.keep, protect=name)
+        except LeaseLost:
+            # Refused, as it should be: the lease was taken over. Raised here it would be Ray
+            # Train's controller traceback; the driver's own fence check ends the run with one line.
+            return
