@@ -34,6 +34,16 @@ DEMO_CLASS_NAMES: tuple[str, ...] = tuple(f"{i:02d}-{name}" for i, (name, _) in 
 _SUPERSAMPLE = 4  # draw at 4x and downsample: anti-aliased edges without a rasteriser dependency
 
 
+def marker_matches(marker: Path, params: dict) -> bool:
+    """Whether a cached dataset's marker file records exactly ``params`` (the set is reusable);
+    a missing or unreadable marker means it must be written again."""
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text()) == params
+    except json.JSONDecodeError:
+        return False
+
 def _rotated(points: list[tuple[float, float]], cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
@@ -105,12 +115,8 @@ def write_demo_dataset(root: str | Path, images_per_class: int = 300, resolution
     marker = root / "demo.json"
     params = {"images_per_class": images_per_class, "resolution": resolution, "seed": seed,
               "classes": list(DEMO_CLASS_NAMES)}
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == params:
-                return root
-        except json.JSONDecodeError:
-            pass
+    if marker_matches(marker, params):
+        return root
     for label, name in enumerate(DEMO_CLASS_NAMES):
         d = root / name
         d.mkdir(parents=True, exist_ok=True)

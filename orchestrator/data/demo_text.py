@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from orchestrator.data.demo import _SUPERSAMPLE, _draw_shape
+from orchestrator.data.demo import _SUPERSAMPLE, _draw_shape, marker_matches
 
 # Colours far apart in hue (the class demo's values), so that a measured mean colour is unambiguous.
 TEXT_COLOURS: dict[str, tuple[int, int, int]] = {
@@ -124,12 +124,8 @@ def write_captioned_demo(root: str | Path, images_per_combo: int = 250, resoluti
     params = {"kind": "captions", "images_per_combo": images_per_combo, "resolution": resolution, "seed": seed,
               "colours": list(TEXT_COLOURS), "shapes": list(TEXT_SHAPES), "held_out": [list(cs) for cs in HELD_OUT],
               "encoder": {"hidden_size": ENCODER_HIDDEN, "max_length": TEXT_MAX_LENGTH, "vocabulary": vocabulary()}}
-    if marker.is_file():
-        try:
-            if json.loads(marker.read_text()) == params:
-                return root
-        except json.JSONDecodeError:
-            pass
+    if marker_matches(marker, params):
+        return root
     (root / "images").mkdir(parents=True, exist_ok=True)
     rows = []
     for colour, shape in SEEN:
