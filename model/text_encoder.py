@@ -78,6 +78,21 @@ def encoder_info(path: str) -> dict[str, Any]:
             "max_position_embeddings": getattr(cfg, "max_position_embeddings", None)}
 
 
+def _quiet_load(model_class: Any, location: str, **kw: Any) -> Any:
+    """``model_class.from_pretrained`` without transformers' "Loading weights" progress bar (a
+    frozen encoder loads on every worker and in every command; the bar is noise in their logs).
+    The bar's switch is transformers' process-wide setting: restored afterwards."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        return model_class.from_pretrained(location, **kw)
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
 class FrozenTextEncoder:
     """``encode(prompts) -> TextEmbeddings``; build with :meth:`from_pretrained`."""
 
@@ -107,7 +122,7 @@ class FrozenTextEncoder:
             # T5's feed-forward activations overflow fp16 (the reason T5 checkpoints ship in
             # bf16/fp32 and PixArt runs T5 in bf16): the same memory, a range that holds them.
             dtype = torch.bfloat16
-        model = _model_class(info["type"]).from_pretrained(loc.model, dtype=dtype, **kw)
+        model = _quiet_load(_model_class(info["type"]), loc.model, dtype=dtype, **kw)
         tkw = {"subfolder": loc.tokenizer_subfolder} if loc.tokenizer_subfolder else {}
         tokenizer = AutoTokenizer.from_pretrained(loc.tokenizer, **tkw)
         limit = info["max_position_embeddings"]

@@ -8,7 +8,9 @@ is what runs.
 
 from __future__ import annotations
 
+import importlib
 import os
+import threading
 from dataclasses import asdict, dataclass
 from typing import Literal
 
@@ -126,6 +128,18 @@ STATE_BYTES_PER_PARAM = 16
 ZERO0_MEMORY_SHARE = 0.25
 # Assumed memory of a GPU that cannot be queried from here (a remote cluster's): an A100-40GB.
 DEFAULT_GPU_BYTES = 40 << 30
+
+
+def import_network_code_in_background() -> threading.Thread:
+    """Start importing what ``parameter_counts`` needs (diffusers and, through it, peft and
+    transformers: 2-3 s on 2 cores) in a thread, so that the driver's other start-up work (storage
+    checks, the lease, Ray's start, mostly waiting on other processes) overlaps it instead of
+    the plan waiting for it afterwards (issue 18). Python's import lock makes a later import of
+    the same modules wait for this one rather than import them twice."""
+    thread = threading.Thread(target=importlib.import_module, args=("orchestrator.builders",),
+                              name="raydiff-import-network-code", daemon=True)
+    thread.start()
+    return thread
 
 
 def parameter_counts(model: ModelConfig, data: DataConfig) -> tuple[int, int]:

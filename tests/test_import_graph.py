@@ -139,7 +139,7 @@ def test_graph_sees_function_local_and_submodule_imports():
     # The parser must follow what the test relies on, or an empty graph would pass.
     g = import_graph()
     assert "orchestrator.config" in g["orchestrator.plan"]  # module top, "from package import name"
-    assert "orchestrator.train.worker" in g["orchestrator.train.driver"]  # function-local
+    assert "orchestrator.train.launch" in g["orchestrator.train.driver"]  # function-local
     assert "orchestrator.train.checkpoint.elastic" in g["orchestrator.train.checkpoint.files"]  # "from package.module import"
     assert "model._random" in g["model.objectives"]  # "from . import _random"
     assert "orchestrator.train" in g["orchestrator.bench.step"]  # another package's __init__ runs first

@@ -1,6 +1,7 @@
 """The layout stays readable: modules of one concern, and the Ray worker at the top of the
-import graph (only the driver imports it), so that checkpoints, evaluation, sampling and
-benchmarks never drag the training loop in."""
+import graph (only the workers' entry point imports it, inside the worker process:
+train/launch.py), so that the driver, checkpoints, evaluation, sampling and benchmarks never
+drag the training loop in."""
 
 from __future__ import annotations
 
@@ -35,7 +36,7 @@ def _imports(path: pathlib.Path, module: str) -> set[str]:
 
 def test_only_the_driver_imports_the_worker():
     importers = sorted(m for path, m in _modules() if m != WORKER and WORKER in _imports(path, m))
-    assert importers == ["orchestrator.train.driver"]
+    assert importers == ["orchestrator.train.launch"]
 
 
 def test_no_module_needs_a_table_of_contents():

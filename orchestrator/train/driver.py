@@ -16,7 +16,7 @@ from orchestrator.data.pipeline import load_validation_images
 from orchestrator.data.reader import make_train_reader
 from orchestrator.data.source import resolve_data_config, resolve_paths
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
-from orchestrator.plan import local_logical_cpus, make_plan
+from orchestrator.plan import import_network_code_in_background, local_logical_cpus, make_plan
 from orchestrator.ray_session import init_ray
 from orchestrator.report import report_after_training
 from orchestrator.train.checkpoint.manager import Checkpointer
@@ -85,9 +85,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from ray.train.torch import TorchTrainer
 
     from orchestrator.train.checkpoint.events import CheckpointEvents
-    from orchestrator.train.worker import WorkerArgs, train_worker
+    from orchestrator.train.launch import WorkerArgs, train_worker
 
     t_start = time.time()
+    import_network_code_in_background()  # for the plan's parameter count, while Ray starts
     check_tracking_packages(cfg.logging)  # MLflow / W&B enabled but not installed: say so before anything starts
     given = cfg = with_job_address(cfg)
     if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit

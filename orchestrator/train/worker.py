@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.train
@@ -27,7 +26,7 @@ from orchestrator.storage import LeaseLost, retry_counts
 from orchestrator.train.checkpoint.layout import checkpoint_dir_name
 from orchestrator.train.checkpoint.training import TrainCheckpointer
 from orchestrator.train.divergence import DivergenceError, DivergenceGuard
-from orchestrator.train.faults import FaultHooks, SampleRecorder
+from orchestrator.train.faults import SampleRecorder
 from orchestrator.train.grids import EmaSampler
 from orchestrator.train.metrics import MetricsWindow
 from orchestrator.train.outputs import RankZeroOutputs
@@ -36,37 +35,10 @@ from orchestrator.train.state import TrainState
 from orchestrator.train.step import TrainStep
 from orchestrator.train.validation import Validator
 
+if TYPE_CHECKING:
+    from orchestrator.train.launch import WorkerArgs  # launch.py imports this module in the worker
+
 log = logging.getLogger("raydiff.train")
-
-
-@dataclass(frozen=True)
-class WorkerArgs:
-    """What the driver hands each worker (plain data: it crosses process boundaries)."""
-
-    config: dict[str, Any]  # with secrets revealed: in memory only, never written
-    plan: dict[str, Any]
-    num_classes: int | None
-    bad_counter: str | None
-    # Object ref of the held-out images (data.load_validation_images) when validating.
-    val_images: Any = None
-    # Checkpoint directory URI to start from when the run has none of its own (a population-based
-    # training trial continuing from another trial's checkpoint), with this run's hyperparameters.
-    init_checkpoint: str | None = None
-    # The newest checkpoint of this run that verified (train/checkpoint/), chosen by the driver.
-    resume_from: str | None = None
-    # The dataset's class names (index order), saved in model.json; None for unconditional runs.
-    class_names: list[str] | None = None
-    # How rank 0 shows progress (orchestrator.logs.progress_mode, decided on the driver: a worker's
-    # stdout is never a terminal) and whether library messages stay on (--verbose).
-    progress: str = "off"
-    verbose: bool = False
-    # Object ref of the training data's reader (orchestrator.data.reader.TrainReader): every rank
-    # reads its exact slice of each epoch through it.
-    reader: Any = None
-    # The fault-tolerance tests' hooks, read from the driver's environment (train/faults.py).
-    faults: FaultHooks = field(default_factory=FaultHooks)
-    # The driver's run lease holder id: every write to the run is fenced by it (storage/fence.py).
-    lease_holder: str | None = None
 
 
 class Worker:
@@ -234,10 +206,8 @@ class Worker:
             self.out.close()
 
 
-def train_worker(args: dict[str, Any]) -> None:
-    """Ray Train entry point (``TorchTrainer(train_loop_per_worker=train_worker, ...)``)."""
-    t_entry = time.time()  # the worker group is up: Ray Train runs this on every rank
-    wa = WorkerArgs(**args)
+def run_worker(wa: WorkerArgs, t_entry: float) -> None:
+    """One rank's whole run; ``t_entry``: when Ray Train called the entry point (train/launch.py)."""
     configure_worker(wa.verbose)
     with library_prints(wa.verbose):  # DeepSpeed print()s its JIT-built ops while the engine starts
         worker = Worker(wa)
