@@ -2,9 +2,9 @@
 
 The driver decides the mode (``orchestrator.logs.progress_mode``: the workers' stdout is never a
 terminal) and passes it in ``WorkerArgs`` (train/launch.py). ``bar`` draws Ray's distributed
-tqdm, which the driver renders in place. ``lines`` is for job logs, CI and files: one line when training starts, one
-every ``logging.progress_every_s`` seconds, one per checkpoint and one at the end, never a
-redraw and never an escape code, so that a captured log reads top to bottom.
+tqdm, which the driver renders in place. ``lines`` is for job logs, CI and files: one line when
+training starts, one every ``logging.progress_every_s`` seconds, one per checkpoint and one at
+the end, never a redraw and never an escape code, so that a captured log reads top to bottom.
 """
 
 from __future__ import annotations
