@@ -17,17 +17,10 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 
+from test_finetune import _perturb
 from text_encoder_factory import make_tiny_clip
 
 HIDDEN = 32  # the tiny CLIP's hidden size = the U-Net's cross_attention_dim
-
-
-@torch.no_grad()
-def _perturb(module: torch.nn.Module, seed: int, only_trainable: bool = False) -> None:
-    g = torch.Generator().manual_seed(seed)
-    for p in module.parameters():
-        if p.requires_grad or not only_trainable:
-            p.add_(0.05 * torch.randn(p.shape, generator=g))
 
 
 def write_sd_pipeline(root: Path, *, vae: bool = False) -> Path:
