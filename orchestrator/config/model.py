@@ -134,7 +134,6 @@ def apply_pretrained(cfg: Any) -> None:
             setattr(sub, field, value)
 
 
-
 def _check_text_pipeline(cfg: Any, info: Any) -> None:
     """A text-conditioned pipeline's needs the generic keys cannot say: a text encoder, and latent
     data encoded with its VAE when it has one (Stable Diffusion denoises the VAE's latents)."""

@@ -44,6 +44,7 @@ def marker_matches(marker: Path, params: dict) -> bool:
     except json.JSONDecodeError:
         return False
 
+
 def _rotated(points: list[tuple[float, float]], cx: float, cy: float, angle: float) -> list[tuple[float, float]]:
     c, s = math.cos(angle), math.sin(angle)
     return [(cx + (x - cx) * c - (y - cy) * s, cy + (x - cx) * s + (y - cy) * c) for x, y in points]
