@@ -167,3 +167,31 @@ def test_single_file_source_and_hidden_files(tmp_path):
     assert info.class_names == ("_underscore_class",) and info.num_samples == 1
     with pytest.raises(DataError, match="single file.*Fix: set data.source="):
         inspect_dataset(DataConfig(source=str(root / "_underscore_class" / "a.png")))
+
+
+def test_small_local_set_decoded_here_matches_ray_data(ray_local, tmp_path):
+    """The driver-side decode of small local sets (pipeline.decode_here, used for the training
+    cache instead of a Ray Data job) gives Ray Data's rows: same ids, pixels, labels and bad-sample
+    counts."""
+    from orchestrator.data.pipeline import decode_here, decodes_here
+
+    write_imagefolder(tmp_path / "ds", {"a": 5, "b": 6})
+    (tmp_path / "ds" / "b" / "broken.png").write_bytes(b"not a png")
+    cfg = DataConfig(source=str(tmp_path / "ds"), resolution=16, decode_batch_size=4)
+    info = inspect_dataset(cfg)
+    assert decodes_here(cfg, info)
+    assert not decodes_here(cfg.model_copy(update={"source": "s3://bucket/ds"}), info)  # object storage: Ray Data reads in parallel
+    names = [f"t-{uuid.uuid4().hex}" for _ in range(2)]
+    here = list(decode_here(cfg, info, counter_name=names[0]))
+    assert len(here) > 1  # the format's blocks, not one array
+    ref = build_train_dataset(cfg, info, counter_name=names[1]).take_all()
+
+    def by_id(rows):
+        return {int(i): (img, int(lab)) for i, img, lab in rows}
+
+    a = by_id((i, img, lab) for b in here for i, img, lab in zip(b["index"], b["image"], b["label"]))
+    r = by_id((row["index"], row["image"], row["label"]) for row in ref)
+    assert sorted(a) == sorted(r) and len(a) == 11
+    for i, (img, lab) in r.items():
+        assert a[i][1] == lab and np.array_equal(a[i][0], img)
+    assert bad_sample_counts(names[0]) == bad_sample_counts(names[1]) == {"not_an_image": 1}

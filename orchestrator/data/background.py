@@ -31,8 +31,12 @@ class _Decoder:
         DataContext.get_current().enable_progress_bars = verbose
 
     def decode(self, cfg: "DataConfig", info: "DatasetInfo", counter_name: str | None) -> list[Any]:
-        from orchestrator.data.pipeline import build_train_dataset
+        import ray
 
+        from orchestrator.data.pipeline import build_train_dataset, decode_here, decodes_here
+
+        if decodes_here(cfg, info):  # small and local: no Ray Data job (its process starts cost more)
+            return [ray.put(block) for block in decode_here(cfg, info, counter_name=counter_name)]
         return build_train_dataset(cfg, info, counter_name=counter_name).to_numpy_refs()
 
 
