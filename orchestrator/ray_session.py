@@ -36,6 +36,7 @@ def init_ray(address: str | None, num_cpus: int) -> bool:
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     with _api_server_known() as dashboard_port:
         _start_local(ray, num_cpus, verbose, dashboard_port)
+    _start_autoscaling_coordinator()
     # Ray's LoggingConfig also sets this process's root logger to its level (ERROR): raydiff's own
     # warnings (the plan, skipped checkpoints) keep theirs.
     logging.getLogger("raydiff").setLevel(logging.INFO if verbose else logging.WARNING)
@@ -69,6 +70,22 @@ def _api_server_known() -> Iterator[int]:
             os.environ.pop(API_SERVER_ENV, None)
         else:
             os.environ[API_SERVER_ENV] = before
+
+
+def _start_autoscaling_coordinator() -> None:
+    """Start the detached actor that Ray Train's controller asks for resources before it starts
+    the workers (ray/train/v2/_internal/execution/scaling_policy/scaling_policy.py), now.
+
+    The controller creates it on first use and waits for it: a new process (it inherits the
+    controller's runtime env, so no idle worker fits) that imports Ray Data's autoscaler, 1.3 s on
+    the path to the first step on 2 cores (issue 18). Created here it starts while the driver
+    prepares the plan and the data, and the controller finds it by name. Ray's own accessor, so the
+    name and options are Ray's; a Ray without it skips this (the controller then creates it)."""
+    try:
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+    except ImportError:
+        return
+    get_or_create_autoscaling_coordinator()
 
 
 def _start_local(ray, num_cpus: int, verbose: bool, dashboard_port: int) -> None:
