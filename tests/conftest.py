@@ -33,6 +33,9 @@ def ray_local():
     os.environ.setdefault("AWS_ACCESS_KEY_ID", DUMMY_ACCESS_KEY)
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET_KEY)
     os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
+    from orchestrator.ray_session import use_local_ray_settings
+
+    use_local_ray_settings()  # what raydiff's own local Ray uses
     import ray
 
     started_here = not ray.is_initialized()
