@@ -17,11 +17,8 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-import torch
-
 from orchestrator.config import ConfigError, TrainConfig
 from orchestrator.storage import RunDir, join, parse_uri, redact_uri
-from orchestrator.train.checkpoint.files import read_ema_model, read_raw_model
 from orchestrator.train.checkpoint.layout import STATE_FILE, CheckpointRef, list_checkpoints, read_step, \
     scan_checkpoints
 from orchestrator.train.checkpoint.verify import (
@@ -36,6 +33,8 @@ from orchestrator.train.checkpoint.verify import (
 )
 
 if TYPE_CHECKING:
+    import torch
+
     from orchestrator.config import S3Config
 
 log = logging.getLogger("raydiff")
@@ -157,10 +156,14 @@ class Checkpointer:
         ``verify=False`` only for a ref this object has just verified (``open``, ``newest_good``)."""
         if verify:
             ref = self.trusted(ref.name)
+        from orchestrator.train.checkpoint.files import read_ema_model  # torch: not for the driver's start
+
         return read_ema_model(self.rundir, ref)
 
     def raw_model(self, ref: CheckpointRef, *, verify: bool = True) -> tuple[torch.nn.Module, TrainConfig]:
         """``ema_model`` with the raw DeepSpeed weights (fp32 master weights where ZeRO kept them)."""
         if verify:
             ref = self.trusted(ref.name)
+        from orchestrator.train.checkpoint.files import read_raw_model
+
         return read_raw_model(self.rundir, ref)

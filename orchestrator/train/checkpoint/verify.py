@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import pyarrow.fs as pafs
-import torch
 
 from orchestrator.storage import RunDir, delete, filesystem_for, join, list_files
 from orchestrator.train.checkpoint.layout import (
@@ -54,6 +53,8 @@ class Verdict:
 
 
 def _non_finite(tensors: dict, what: str) -> str | None:
+    import torch
+
     for name, t in tensors.items():
         if isinstance(t, dict):
             bad = _non_finite(t, what)
@@ -98,6 +99,8 @@ def verify_checkpoint(rundir: RunDir, name: str) -> None:
             with fs.open_input_stream(f"{root}/{rel}") as f:
                 if sha256_stream(f.read) != meta["sha256"]:
                     raise CheckpointProblem(f"{path}: contents changed since it was written (sha256 mismatch)")
+    import torch  # here: a driver with no checkpoint to verify starts without it (issue 18)
+
     for rel, key, loader in ((EMA_FILE, "ema", True), (DS_MODEL_FILE, "module", False)):
         if rel not in files:
             continue
