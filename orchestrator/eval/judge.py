@@ -13,10 +13,12 @@ import json
 import logging
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 
 from model.conditioning import ClassLabels
-from orchestrator.config import TrainConfig
+from orchestrator.config import DataConfig, TrainConfig
+from orchestrator.data.info import DatasetInfo
 from orchestrator.eval.classifier import train_classifier
 from orchestrator.eval.shape_judge import SHAPE_THRESHOLD, ShapeJudge
 from orchestrator.storage import RunDir
@@ -47,16 +49,30 @@ class EvalResult:
     shape_threshold: float
 
 
-def evaluate_run(cfg: TrainConfig, ds, num_classes: int, class_names, rundir: RunDir, ref: CheckpointRef) -> dict:
-    """Scores checkpoint ``ref``; ``ds`` is the (decoded) training dataset. Writes ``eval.json``
-    and ``samples/eval.png``."""
+def real_images(data: DataConfig, info: DatasetInfo) -> tuple[torch.Tensor, torch.Tensor]:
+    """Up to ``MAX_CLASSIFIER_IMAGES`` decoded training images and their labels, for the judges:
+    decoded in this process for a small local set (no Ray Data job, pipeline.decodes_here)."""
+    from orchestrator.data.pipeline import build_train_dataset, decode_here, decodes_here
+
+    if decodes_here(data, info):
+        blocks = list(decode_here(data, info))
+        images = np.concatenate([b["image"] for b in blocks])[:MAX_CLASSIFIER_IMAGES]
+        labels = np.concatenate([b["label"] for b in blocks])[:MAX_CLASSIFIER_IMAGES]
+        return torch.from_numpy(np.ascontiguousarray(images, np.float32)), torch.from_numpy(labels.astype(np.int64))
     imgs, labs = [], []
-    for batch in ds.limit(MAX_CLASSIFIER_IMAGES).iter_torch_batches(
+    for batch in build_train_dataset(data, info).drop_columns(["index"]).limit(MAX_CLASSIFIER_IMAGES).iter_torch_batches(
         batch_size=512, dtypes={"image": torch.float32, "label": torch.int64}
     ):
         imgs.append(batch["image"])
         labs.append(batch["label"])
-    images, labels = torch.cat(imgs), torch.cat(labs)
+    return torch.cat(imgs), torch.cat(labs)
+
+
+def evaluate_run(cfg: TrainConfig, info: DatasetInfo, num_classes: int, class_names, rundir: RunDir,
+                 ref: CheckpointRef) -> dict:
+    """Scores checkpoint ``ref`` against the training set ``info`` (its real images train the
+    judges). Writes ``eval.json`` and ``samples/eval.png``."""
+    images, labels = real_images(cfg.data, info)
     clf, val_acc = train_classifier(images, labels, num_classes, seed=cfg.seed)
     shape = ShapeJudge.train(images, labels, num_classes, seed=cfg.seed)
 

@@ -9,7 +9,7 @@ from typing import Any
 
 from orchestrator.cluster.rules import check_cluster_paths, with_job_address
 from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
-from orchestrator.data import bad_sample_counts, build_train_dataset, inspect_dataset
+from orchestrator.data import bad_sample_counts, inspect_dataset
 from orchestrator.data.background import decode_in_background
 from orchestrator.data.pipeline import load_validation_images
 from orchestrator.data.reader import make_train_reader
@@ -223,8 +223,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         if cfg.run.evaluate and num_classes is not None and latest is not None:
             from orchestrator.eval.judge import evaluate_run  # torch and the judge: only when evaluating
 
-            ds = build_train_dataset(cfg.data, info).drop_columns(["index"])  # the judge's real images (a few thousand)
-            eval_result = evaluate_run(cfg, ds, num_classes, info.class_names, rundir, latest)
+            eval_result = evaluate_run(cfg, info, num_classes, info.class_names, rundir, latest)
         elif cfg.run.evaluate and cfg.model.text_conditioned and latest is not None:
             from orchestrator.eval.compose import captioned_demo_root, evaluate_text_run
 
