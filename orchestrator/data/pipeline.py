@@ -228,7 +228,7 @@ def _train_blocks(cfg: "DataConfig", info: DatasetInfo, counter_name: str | None
 
 # A local training set at most this large decoded (float32) is decoded in the calling process
 # (``decode_here``) rather than by a Ray Data job: the built-in set (3000 images, 37 MB) decodes
-# in about 0.5 s of one core, while the Ray Data job cost about 7 CPU-seconds of process starts
+# in 0.7 s of one core, while the Ray Data job cost about 7 CPU-seconds of process starts
 # (its stats and autoscaling actors, a new worker per map task) on the 2 cores the training
 # workers were starting on (issue 18). Object storage keeps Ray Data's parallel reads.
 DECODE_HERE_MAX_BYTES = 128 << 20
