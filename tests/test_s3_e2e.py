@@ -7,6 +7,7 @@ from S3. A planted secret key is used as the S3 secret and must appear in no out
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 
 from orchestrator.data.upload import upload
@@ -40,11 +42,6 @@ def _env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _keys(client, bucket: str, prefix: str) -> list[str]:
-    return sorted(o["Key"] for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
-                  for o in page.get("Contents", []))
-
-
 def _objects(client, bucket: str, prefix: str) -> dict[str, bytes]:
     out = {}
     for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
@@ -60,6 +57,23 @@ def _registered_step(client, bucket: str) -> int | None:
         return None
     results = json.loads(next(iter(snap.values()))).get("checkpoint_results") or []
     return max((int(r["metrics"]["step"]) for r in results), default=None)
+
+
+def _kill_with_descendants(proc: subprocess.Popen) -> None:
+    """SIGKILL the driver's process group and every process it started (Ray's workers may sit in
+    groups of their own), then wait until all are gone: after that nothing writes to the run."""
+    try:
+        started = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        started = []
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for p in started:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    proc.wait(timeout=60)
+    _, alive = psutil.wait_procs(started, timeout=60)
+    assert not alive, alive
 
 
 def test_s3_train_kill_resume_sample(s3_server, tmp_path):
@@ -90,22 +104,12 @@ def test_s3_train_kill_resume_sample(s3_server, tmp_path):
         while time.time() < deadline and first.poll() is None:
             if _registered_step(client, bucket) is not None:
                 break
-            time.sleep(2)
+            time.sleep(0.5)
         assert first.poll() is None, f"training exited early:\n{first.communicate()[0][-3000:]}"
         assert time.time() < deadline, "no checkpoint reached S3 in time"
     finally:
-        if first.poll() is None:
-            os.killpg(first.pid, signal.SIGKILL)
+        _kill_with_descendants(first)
         logs.append(first.communicate(timeout=60)[0])
-    # Ray's controller and workers are separate processes that can outlive the driver by a
-    # moment and still register a checkpoint: wait until the run's objects stop changing.
-    # Keys only: a log segment listed a moment ago may be compacted away before it is read.
-    seen, quiet_since = None, time.time()
-    while time.time() - quiet_since < 10:
-        now = _keys(client, bucket, "runs/s3e2e/")
-        if now != seen:
-            seen, quiet_since = now, time.time()
-        time.sleep(1)
     # raydiff, not Ray's snapshot, picks the resume point: the newest checkpoint whose every
     # rank's manifest is complete and verifies (possibly newer than the one Ray registered).
     from orchestrator.train.checkpoint.layout import list_checkpoints
