@@ -47,3 +47,22 @@ def test_a_start_that_never_trained_has_no_time_to_first_step():
     assert startup_breakdown(events) == [("ray", 1.0), ("data", 1.0)]
     assert startup_line(events) is None
     assert startup_breakdown([]) == [] and startup_line([]) is None
+
+
+def test_raydiffs_trainer_starts_no_dataset_manager_unless_given_datasets(ray_local):
+    """Ray Train adds its datasets callback (an actor process per worker group) even to a trainer
+    given no datasets; raydiff's trainer (train/trainer.py) leaves it out, and only then."""
+    import ray.data
+    from ray.train import ScalingConfig
+
+    from orchestrator.train.trainer import Trainer
+
+    def names(**kw):
+        trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), **kw)
+        return {type(c).__name__ for c in trainer._create_default_callbacks()}
+
+    plain, with_data = names(), names(datasets={"train": ray.data.range(4)})
+    assert "DatasetsCallback" not in plain and "DatasetsCallback" in with_data
+    # Everything else Ray Train sets up is still there.
+    assert with_data - plain == {"DatasetsCallback"}
+    assert {"BackendSetupCallback", "PlacementGroupCleanerCallback"} <= plain

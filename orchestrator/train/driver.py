@@ -81,10 +81,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train import LoggingConfig as TrainLoggingConfig
-    from ray.train.torch import TorchTrainer
 
     from orchestrator.train.checkpoint.events import CheckpointEvents
     from orchestrator.train.launch import WorkerArgs, train_worker
+    from orchestrator.train.trainer import Trainer
 
     t_start = time.time()
     import_network_code_in_background()  # for the plan's parameter count, while Ray starts
@@ -168,7 +168,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
             resources["GPU"] = plan.gpus_per_worker
-        trainer = TorchTrainer(
+        trainer = Trainer(
             train_worker,
             train_loop_config=args.__dict__,
             scaling_config=ScalingConfig(
