@@ -71,12 +71,13 @@ def test_bench_quality_quick(tmp_path, capsys):
 
     assert main(["bench", "quality", "--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "training arms" in out and "ddpm-1000" in out
+    assert "training arms" in out and "ddpm-100 " in out  # the quick setting's DDPM, respaced
     rows = list(csv.DictReader((tmp_path / "quality.csv").open()))
     curve_arms = {r["arm"] for r in rows if r["kind"] == "curve"}
     assert curve_arms == {a.name for a in ARMS}
     samplers = {r["sampler"] for r in rows if r["kind"] == "sampler"}
-    assert {"ddim-10", "ddim-20", "ddim-50", "ddim-100", "ddpm-1000", "ddim-20-g2", "ddim-20-g4"} <= samplers
+    assert samplers == {"ddim-5", "ddim-10", "ddim-20", "ddim-10-eta0", "ddim-20-eta0", "ddpm-100", "ddim-20-g2",
+                        "ddim-20-g4"}
     for r in rows:
         assert 0 <= float(r["shape_acc"]) <= 1 and 0 <= float(r["class_acc"]) <= 1
         assert float(r["fid"]) >= 0
@@ -87,3 +88,22 @@ def test_bench_quality_quick(tmp_path, capsys):
             val_loss = float(r["val_loss"])
             assert math.isfinite(val_loss) and val_loss > 0, r
     assert (tmp_path / "quality.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_full_sweep_is_ddim_10_to_100_against_ddpm_1000_and_quick_the_same_samplers_smaller():
+    from dataclasses import replace
+
+    from orchestrator.bench.quality import FULL, QUICK, sampler_sweep
+
+    def names(s):
+        return {(arm, spec.name) for arm, spec in sampler_sweep(s)}
+
+    full = names(FULL)
+    assert {n for a, n in full if a == "base"} == {"ddim-10", "ddim-20", "ddim-50", "ddim-100", "ddim-20-eta0",
+                                                   "ddim-100-eta0", "ddpm-1000", "ddim-20-g2", "ddim-20-g4"}
+    assert [s.num_steps for a, s in sampler_sweep(FULL) if s.name == "ddpm-1000"] == [1000, 1000]
+    # The quick setting: the same arms and kinds of sampler.
+    kind = lambda n: n.split("-")[0] + ("-eta0" if "eta0" in n else "") + ("-g" if "-g" in n else "")  # noqa: E731
+    assert {(a, kind(n)) for a, n in names(QUICK)} == {(a, kind(n)) for a, n in full}
+    with pytest.raises(ValueError, match="20 among them"):
+        sampler_sweep(replace(FULL, ddim_steps=(10, 50)))

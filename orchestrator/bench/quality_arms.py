@@ -51,6 +51,10 @@ class Setting:
     eval_per_class: int = 20
     val_per_class: int = 10
     curve_sampler: SamplerSpec = SamplerSpec("ddim-20")
+    # The final models' sampler sweep: DDIM at these step counts (the second and the last also
+    # with eta = 0; guidance at 20, which must be one of them) against ancestral DDPM at ddpm_steps.
+    ddim_steps: tuple[int, ...] = (10, 20, 50, 100)
+    ddpm_steps: int = 1000
     seeds: tuple[int, ...] = (0,)
     # Train under bf16 autocast (the demo trains in bf16 too); None: where the CPU has native
     # bf16 (orchestrator/plan.py), 1.5x faster there, and emulated (slower) elsewhere.
