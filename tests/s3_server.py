@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import os
 import re
 import socket
 import subprocess
@@ -17,12 +18,12 @@ import sys
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Iterable
 
 import boto3
-from moto.moto_server.werkzeug_app import MotoRequestHandler, create_backend_app
-from moto.server import ThreadedMotoServer
-from werkzeug.serving import make_server
+
+from orchestrator.storage.local_server import moto_s3_server_class
 
 DUMMY_ACCESS_KEY = "testing"
 DUMMY_SECRET_KEY = "testing"
@@ -35,28 +36,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-class _S3OnlyMotoServer(ThreadedMotoServer):
-    """moto's threaded server serving its S3 app directly.
-
-    moto's default app serves every AWS service and picks one per request: for a request to an
-    endpoint URL (no AWS host name) it parses the signature, lists moto's modules on disk and
-    tries every service's URL patterns, about half of the server's CPU per S3 request (py-spy,
-    2026-12-06; issue 18: the suite's S3 tests send tens of thousands). Same server, same S3 app,
-    minus that choice."""
-
-    def _server_entry(self) -> None:
-        self._server = make_server(self._ip_address, self._port, create_backend_app("s3"), True,
-                                   request_handler=MotoRequestHandler)
-        self._server_ready_event.set()
-        self._server.serve_forever()
-
-
 class MotoS3:
     """moto's S3 server on loopback (its default address is 0.0.0.0, never use that)."""
 
     def __init__(self, port: int | None = None) -> None:
         self.port = port or free_port()
-        self._server = _S3OnlyMotoServer(ip_address="127.0.0.1", port=self.port, verbose=False)
+        self._server = moto_s3_server_class()(ip_address="127.0.0.1", port=self.port, verbose=False)
         self.endpoint_url = f"http://127.0.0.1:{self.port}"
 
     def start(self) -> "MotoS3":
@@ -98,7 +83,10 @@ class MotoS3Process:
         self.endpoint_url = ""
 
     def __enter__(self) -> "MotoS3Process":
-        self._proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        root = str(Path(__file__).resolve().parents[1])  # the child imports orchestrator from this checkout
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [root, os.environ.get("PYTHONPATH")]))}
+        self._proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                      env=env)
         try:
             for bucket, key, body in self._objects:
                 self._proc.stdin.write(json.dumps([bucket, key, body.decode("latin-1")]) + "\n")

@@ -164,14 +164,14 @@ def _log_readback(parts: int) -> list[Phase]:
     from orchestrator.storage.clients import s3_client
     from orchestrator.storage.files import write_bytes
     from orchestrator.storage.jsonl import PARTS_SUFFIX, part_name, read_records
-    from orchestrator.storage.local_server import _moto_server_cls
+    from orchestrator.storage.local_server import moto_s3_server_class
     from orchestrator.storage.rundir import METRICS_LOG, RunDir
     from orchestrator.storage.uri import join
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    server = _moto_server_cls()(ip_address="127.0.0.1", port=port, verbose=False)
+    server = moto_s3_server_class()(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()
     try:
         cfg = S3Config(endpoint_url=f"http://127.0.0.1:{port}", region="us-east-1",
