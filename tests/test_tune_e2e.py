@@ -96,12 +96,11 @@ def _finish(proc: subprocess.Popen, log: Path, timeout: float) -> str:
 
 
 def test_asha_sweep_killed_and_resumed_then_best_config_is_a_job(tmp_path):
-    # Grid order: two learning rates that train, then one that barely moves the weights: it starts
-    # when one of the first two finishes, is killed mid-way, resumes, and meets their results at
-    # ASHA's only rung (step 9), so no trial is stopped before the kill point (steps 3-6).
+    # Grid order: two learning rates that train, then two that barely move the weights. ASHA's
+    # only rung is at step 9, so trials are never stopped before the kill point (steps 3-6).
     job = _job(tmp_path, "asha", searcher="grid", num_samples=1, max_concurrent_trials=2,
                asha={"grace_period": 9, "reduction_factor": 2},
-               space={"optim.lr": {"grid": [2e-3, 1e-3, 1e-6]}})
+               space={"optim.lr": {"grid": [2e-3, 1e-3, 1e-6, 2e-6]}})
     sweep = tmp_path / "sweeps" / "asha"
     log1 = tmp_path / "first.log"
     first = _raydiff(["tune", "--config", str(job)], tmp_path, log1)
@@ -137,7 +136,7 @@ def test_asha_sweep_killed_and_resumed_then_best_config_is_a_job(tmp_path):
             assert after[name]["metrics"][:len(before["metrics"])] == before["metrics"]
 
     table = pd.read_csv(sweep / "results.csv")
-    assert len(table) == 3 and set(table["status"]) <= {"completed", "stopped early"}
+    assert len(table) == 4 and set(table["status"]) <= {"completed", "stopped early"}
     stopped = table[table["status"] == "stopped early"]
     assert len(stopped) >= 1 and (stopped["step"] < STEPS).all()
     assert table["val_loss"].notna().all()
