@@ -49,9 +49,10 @@ def test_a_start_that_never_trained_has_no_time_to_first_step():
     assert startup_breakdown([]) == [] and startup_line([]) is None
 
 
-def test_raydiffs_trainer_starts_no_dataset_manager_unless_given_datasets(ray_local):
+def test_raydiffs_trainer_starts_no_helper_actor_a_run_does_not_need(ray_local):
     """Ray Train adds its datasets callback (an actor process per worker group) even to a trainer
-    given no datasets; raydiff's trainer (train/trainer.py) leaves it out, and only then."""
+    given no datasets, and its placement-group cleaner (an actor process per run) even when the
+    Ray session ends with the run; raydiff's trainer (train/trainer.py) leaves them out then only."""
     import ray.data
     from ray.train import ScalingConfig
 
@@ -62,7 +63,9 @@ def test_raydiffs_trainer_starts_no_dataset_manager_unless_given_datasets(ray_lo
         return {type(c).__name__ for c in trainer._create_default_callbacks()}
 
     plain, with_data = names(), names(datasets={"train": ray.data.range(4)})
+    own_session = names(ray_session_ends_with_run=True)
     assert "DatasetsCallback" not in plain and "DatasetsCallback" in with_data
     # Everything else Ray Train sets up is still there.
     assert with_data - plain == {"DatasetsCallback"}
     assert {"BackendSetupCallback", "PlacementGroupCleanerCallback"} <= plain
+    assert plain - own_session == {"PlacementGroupCleanerCallback"}

@@ -170,6 +170,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             resources["GPU"] = plan.gpus_per_worker
         trainer = Trainer(
             train_worker,
+            # A local Ray this run started ends with it (``finally`` below), placement groups too.
+            ray_session_ends_with_run=started and cfg.scaling.ray_address is None,
             train_loop_config=args.__dict__,
             scaling_config=ScalingConfig(
                 num_workers=plan.num_workers,

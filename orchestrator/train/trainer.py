@@ -1,11 +1,18 @@
-"""Ray Train's ``TorchTrainer`` as raydiff runs it: without Ray Train's dataset manager.
+"""Ray Train's ``TorchTrainer`` as raydiff runs it: without the helper actors a run does not need.
 
-raydiff's workers read their data through their own reader (data/reader.py), never through Ray
-Train's ``datasets=``. Ray Train 2.60 still adds its datasets callback to a trainer given no
-datasets (``DataParallelTrainer._create_default_callbacks``), and that callback starts a
-``DatasetManager`` actor for every worker group: a new process (it inherits the controller's
-runtime env, so no idle worker fits) importing Ray Data and Ray Train, 1.4 CPU-s per run measured
-on this 2-core machine, spent while the workers import torch on the same cores (issue 18).
+Ray Train 2.60 adds its default callbacks to every trainer (``DataParallelTrainer.
+_create_default_callbacks``); two of them start an actor per run, each a new process (it inherits
+the controller's runtime env, so no idle worker fits) importing Ray Data and Ray Train, started
+while the workers import torch on the same cores (issue 18):
+
+- the datasets callback's ``DatasetManager`` (1.4 CPU-s per run on this 2-core machine), even for
+  a trainer given no datasets; raydiff's workers read through their own reader (data/reader.py),
+  never through Ray Train's ``datasets=``;
+- the ``PlacementGroupCleaner`` (1.8 CPU-s before the first step, then a state-API query every
+  second for the whole run), which removes the run's placement group if the controller dies while
+  the Ray session goes on (a Tune sweep's driver, a notebook). Left out only when the Ray session
+  ends with the run: a local Ray that ``raydiff train`` started itself shuts down with it, and
+  everything it reserved with it.
 """
 
 from __future__ import annotations
@@ -14,15 +21,24 @@ from ray.train.torch import TorchTrainer
 
 try:
     from ray.train.v2._internal.callbacks import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 except ImportError:  # another Ray Train layout: keep its callbacks as they are
-    DatasetsCallback = None
+    DatasetsCallback = PlacementGroupCleanerCallback = None
 
 
 class Trainer(TorchTrainer):
-    """``TorchTrainer`` minus the datasets callback when no datasets are given."""
+    """``TorchTrainer`` minus the datasets callback when no datasets are given, and minus the
+    placement-group cleaner when ``ray_session_ends_with_run``."""
+
+    def __init__(self, *args, ray_session_ends_with_run: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._ray_session_ends_with_run = ray_session_ends_with_run
 
     def _create_default_callbacks(self):
         callbacks = super()._create_default_callbacks()
-        if self.datasets or DatasetsCallback is None:
-            return callbacks
-        return [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+        unneeded = []
+        if not self.datasets and DatasetsCallback is not None:
+            unneeded.append(DatasetsCallback)
+        if self._ray_session_ends_with_run and PlacementGroupCleanerCallback is not None:
+            unneeded.append(PlacementGroupCleanerCallback)
+        return [c for c in callbacks if not isinstance(c, tuple(unneeded))]
