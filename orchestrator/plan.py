@@ -14,6 +14,7 @@ import threading
 from dataclasses import asdict, dataclass
 from typing import Literal
 
+from orchestrator import param_counts
 from orchestrator.config import ConfigError, DataConfig, ModelConfig, PrecisionConfig, ScalingConfig, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -130,12 +131,15 @@ ZERO0_MEMORY_SHARE = 0.25
 DEFAULT_GPU_BYTES = 40 << 30
 
 
-def import_network_code_in_background() -> threading.Thread:
+def import_network_code_in_background(cfg: TrainConfig) -> threading.Thread | None:
     """Start importing what ``parameter_counts`` needs (diffusers and, through it, peft and
     transformers: 2-3 s on 2 cores) in a thread, so that the driver's other start-up work (storage
     checks, the lease, Ray's start, mostly waiting on other processes) overlaps it instead of
     the plan waiting for it afterwards (issue 18). Python's import lock makes a later import of
-    the same modules wait for this one rather than import them twice."""
+    the same modules wait for this one rather than import them twice. Nothing to import when
+    the count is cached (orchestrator/param_counts.py)."""
+    if param_counts.lookup(cfg.model, cfg.data) is not None:
+        return None
     thread = threading.Thread(target=importlib.import_module, args=("orchestrator.builders",),
                               name="raydiff-import-network-code", daemon=True)
     thread.start()
@@ -144,7 +148,11 @@ def import_network_code_in_background() -> threading.Thread:
 
 def parameter_counts(model: ModelConfig, data: DataConfig) -> tuple[int, int]:
     """(trainable, total) parameters of the configured network, counted on the meta device (no
-    memory, no compute). A registry network is counted with 10 classes when conditional."""
+    memory, no compute). A registry network is counted with 10 classes when conditional. A count
+    made before is read from raydiff's cache (orchestrator/param_counts.py)."""
+    cached = param_counts.lookup(model, data)
+    if cached is not None:
+        return cached
     import torch
 
     from orchestrator.builders import build_denoiser, trainable_parameters
@@ -157,7 +165,9 @@ def parameter_counts(model: ModelConfig, data: DataConfig) -> tuple[int, int]:
         num_classes = 10 if data.conditional else None
     with torch.device("meta"):
         net = build_denoiser(model, data, num_classes, weights=False)
-    return trainable_parameters(net)
+    counts = trainable_parameters(net)
+    param_counts.remember(model, data, counts)
+    return counts
 
 
 def parameter_count(model: ModelConfig, data: DataConfig) -> int:

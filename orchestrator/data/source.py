@@ -22,9 +22,15 @@ def _absolute(path: str) -> str:
     return os.path.abspath(os.path.expanduser(path))
 
 
+def cache_root() -> Path:
+    """raydiff's per-user cache (``RAYDIFF_CACHE_DIR``, default ``~/.cache/raydiff``): what runs
+    share and can recompute (the built-in dataset, parameter counts)."""
+    return Path(os.environ.get("RAYDIFF_CACHE_DIR", Path.home() / ".cache" / "raydiff"))
+
+
 def builtin_data_dir(data: DataConfig) -> Path:
     """Where the built-in dataset is written: a per-user cache shared by all runs."""
-    base = Path(os.environ.get("RAYDIFF_CACHE_DIR", Path.home() / ".cache" / "raydiff"))
+    base = cache_root()
     # data.captions: the captioned variant (orchestrator/data/demo_text.py), with its text encoder.
     kind = "builtin-text" if data.captions else "builtin"
     return base / f"{kind}-r{data.resolution}-n{data.builtin_images_per_class}-s{data.seed}"

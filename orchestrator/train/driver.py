@@ -87,7 +87,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from orchestrator.train.trainer import Trainer
 
     t_start = time.time()
-    import_network_code_in_background()  # for the plan's parameter count, while Ray starts
+    import_network_code_in_background(cfg)  # for the plan's parameter count, while Ray starts
     check_tracking_packages(cfg.logging)  # MLflow / W&B enabled but not installed: say so before anything starts
     given = cfg = with_job_address(cfg)
     if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit
