@@ -14,12 +14,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-import os
 from importlib import metadata
 from pathlib import Path
 
 from orchestrator.config import DataConfig, ModelConfig
 from orchestrator.data.source import BUILTIN_TEXT_ENCODER, cache_root
+from orchestrator.storage.files import write_bytes
 
 # Bump when what a count means changes (e.g. trainable_parameters counts differently).
 FORMAT = 1
@@ -58,12 +58,5 @@ def remember(model: ModelConfig, data: DataConfig, counts: tuple[int, int]) -> N
     key = cache_key(model, data)
     if key is None:
         return
-    path = _path(key)
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(json.dumps({"trainable": counts[0], "total": counts[1]}))
-        os.replace(tmp, path)  # whole or absent, for a reader in another process
-    except OSError:  # a read-only or full cache: counted again next time
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+    with contextlib.suppress(OSError):  # a read-only or full cache: counted again next time
+        write_bytes(str(_path(key)), json.dumps({"trainable": counts[0], "total": counts[1]}).encode())
