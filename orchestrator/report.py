@@ -198,15 +198,14 @@ def newest_grid(rundir: RunDir) -> tuple[str, bytes] | None:
 
 
 def _grid_prompts(rundir: RunDir) -> list[str] | None:
-    """A text model's grid rows (orchestrator/sampling.py grid_prompts) from the run's config."""
+    """A text model's grid rows (``SamplingConfig.grid_prompts``) from the run's config."""
     from orchestrator.config import load_config_text
-    from orchestrator.sampling import grid_prompts
 
     try:
         cfg = load_config_text(rundir.read_text("config.yaml"))
     except Exception:  # noqa: BLE001 - no (readable) config: the grid is drawn without row labels
         return None
-    return grid_prompts(cfg.sampling) if cfg.model.text_conditioned else None
+    return cfg.sampling.grid_prompts() if cfg.model.text_conditioned else None
 
 
 def write_report(run_uri: str, s3: "S3Config | None" = None, out: str | None = None) -> tuple[str, Report]:

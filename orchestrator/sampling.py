@@ -174,15 +174,9 @@ def grid_png(images: torch.Tensor, columns: int, upscale: int = 2) -> bytes:
     return buf.getvalue()
 
 
-def grid_prompts(scfg: SamplingConfig) -> list[str]:
-    """The rows of a text model's grid: ``sampling.prompts`` (first ``max_rows``), or the empty
-    prompt alone (unconditional samples) when none are configured."""
-    return list(scfg.prompts[: scfg.max_rows]) or [""]
-
-
 def text_grid_conditioning(text: "TextConditioner", scfg: SamplingConfig) -> Conditioning:
     """One row per grid prompt, ``per_class`` columns, guided against ``sampling.negative_prompt``."""
-    rows = grid_prompts(scfg)
+    rows = scfg.grid_prompts()
     return text.prompts([p for p in rows for _ in range(scfg.per_class)], scfg.negative_prompt)
 
 

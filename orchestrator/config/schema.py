@@ -239,6 +239,12 @@ class SamplingConfig(_Strict):
     # Text models: the unconditional half of guidance ("" = the empty prompt, as trained).
     negative_prompt: str = ""
 
+    def grid_prompts(self) -> list[str]:
+        """The rows of a text model's grid: ``prompts`` (the first ``max_rows``), or the empty
+        prompt alone (unconditional samples) when none are configured. Here, not beside the
+        sampler, so that the run report reads its row labels without importing torch."""
+        return list(self.prompts[: self.max_rows]) or [""]
+
 
 class MlflowConfig(_Strict):
     """Optional MLflow tracking (needs `pip install mlflow`); off unless enabled."""
