@@ -8,13 +8,13 @@ is what runs.
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 from orchestrator import param_counts
+from orchestrator.background_import import import_in_background
 from orchestrator.config import ConfigError, DataConfig, ModelConfig, PrecisionConfig, ScalingConfig, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -78,12 +78,29 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _cluster_has_gpus(ray_address: str | None) -> bool | None:
-    """GPU presence without starting anything: locally from torch; on a cluster only once connected."""
-    if ray_address is None:
-        import torch
+def _local_gpus() -> bool:
+    """Whether torch can use a GPU here. Asked of the GPU drivers first, through Ray's own
+    accelerator managers (NVML, AMD SMI: milliseconds), so that a machine without GPUs decides
+    without importing torch (1.2 s on the path to every run's first step on 2 cores, issue 18);
+    where a driver reports GPUs, torch decides (a CPU-only torch build cannot use them)."""
+    try:
+        from ray._private.accelerators import AMDGPUAcceleratorManager, NvidiaGPUAcceleratorManager
+    except ImportError:  # a Ray without them: ask torch
+        pass
+    else:
+        managers = (NvidiaGPUAcceleratorManager, AMDGPUAcceleratorManager)
+        if not any(m.get_current_node_num_accelerators() for m in managers):
+            return False
+    import torch
 
-        return torch.cuda.is_available()
+    return torch.cuda.is_available()
+
+
+def _cluster_has_gpus(ray_address: str | None) -> bool | None:
+    """GPU presence without starting anything: locally from the GPU drivers (and torch where they
+    report GPUs); on a cluster only once connected."""
+    if ray_address is None:
+        return _local_gpus()
     try:
         import ray
 
@@ -140,10 +157,7 @@ def import_network_code_in_background(cfg: TrainConfig) -> threading.Thread | No
     the count is cached (orchestrator/param_counts.py)."""
     if param_counts.lookup(cfg.model, cfg.data) is not None:
         return None
-    thread = threading.Thread(target=importlib.import_module, args=("orchestrator.builders",),
-                              name="raydiff-import-network-code", daemon=True)
-    thread.start()
-    return thread
+    return import_in_background("orchestrator.builders", name="raydiff-import-network-code")
 
 
 def parameter_counts(model: ModelConfig, data: DataConfig) -> tuple[int, int]:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from orchestrator.cluster.rules import check_cluster_paths, with_job_address
+from orchestrator.background_import import import_in_background
 from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
 from orchestrator.data import bad_sample_counts, inspect_dataset
 from orchestrator.data.background import decode_in_background
@@ -16,7 +17,7 @@ from orchestrator.data.reader import make_train_reader
 from orchestrator.data.source import resolve_data_config, resolve_paths
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import import_network_code_in_background, local_logical_cpus, make_plan
-from orchestrator.ray_session import init_ray
+from orchestrator.ray_session import AUTOSCALING_COORDINATOR_MODULE, init_ray
 from orchestrator.report import report_after_training
 from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.train.checkpoint.persist import clear_staging
@@ -79,12 +80,18 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     ``init_checkpoint`` is a checkpoint directory URI to start from when the run has no
     checkpoint of its own (a population-based-training trial taking over another's)."""
     import ray
+
+    # Imported while the plan is made and Ray starts, mostly waiting on other processes (issue 18):
+    # Ray Data's autoscaling coordinator, created right after a local Ray starts (ray_session.py),
+    # and Ray Train's TorchTrainer with torch (orchestrator/train/trainer.py), built after the data.
+    own_ray = cfg.scaling.ray_address is None and not ray.is_initialized()
+    import_in_background(*([AUTOSCALING_COORDINATOR_MODULE] if own_ray else []), "orchestrator.train.trainer",
+                         name="raydiff-import-train")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train import LoggingConfig as TrainLoggingConfig
 
     from orchestrator.train.checkpoint.events import CheckpointEvents
     from orchestrator.train.launch import WorkerArgs, train_worker
-    from orchestrator.train.trainer import Trainer
 
     t_start = time.time()
     import_network_code_in_background(cfg)  # for the plan's parameter count, while Ray starts
@@ -168,6 +175,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         resources = {"CPU": plan.cpus_per_worker}
         if plan.gpus_per_worker:
             resources["GPU"] = plan.gpus_per_worker
+        from orchestrator.train.trainer import Trainer  # imported in the background above: waits for it
+
         trainer = Trainer(
             train_worker,
             # A local Ray this run started ends with it (``finally`` below), placement groups too.

@@ -1,0 +1,29 @@
+"""Import modules in a background thread while the caller does other start-up work.
+
+A driver's start-up is mostly waiting on other processes (Ray's GCS and raylet starting, storage
+round trips); the heavy imports it needs later (torch through Ray Train's TorchTrainer, diffusers
+for a parameter count, Ray Data's autoscaler) overlap that wait instead of following it (issue 18).
+Python's per-module import locks make a later ``import`` of the same module in another thread wait
+for this one to finish rather than import it twice, so callers import as usual where they need a
+module; the thread only starts it earlier.
+"""
+
+from __future__ import annotations
+
+import importlib
+import threading
+
+
+def _import_all(modules: tuple[str, ...]) -> None:
+    for name in modules:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass  # the caller's own import raises it where the module is needed, with its traceback
+
+
+def import_in_background(*modules: str, name: str = "raydiff-import") -> threading.Thread:
+    """Start importing ``modules`` in order in a daemon thread; returns the thread."""
+    thread = threading.Thread(target=_import_all, args=(modules,), name=name, daemon=True)
+    thread.start()
+    return thread
