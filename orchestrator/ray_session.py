@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import contextlib
-import importlib
 import logging
 import os
 import socket
 from typing import Iterator
 
 from orchestrator.logs import is_verbose
-
-# Ray Data's module with the accessor of Ray Train's autoscaling coordinator (1.3 s to import on 2
-# cores: drivers that start a local Ray import it in the background, orchestrator/train/driver.py).
-AUTOSCALING_COORDINATOR_MODULE = "ray.data._internal.cluster_autoscaler"
 
 # Where Ray's state API clients look first (ray/dashboard/utils.py: get_address_for_submission_client).
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
@@ -104,9 +99,8 @@ def _start_autoscaling_coordinator() -> None:
     prepares the plan and the data, and the controller finds it by name. Ray's own accessor, so the
     name and options are Ray's; a Ray without it skips this (the controller then creates it)."""
     try:
-        get_or_create_autoscaling_coordinator = importlib.import_module(
-            AUTOSCALING_COORDINATOR_MODULE).get_or_create_autoscaling_coordinator
-    except (ImportError, AttributeError):
+        from ray.data._internal.cluster_autoscaler import get_or_create_autoscaling_coordinator
+    except ImportError:
         return
     get_or_create_autoscaling_coordinator()
 

@@ -17,7 +17,7 @@ from orchestrator.data.reader import make_train_reader
 from orchestrator.data.source import resolve_data_config, resolve_paths
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
 from orchestrator.plan import import_network_code_in_background, local_logical_cpus, make_plan
-from orchestrator.ray_session import AUTOSCALING_COORDINATOR_MODULE, init_ray
+from orchestrator.ray_session import init_ray
 from orchestrator.report import report_after_training
 from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.train.checkpoint.persist import clear_staging
@@ -80,18 +80,17 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     ``init_checkpoint`` is a checkpoint directory URI to start from when the run has no
     checkpoint of its own (a population-based-training trial taking over another's)."""
     import ray
-
-    # Imported while the plan is made and Ray starts, mostly waiting on other processes (issue 18):
-    # Ray Data's autoscaling coordinator, created right after a local Ray starts (ray_session.py),
-    # and Ray Train's TorchTrainer with torch (orchestrator/train/trainer.py), built after the data.
-    own_ray = cfg.scaling.ray_address is None and not ray.is_initialized()
-    import_in_background(*([AUTOSCALING_COORDINATOR_MODULE] if own_ray else []), "orchestrator.train.trainer",
-                         name="raydiff-import-train")
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train import LoggingConfig as TrainLoggingConfig
 
     from orchestrator.train.checkpoint.events import CheckpointEvents
     from orchestrator.train.launch import WorkerArgs, train_worker
+
+    # Ray Train's TorchTrainer and torch with it (orchestrator/train/trainer.py, 1.3 s on 2 cores),
+    # needed once the data is ready, import while the plan is made and Ray starts, mostly waiting on
+    # other processes (issue 18). Started after the Ray Train imports above, so that the thread
+    # imports only modules that nothing else here is importing at the same time.
+    import_in_background("orchestrator.train.trainer", name="raydiff-import-trainer")
 
     t_start = time.time()
     import_network_code_in_background(cfg)  # for the plan's parameter count, while Ray starts
