@@ -9,12 +9,10 @@ is what runs.
 from __future__ import annotations
 
 import os
-import threading
 from dataclasses import asdict, dataclass
 from typing import Literal
 
 from orchestrator import param_counts
-from orchestrator.background_import import import_in_background
 from orchestrator.config import ConfigError, DataConfig, ModelConfig, PrecisionConfig, ScalingConfig, TrainConfig
 
 Precision = Literal["fp32", "bf16", "fp16"]
@@ -148,16 +146,13 @@ ZERO0_MEMORY_SHARE = 0.25
 DEFAULT_GPU_BYTES = 40 << 30
 
 
-def import_network_code_in_background(cfg: TrainConfig) -> threading.Thread | None:
-    """Start importing what ``parameter_counts`` needs (diffusers and, through it, peft and
-    transformers: 2-3 s on 2 cores) in a thread, so that the driver's other start-up work (storage
-    checks, the lease, Ray's start, mostly waiting on other processes) overlaps it instead of
-    the plan waiting for it afterwards (issue 18). Python's import lock makes a later import of
-    the same modules wait for this one rather than import them twice. Nothing to import when
-    the count is cached (orchestrator/param_counts.py)."""
-    if param_counts.lookup(cfg.model, cfg.data) is not None:
-        return None
-    return import_in_background("orchestrator.builders", name="raydiff-import-network-code")
+def network_code_to_import(cfg: TrainConfig) -> tuple[str, ...]:
+    """What ``parameter_counts`` will import (diffusers and, through it, peft and transformers:
+    2-3 s on 2 cores), for the driver to import in the background while its other start-up work
+    (storage checks, the lease, Ray's start, mostly waiting on other processes) goes on, instead
+    of the plan waiting for it afterwards (issue 18; orchestrator/background_import.py). Nothing
+    when the count is cached (orchestrator/param_counts.py)."""
+    return () if param_counts.lookup(cfg.model, cfg.data) is not None else ("orchestrator.builders",)
 
 
 def parameter_counts(model: ModelConfig, data: DataConfig) -> tuple[int, int]:

@@ -16,7 +16,7 @@ from orchestrator.data.pipeline import load_validation_images
 from orchestrator.data.reader import make_train_reader
 from orchestrator.data.source import resolve_data_config, resolve_paths
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
-from orchestrator.plan import import_network_code_in_background, local_logical_cpus, make_plan
+from orchestrator.plan import local_logical_cpus, make_plan, network_code_to_import
 from orchestrator.ray_session import init_ray
 from orchestrator.report import report_after_training
 from orchestrator.train.checkpoint.manager import Checkpointer
@@ -86,14 +86,12 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from orchestrator.train.checkpoint.events import CheckpointEvents
     from orchestrator.train.launch import WorkerArgs, train_worker
 
-    # Ray Train's TorchTrainer and torch with it (orchestrator/train/trainer.py, 1.3 s on 2 cores),
-    # needed once the data is ready, import while the plan is made and Ray starts, mostly waiting on
-    # other processes (issue 18). Started after the Ray Train imports above, so that the thread
-    # imports only modules that nothing else here is importing at the same time.
-    import_in_background("orchestrator.train.trainer", name="raydiff-import-trainer")
-
     t_start = time.time()
-    import_network_code_in_background(cfg)  # for the plan's parameter count, while Ray starts
+    # Ray Train's TorchTrainer with torch (orchestrator/train/trainer.py, 1.3 s on 2 cores), needed
+    # once the data is ready, and the network code for the plan's parameter count import while the
+    # plan is made and Ray starts, mostly waiting on other processes (issue 18). One thread, started
+    # after the Ray Train imports above, so that no two threads import the same packages at once.
+    import_in_background("orchestrator.train.trainer", *network_code_to_import(cfg), name="raydiff-import")
     check_tracking_packages(cfg.logging)  # MLflow / W&B enabled but not installed: say so before anything starts
     given = cfg = with_job_address(cfg)
     if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit
