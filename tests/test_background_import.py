@@ -56,3 +56,15 @@ def test_where_a_driver_reports_gpus_torch_decides(monkeypatch):
     assert plan_mod._cluster_has_gpus(None) is False
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     assert plan_mod._cluster_has_gpus(None) is True
+
+
+def test_a_failing_gpu_probe_leaves_the_answer_to_torch(monkeypatch):
+    import torch
+    from ray._private.accelerators import NvidiaGPUAcceleratorManager
+
+    def broken():
+        raise RuntimeError("NVML: driver/library version mismatch")
+
+    monkeypatch.setattr(NvidiaGPUAcceleratorManager, "get_current_node_num_accelerators", staticmethod(broken))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert plan_mod._cluster_has_gpus(None) is True
