@@ -87,17 +87,18 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from orchestrator.train.launch import WorkerArgs, train_worker
 
     t_start = time.time()
-    # Ray Train's TorchTrainer with torch (orchestrator/train/trainer.py, 1.3 s on 2 cores), needed
-    # once the data is ready, and the network code for the plan's parameter count import while the
-    # plan is made and Ray starts, mostly waiting on other processes (issue 18). One thread, started
-    # after the Ray Train imports above, so that no two threads import the same packages at once.
-    import_in_background("orchestrator.train.trainer", *network_code_to_import(cfg), name="raydiff-import")
     check_tracking_packages(cfg.logging)  # MLflow / W&B enabled but not installed: say so before anything starts
     given = cfg = with_job_address(cfg)
     if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit
         done = _complete_outcome(resolve_paths(cfg))
         if done is not None:
             return done
+    # Ray Train's TorchTrainer with torch (orchestrator/train/trainer.py, 1.3 s on 2 cores), needed
+    # once the data is ready, and the network code for the plan's parameter count import while the
+    # plan is made and Ray starts, mostly waiting on other processes (issue 18). One thread, started
+    # after the Ray Train imports above, so that no two threads import the same packages at once,
+    # and only for a run that trains (a finished one returns above without them).
+    import_in_background("orchestrator.train.trainer", *network_code_to_import(cfg), name="raydiff-import")
     cfg = resolve_data_config(cfg)
     # Fail on unreachable storage or data before anything expensive starts.
     check_writable(cfg.run.storage, cfg.storage.s3)
