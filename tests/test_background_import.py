@@ -4,31 +4,18 @@ change no answer."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
+from fresh_python import run_fresh_python
 
 from orchestrator import plan as plan_mod
 from orchestrator.background_import import import_in_background
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _run(code: str) -> str:
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    return out.stdout.strip()
 
 
 def test_modules_import_in_the_background_and_a_missing_one_is_left_to_its_importer():
     code = ("import sys; from orchestrator.background_import import import_in_background; "
             "t = import_in_background('colorsys', 'no_such_module_xyz', 'json.tool'); t.join(60); "
             "print(t.is_alive(), 'colorsys' in sys.modules, 'json.tool' in sys.modules, 'no_such_module_xyz' in sys.modules)")
-    assert _run(code) == "False True True False"
+    assert run_fresh_python(code) == "False True True False"
     # The caller's own import of a missing module still fails where it is needed.
     import_in_background("no_such_module_xyz").join(60)
     with pytest.raises(ImportError):
@@ -43,7 +30,7 @@ def test_a_machine_without_gpu_drivers_plans_for_cpu_without_importing_torch():
         pytest.skip("this machine has GPUs")
     code = ("import sys; from orchestrator.config import load_config; from orchestrator.plan import make_plan; "
             "p = make_plan(load_config(None, ['model.name=unet-tiny'])); print(p.device, 'torch' in sys.modules)")
-    assert _run(code) == "cpu False"
+    assert run_fresh_python(code) == "cpu False"
 
 
 def test_where_a_driver_reports_gpus_torch_decides(monkeypatch):

@@ -4,19 +4,14 @@ same numbers as counting, without importing diffusers, and never a stale one."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from fresh_python import run_fresh_python
 
 from orchestrator import param_counts
 from orchestrator.config import load_config
 from orchestrator.plan import parameter_counts
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture()
 def cache(tmp_path, monkeypatch) -> Path:
@@ -33,10 +28,7 @@ def test_a_count_is_counted_once_then_read_back_without_diffusers(cache):
     code = ("import sys; from orchestrator.config import load_config; from orchestrator.plan import network_lines; "
             "cfg = load_config(None, ['model.name=unet-tiny', 'data.resolution=16']); print(network_lines(cfg)[0]); "
             "print('diffusers' in sys.modules, 'torch' in sys.modules)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(ROOT)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    line, imported = out.stdout.strip().splitlines()
+    line, imported = run_fresh_python(code).splitlines()
     assert f"{counted[1]:,} trainable of {counted[1]:,}" in line and imported == "False False"
 
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
+from fresh_python import run_fresh_python
 from PIL import Image
 
 from orchestrator.cli import main
@@ -100,11 +97,7 @@ def test_the_report_after_training_does_not_import_torch(tmp_path):
     (run / "config.yaml").write_text(config_to_yaml(cfg))
     code = ("import sys; from orchestrator.report import _grid_prompts, write_report; from orchestrator.storage import RunDir; "
             f"write_report({str(run)!r}); print(_grid_prompts(RunDir({str(run)!r})), 'torch' in sys.modules)")
-    root = Path(__file__).resolve().parents[1]
-    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120,
-                         env={**os.environ, "PYTHONPATH": str(root)})
-    assert out.returncode == 0, out.stderr[-2000:]
-    assert out.stdout.split() == ["['a", "cat']", "False"] and (run / "report.png").is_file()
+    assert run_fresh_python(code).split() == ["['a", "cat']", "False"] and (run / "report.png").is_file()
 
 
 def test_report_without_metrics_is_a_one_line_error(tmp_path, capsys):
