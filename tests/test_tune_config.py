@@ -203,6 +203,64 @@ def test_asha_rungs_survive_a_restore():
     assert dict(sched2._brackets[0]._rungs) == {12: {}, 6: {"t1": -0.7}, 3: {"t1": -0.9}}
 
 
+def test_asha_rungs_completed_from_the_trials_metrics_after_a_stale_restore(caplog):
+    """Tune copies the experiment state and the callbacks' state to storage one file at a time:
+    a kill in between restores trials as finished (or past a rung) with rungs saved before they
+    got there. The first step after the restore records their results at each milestone they
+    had reached, from their own metric logs, and the rungs judge the next trials again."""
+    import pickle
+    from types import SimpleNamespace
+
+    from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+
+    from orchestrator.storage import StorageError
+    from orchestrator.tune.asha import AshaRungs
+
+    histories = {
+        # finished: its step-12 result was its final (done) one, which ASHA never sees
+        "t1": [(3, 0.9), (6, 0.7), (9, 0.5), (12, 0.4)],
+        # Tune had its step-6 result; its run had trained on to step 9 before the kill
+        "t2": [(3, 1.0), (6, 0.98), (9, 0.95)],
+        # never reported to Tune: judged when it reaches the rungs again
+        "t3": [(3, 5.0)],
+        "t5": [(3, 0.1), (6, 0.2)],
+    }
+    read: list[str] = []
+
+    def history(trial_id):
+        read.append(trial_id)
+        if trial_id == "t4":
+            raise StorageError("s3://b/sweep/t4/metrics.jsonl: access denied")
+        return histories[trial_id]
+
+    sched = ASHAScheduler(time_attr="step", metric="val_loss", mode="min", max_t=12, grace_period=3, reduction_factor=2)
+    cb = pickle.loads(pickle.dumps(AshaRungs(sched, history)))
+    assert cb.history is None  # the reader (credentials) is never saved with the Tuner's state
+    sched = cb.scheduler
+    cb.history = history
+    cb.set_state({"rungs": [[(12, {}), (6, {}), (3, {"t5": -0.3})]]})  # stale: saved before t1, t2 reached a rung
+    trials = [SimpleNamespace(trial_id="t1", last_result={"step": 12, "val_loss": 0.4, "done": True}),
+              SimpleNamespace(trial_id="t2", last_result={"step": 6, "val_loss": 0.98, "done": False}),
+              SimpleNamespace(trial_id="t3", last_result={}),
+              SimpleNamespace(trial_id="t4", last_result={"step": 3, "val_loss": 0.6, "done": False}),
+              SimpleNamespace(trial_id="t5", last_result={"step": 3, "val_loss": 0.1, "done": False})]
+    for trial in trials:
+        sched.on_trial_add(None, trial)
+    with caplog.at_level("WARNING", logger="raydiff.tune"):
+        cb.on_step_begin(0, trials)
+        cb.on_step_begin(1, trials)  # once per sweep
+    assert dict(sched._brackets[0]._rungs) == {12: {}, 6: {"t1": -0.7, "t2": -0.98}, 3: {"t1": -0.9, "t2": -1.0, "t5": -0.3}}
+    assert sorted(read) == ["t1", "t2", "t4"]  # t3 had no result, t5 was recorded
+    assert "t4" in caplog.text and "access denied" in caplog.text
+    # The step-6 rung was empty as saved (nobody to judge against); a weak trial reaching it
+    # now is stopped against t1 and t2 (median 0.84), a strong one goes on.
+    weak, strong = SimpleNamespace(trial_id="t6"), SimpleNamespace(trial_id="t7")
+    for trial in (weak, strong):
+        sched.on_trial_add(None, trial)
+    assert sched.on_trial_result(None, weak, {"step": 6, "val_loss": 1.5}) == TrialScheduler.STOP
+    assert sched.on_trial_result(None, strong, {"step": 6, "val_loss": 0.6}) == TrialScheduler.CONTINUE
+
+
 def test_plot_history_spans_resumes_and_pbt_runs(tmp_path):
     """metric.png's points come from the trials' metrics.jsonl, not from Tune's per-restore
     history: a trial killed and resumed keeps its points from before the kill, and a PBT

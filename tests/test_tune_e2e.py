@@ -124,6 +124,7 @@ def test_asha_sweep_killed_and_resumed_then_best_config_is_a_job(tmp_path):
 
     out = _finish(_raydiff(["tune", "--config", str(job)], tmp_path, tmp_path / "second.log"), tmp_path / "second.log", 600)
     assert "resuming sweep" in out
+    assert "not completed from the trials' metric logs" not in out  # the restored rungs got the runs' histories
     runs = _runs(sweep)
     after = {name: _state(run) for name, run in runs.items()}
     for name, before in at_kill.items():

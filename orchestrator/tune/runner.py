@@ -138,15 +138,18 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
         storage_path, fs = ray_storage(sweep_uri, train_cfg.storage.s3)
         exp_path = f"{storage_path}/{TUNE_DIR}"
         restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
+        history = functools.partial(R.trial_history, job)
         if restored:
             print(f"raydiff: resuming sweep {sweep_uri} (finished trials are kept)", flush=True)
             tuner = tune.Tuner.restore(exp_path, trainable, resume_unfinished=True, resume_errored=True,
                                        param_space=S.param_space(t.space), storage_filesystem=fs)
+            if t.scheduler == "asha":
+                _attach_history(tuner, history)
         else:
             scheduler = _scheduler(job)
             callbacks: list[Any] = [ReapPlacementGroups(train_cfg.run.name)]
             if t.scheduler == "asha":
-                callbacks.append(AshaRungs(scheduler))  # Tune does not save scheduler state
+                callbacks.append(AshaRungs(scheduler, history))  # Tune does not save scheduler state
             tuner = tune.Tuner(
                 trainable,
                 param_space=S.param_space(t.space),
@@ -164,6 +167,21 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     finally:
         if started:
             ray.shutdown()
+
+
+def _attach_history(tuner: Any, history: Any) -> None:
+    """Give the restored sweep's ``AshaRungs`` (unpickled from the Tuner's state, where it is
+    saved without its storage reader) the trials' metric histories."""
+    from orchestrator.tune.asha import AshaRungs
+
+    local = getattr(tuner, "_local_tuner", None)  # Ray Tune 2.60's Tuner, outside Ray Client
+    callbacks = (local.get_run_config().callbacks or []) if local is not None else []
+    found = [cb for cb in callbacks if isinstance(cb, AshaRungs)]
+    for cb in found:
+        cb.history = history
+    if not found:
+        log.warning("the restored sweep's ASHA rungs are not completed from the trials' metric logs "
+                    "(no AshaRungs callback in the restored Tuner): they hold what Tune saved")
 
 
 def describe(job: TuneJob) -> str:
