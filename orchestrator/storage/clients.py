@@ -93,6 +93,16 @@ def _s3_kwargs(s3cfg: "S3Config") -> dict[str, Any]:
     return kw
 
 
+CREDENTIAL_KWARGS = ("access_key", "secret_key", "session_token")
+
+
+def s3_filesystem_kwargs(s3cfg: "S3Config | None") -> tuple[dict[str, Any], dict[str, Any]]:
+    """``S3FileSystem`` keyword arguments as ``(endpoint/region/timeouts, credentials)``."""
+    kw = _s3_kwargs(s3cfg or default_s3cfg())
+    creds = {k: kw.pop(k) for k in CREDENTIAL_KWARGS if k in kw}
+    return kw, {k: v for k, v in creds.items() if v is not None}
+
+
 def s3_filesystem(s3cfg: "S3Config | None", *, max_attempts: int | None = None) -> pafs.S3FileSystem:
     """pyarrow's S3 filesystem with the config's endpoint, region, retries and timeouts.
 

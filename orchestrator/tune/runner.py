@@ -118,6 +118,7 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
     from orchestrator.tune.asha import AshaRungs
     from orchestrator.tune.cleanup import ReapPlacementGroups, get_registry
     from orchestrator.tune.trainable import SweepSpec, tune_trial
+    from orchestrator.tune.vault import vaulted_filesystem
 
     # Inside a Ray Job (ray job submit ... raydiff tune), join the job's cluster as train does.
     job = job.model_copy(update={"scaling": with_job_address(job).scaling})
@@ -136,6 +137,9 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
         resources = {"CPU": t.resources.cpu, **({"GPU": t.resources.gpu} if t.resources.gpu else {})}
         trainable = tune.with_resources(tune.with_parameters(tune_trial, spec=spec), resources)
         storage_path, fs = ray_storage(sweep_uri, train_cfg.storage.s3)
+        vault = None
+        if fs is not None:  # S3: Tune writes its RunConfig to the bucket; the keys stay in a vault
+            fs, vault = vaulted_filesystem(train_cfg.storage.s3, train_cfg.run.name)
         exp_path = f"{storage_path}/{TUNE_DIR}"
         restored = tune.Tuner.can_restore(exp_path, storage_filesystem=fs)
         history = functools.partial(R.trial_history, job)
@@ -161,7 +165,7 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
                                           callbacks=callbacks),
             )
         grid = tuner.fit()
-        del registry
+        del registry, vault
         table = R.results_table(grid, job)
         return SweepOutcome(sweep_uri, restored, table, *R.write_outputs(table, grid, job, sweep))
     finally:
