@@ -58,8 +58,8 @@ def _from_vault(public: dict[str, Any], max_attempts: int, vault: str) -> Vaulte
     if ray.is_initialized():
         try:
             secret = ray.get(ray.get_actor(vault, namespace=NAMESPACE).get.remote())
-        except ValueError:
-            pass  # no sweep driver holds the vault: this process's own AWS chain
+        except (ValueError, ray.exceptions.RayActorError):
+            pass  # no live sweep driver holds the vault: this process's own AWS chain
     return VaultedS3FileSystem(public, max_attempts, vault, secret)
 
 
