@@ -72,12 +72,21 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def _tune_status(sweep: Path) -> dict[str, str]:
-    """Trial id -> status in Tune's last saved experiment state (what a restore starts from)."""
+def _tune_status(sweep: Path, settled_s: float = 0.5) -> dict[str, str]:
+    """Trial id -> status in Tune's last saved experiment state (what a restore starts from),
+    once that state has been in storage for ``settled_s``.
+
+    Tune copies a save's files (experiment state, searcher, callbacks) to storage one by one:
+    acting the moment the experiment state lands would kill the driver inside that copy far
+    more often than a user's kill at a random moment does. (A kill inside it restores a newer
+    experiment state with an older searcher or rung state; orchestrator/tune/asha.py completes
+    the rungs, tests/test_tune_config.py covers that case.)"""
     states = sorted((sweep / "tune").glob("experiment_state-*.json"))
     if not states:
         return {}
     try:
+        if time.time() - states[-1].stat().st_mtime < settled_s:
+            return {}
         data = json.loads(states[-1].read_text())
     except (OSError, ValueError):
         return {}  # being rewritten
