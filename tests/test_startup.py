@@ -31,6 +31,11 @@ def test_breakdown_is_the_gaps_between_phase_ends_of_the_newest_invocation():
     line = startup_line(first + second)
     assert line.startswith("time to first step: 29.0 s (ray 2.0 s, data 4.5 s, workers 11.5 s")
     assert time_to_first_step(first + second) == 29.0 and time_to_first_step(first) is None
+    # A later invocation that trained nothing (the run was complete: it resumed at the last step)
+    # leaves the start-up of the newest one that did.
+    rerun = [_ev("started", 300.0), phase_event("ray", 302.0), phase_event("workers", 310.0),
+             _ev("resumed", 315.0, step=61), phase_event("restore", 316.0)]
+    assert time_to_first_step(first + second + rerun) == 29.0 and time_to_first_step(first + rerun) is None
 
 
 def test_training_again_after_a_resubmission_is_the_first_step_after_it():

@@ -59,12 +59,17 @@ def startup_line(events: Iterable[dict[str, Any]]) -> str | None:
 
 
 def time_to_first_step(events: Iterable[dict[str, Any]]) -> float | None:
-    """Seconds from the newest invocation's start to its first step (a Tune trial's start-up),
-    or None when it has not stepped."""
-    parts = startup_breakdown(events)
-    if not parts or parts[-1][0] != "first_step":
-        return None
-    return sum(s for _, s in parts)
+    """Seconds from the start of the newest invocation that stepped to its first step (a Tune
+    trial's start-up), or None when none has. Invocations that trained nothing are passed over:
+    one killed while starting, or one that found the run complete (a trial Tune restores after
+    its run finished, as a kill can leave it, runs again and resumes at the last step)."""
+    events = list(events)
+    starts = [i for i, e in enumerate(events) if e.get("event") == "started"]
+    for begin, end in zip(reversed(starts), [None, *reversed(starts)]):
+        parts = startup_breakdown(events[begin:end])
+        if parts and parts[-1][0] == "first_step":
+            return sum(s for _, s in parts)
+    return None
 
 
 def first_step_after(events: Iterable[dict[str, Any]], since: float, until: float | None = None) -> float | None:

@@ -80,7 +80,7 @@ def results_table(grid: Any, job: TuneJob) -> Any:
             "trial": _trial_id(result),
             "status": status,
             "step": step,
-            # Seconds from the trial's (newest) start to its first step: what every trial pays.
+            # Seconds from the trial's newest start that trained to its first step: what every trial pays.
             "start_s": _start_seconds(runs, job),
             metric: m.get(metric),
             f"best_{metric}": min(values) if values else None,
