@@ -325,3 +325,30 @@ def merge_lora(backbone: "nn.Module") -> "nn.Module":
         if hasattr(backbone, attr):
             delattr(backbone, attr)
     return backbone
+
+
+def diffusers_without_peft() -> bool:
+    """Keep diffusers from importing PEFT (and, through it, transformers' modeling code) in a
+    process that adds no adapters; call it before anything imports ``diffusers.models``.
+
+    diffusers imports PEFT whenever it is installed, for one feature raydiff never uses: its
+    layerwise-casting hook (diffusers/hooks/layerwise_casting.py) disables PEFT's own input
+    casting on LoRA layers. Measured on the 2-core VM (2026-12-07): 1.6 CPU-s of a fresh
+    process's 2.5 s of network-code imports, and 0.4-0.6 s of a Ray Train worker's 2.9-3.2 s
+    (Ray has loaded part of the same modules by then), paid by every rank of every run, resume
+    and Tune trial (issue 18). LoRA here goes through PEFT's own ``inject_adapter_in_model``
+    (``add_lora``), so a run without adapters needs none of it. diffusers reads the answer of
+    its own availability check when that module is imported; it is set to "not installed" for
+    this process only, and left alone when that module is already loaded or diffusers no longer
+    has the flag. Returns whether PEFT was kept out.
+    """
+    import sys
+
+    if "diffusers.hooks.layerwise_casting" in sys.modules or "peft" in sys.modules:
+        return False
+    from diffusers.utils import import_utils
+
+    if not hasattr(import_utils, "_peft_available"):
+        return False
+    import_utils._peft_available = False
+    return True

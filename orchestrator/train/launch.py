@@ -49,6 +49,19 @@ class WorkerArgs:
 def train_worker(args: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker=train_worker, ...)``)."""
     t_entry = time.time()  # the worker group is up: Ray Train runs this on every rank
-    from orchestrator.train.worker import run_worker  # the loop's imports: in the worker only
+    wa = WorkerArgs(**args)
+    run_worker = import_training_loop(wa.config)
+    run_worker(wa, t_entry)
 
-    run_worker(WorkerArgs(**args), t_entry)
+
+def import_training_loop(config: dict[str, Any]):
+    """The loop's imports, in the worker process only; returns its entry point. A Ray Train worker
+    serves one run: one without LoRA adapters never needs PEFT, which diffusers would otherwise
+    import (model/pretrained.py ``diffusers_without_peft``: 0.4-0.6 CPU-s of every rank's start)."""
+    if not config["model"]["lora"]["rank"]:
+        from model.pretrained import diffusers_without_peft
+
+        diffusers_without_peft()
+    from orchestrator.train.worker import run_worker
+
+    return run_worker
