@@ -24,6 +24,7 @@ from orchestrator.config import load_config
 from orchestrator.data.demo import write_demo_dataset
 from orchestrator.data.upload import upload
 from orchestrator.storage import RunDir
+from orchestrator.train.checkpoint.layout import checkpoint_dir_name, list_checkpoints
 from orchestrator.train.driver import run_training
 from orchestrator.train.failure import TrainingFailed
 from orchestrator.train.faults import EXIT_ENV, RECORD_ENV
@@ -87,7 +88,7 @@ def _check_fault_exit(error: WorkerGroupError, records: list[dict], step: int) -
 
 
 def _interrupted_run(common: list[str], tmp_path: Path, monkeypatch, all_ids: list[str],
-                     resume_overrides: tuple[str, ...] = ()) -> None:
+                     resume_overrides: tuple[str, ...] = ()) -> RunDir:
     """Train until every worker exits after step 7, run the same command again (it resumes mid-
     epoch), and check what was trained on: with 40 samples and a global batch of 8, an
     uninterrupted run trains on every sample exactly once per epoch (5 full batches), so that is
@@ -119,16 +120,30 @@ def _interrupted_run(common: list[str], tmp_path: Path, monkeypatch, all_ids: li
     assert sorted(seen) == [0, 1]
     for epoch in (0, 1):
         assert seen[epoch] == Counter(all_ids), f"epoch {epoch}: extra {seen[epoch] - Counter(all_ids)}, missing {Counter(all_ids) - seen[epoch]}"
+    return RunDir.for_config(cfg)
 
 
 def test_image_folder_two_workers_cached_resumed_on_one(ray_local, tmp_path, monkeypatch):
     """Also the elastic case: the 2-worker run resumes on 1 worker, which takes both slices."""
     monkeypatch.setenv("RAYDIFF_CACHE_DIR", str(tmp_path / "cache"))
-    common = [f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=2", *TINY]
+    common = [f"run.storage={tmp_path / 'runs'}", "scaling.num_workers=2", "checkpoint.keep=5", *TINY]
     # The built-in set's files (the run writes the same set into its cache).
     root = write_demo_dataset(tmp_path / "expected", images_per_class=4, resolution=16)
-    _interrupted_run(common, tmp_path, monkeypatch, sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")),
-                     resume_overrides=("scaling.num_workers=1",))
+    run = _interrupted_run(common, tmp_path, monkeypatch, sorted(p.relative_to(root).as_posix() for p in root.rglob("*.png")),
+                           resume_overrides=("scaling.num_workers=1",))
+    # The ZeRO-2 state (the CPU default) was re-sharded: the checkpoint resumed from holds 2
+    # optimizer shards, the last one 1, and Adam's step counter in every shard and parameter
+    # group counts every step of the run (an optimizer restarted fresh on the resume would count
+    # only the steps since). keep=5 keeps the 2-worker checkpoints for this.
+    from test_worker_kill import _adam_steps
+
+    resumed_at = [e for e in run.events() if e["event"] == "resumed"][0]["step"]
+    before, last = Path(run.uri) / checkpoint_dir_name(resumed_at), list_checkpoints(run)[-1]
+    assert last.step == 10 and json.loads(run.read_text(f"{last.name}/model.json"))["world_size"] == 1
+    assert len(list((before / "ds").glob("*_optim_states.pt"))) == 2
+    assert len(list((Path(run.uri) / last.name / "ds").glob("*_optim_states.pt"))) == 1
+    assert set(_adam_steps(before)) == {resumed_at}
+    assert set(_adam_steps(Path(run.uri) / last.name)) == {10}
 
 
 def test_webdataset_on_s3_one_worker_streamed(ray_local, s3_server, tmp_path, monkeypatch):
