@@ -257,9 +257,9 @@ def test_lora_export_merged_and_adapters_reproduce_raydiff_sample(sd_pipe, tmp_p
 
 @pytest.mark.slow
 def test_lora_fine_tuning_of_a_pipeline_on_ray(ray_local, sd_pipe, tmp_path, monkeypatch):
-    """On Ray with 2 workers: LoRA on the pipeline's U-Net trains on the captioned built-in demo (the
-    workers encode captions with the pipeline's text encoder), its checkpoints hold adapters only, and
-    the adapters export loads in diffusers."""
+    """On Ray: LoRA on the pipeline's U-Net trains on the captioned built-in demo (the worker
+    encodes captions with the pipeline's text encoder), its checkpoints hold adapters only, and the
+    adapters export loads in diffusers. (LoRA over 2 workers, ZeRO-sharded: test_finetune_e2e.)"""
     from orchestrator.cli import main
     from orchestrator.config import load_config
     from orchestrator.train.driver import run_training
@@ -269,7 +269,7 @@ def test_lora_fine_tuning_of_a_pipeline_on_ray(ray_local, sd_pipe, tmp_path, mon
                              "model.lora.rank=4", "data.builtin_images_per_class=4", "optim.batch_size=8",
                              "optim.steps=2", "optim.lr=1e-2", "checkpoint.every_steps=2", "logging.progress=false",
                              "sampling.every_steps=1000", "sampling.num_steps=2", "run.evaluate=false",
-                             "run.max_failures=0", "scaling.num_workers=2"])
+                             "run.max_failures=0", "scaling.num_workers=1"])
     assert run_training(cfg).final_step == 2
     ck = tmp_path / "runs" / "sd-lora" / "checkpoint_00000002"
     ema = torch.load(ck / "ema.pt", weights_only=True)["shadow_params"]

@@ -94,7 +94,7 @@ def test_latent_text_to_image_with_precomputed_embeddings(ray_local, tmp_path, c
 
     common = [f"run.storage={tmp_path / 'runs'}", "run.name=latent-text", f"data.source={dest}",
               "data.format=latents", "data.resolution=8", "data.captions=true", "data.random_flip=false",
-              "model.name=pixart-tiny", f"model.text_encoder={src}", "scaling.num_workers=2", "optim.batch_size=4",
+              "model.name=pixart-tiny", f"model.text_encoder={src}", "scaling.num_workers=1", "optim.batch_size=4",
               "optim.steps=2", "optim.warmup_steps=1", "logging.progress=false", "checkpoint.every_steps=2",
               "sampling.every_steps=2", "sampling.num_steps=2", "sampling.per_class=2",
               'sampling.prompts=["a red circle"]', "run.evaluate=false", "run.max_failures=0"]

@@ -98,8 +98,13 @@ def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache,
 
 @pytest.mark.parametrize("stage", [0, 1, 3])
 def test_zero_stage_trains_checkpoints_and_resumes(ray_local, builtin_cache, tmp_path, stage):
+    # Stages 1-3 shard over 2 workers; stage 0 shards nothing, so one worker shows its layout (2-rank
+    # ZeRO-0 resumes: test_elastic_resume).
+    workers = 1 if stage == 0 else 2
+
     def cfg_for(steps: int):
-        return load_config(None, [f"run.storage={tmp_path}", f"run.name=zero{stage}", f"precision.zero_stage={stage}", "precision.dtype=bf16",
+        return load_config(None, [f"run.storage={tmp_path}", f"run.name=zero{stage}", f"precision.zero_stage={stage}",
+                                  f"scaling.num_workers={workers}", "precision.dtype=bf16",
                                   f"optim.steps={steps}", "checkpoint.every_steps=2", "sampling.every_steps=2",
                                   "run.evaluate=false", *TINY])
 
@@ -110,7 +115,7 @@ def test_zero_stage_trains_checkpoints_and_resumes(ray_local, builtin_cache, tmp
     files = rundir.listdir(f"{ref.name}/ds")
     # Stage 0 keeps optimizer state inside the model-states file; stages 1-3 shard it per rank.
     expected = {"mp_rank_00_model_states.pt"} if stage == 0 else {
-        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(2)}
+        f"bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(workers)}
     assert expected <= set(files), files
     assert rundir.exists("samples/step_0000002.png")
     # The optimizer state survives the round trip: a resumed run continues at step 3.
@@ -133,7 +138,7 @@ def test_training_skips_and_reports_bad_files(ray_local, tmp_path, monkeypatch):
     (cls[3] / "bomb.png").write_bytes(huge_png_header())
     Image.new("L", (32, 32), 128).save(cls[4] / "gray.png")  # valid, converted to RGB
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, ["run.storage=runs", "run.name=bad", "data.source=data", "optim.steps=3",
+    cfg = load_config(None, ["run.storage=runs", "run.name=bad", "data.source=data", "optim.steps=3", "scaling.num_workers=1",
                              "checkpoint.every_steps=3", "sampling.every_steps=3", "run.evaluate=false", *TINY])
     out = run_training(cfg)
     assert out.final_step == 3

@@ -78,7 +78,7 @@ def test_a_failed_local_run_says_so_in_one_line_beside_another_ray_and_resumes(r
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}  # its own Ray, not the session's
     env.update(PYTHONPATH=str(root), RAY_AUTH_MODE="disabled", RAYDIFF_CACHE_DIR=str(tmp_path / "cache"))
     args = ["train", f"run.storage={tmp_path}", "run.name=mf0", "run.max_failures=0", "optim.steps=4",
-            "scaling.num_workers=2", "optim.batch_size=8", "checkpoint.every_steps=2", "run.evaluate=false",
+            "scaling.num_workers=1", "optim.batch_size=8", "checkpoint.every_steps=2", "run.evaluate=false",
             "sampling.every_steps=1000", "sampling.num_steps=2", "sampling.per_class=1", "sampling.max_rows=2",
             "data.resolution=16", "model.name=unet-tiny", "data.builtin_images_per_class=6", "optim.warmup_steps=2"]
 
@@ -94,7 +94,7 @@ def test_a_failed_local_run_says_so_in_one_line_beside_another_ray_and_resumes(r
     # worker's backend (ray/train/v2/_internal/callbacks/backend_setup.py); no other traceback.
     assert out.count("Traceback") == out.count("Graceful shutdown of backend failed"), out[-3000:]
     last = failed.stderr.strip().splitlines()[-1]
-    assert last.startswith("raydiff: training failed (no restart allowed, run.max_failures=0): rank 0, 1: "
+    assert last.startswith("raydiff: training failed (no restart allowed, run.max_failures=0): rank 0: "
                            "the worker process died"), last
     assert f"running the same command again resumes from the checkpoint at step 2: raydiff {' '.join(args)}" in last
     done = raydiff({})
