@@ -3,8 +3,8 @@ with the fp32 weights and the Adam state (exp_avg, exp_avg_sq, step) carried ove
 
 The ranks are real processes (torch.distributed over gloo, DeepSpeed on CPU, raydiff's TrainStep
 and checkpoint code; tests/elastic_ranks.py) without Ray: the re-sharding is DeepSpeed's, and
-Ray only decides how many workers there are. The end-to-end resume through ``raydiff train`` at
-another worker count is in tests/test_worker_kill.py.
+Ray only decides how many workers there are. The end-to-end resume through Ray Train at another
+worker count is in tests/test_exact_resume.py (image folder, 2 workers then 1).
 
 The state before and after is compared through DeepSpeed's own consolidated view: the
 universal-checkpoint conversion of each checkpoint (one file per parameter and state), or, for
