@@ -246,6 +246,9 @@ from orchestrator.train.launch import import_training_loop
 cfg = load_config(None, []).model_dump()
 cfg['model']['lora']['rank'] = {rank}  # a LoRA run's config (needs model.pretrained, not read here)
 import_training_loop(cfg)
+if {rank}:
+    print('peft' in sys.modules)
+    raise SystemExit
 from model.conditioning import class_conditioning
 from model.registry import build_model
 import torch
