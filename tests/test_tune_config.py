@@ -293,3 +293,65 @@ def test_plot_history_spans_resumes_and_pbt_runs(tmp_path):
     table = pd.DataFrame([{"trial": t, "status": "completed"} for t in ("t1", "t2", "t3", "t10")])
     with Image.open(io.BytesIO(plot_png(table, j))) as png:
         assert png.size == (800, 500)
+
+
+def test_a_trial_restored_onto_a_finished_run_reports_it_without_training(tmp_path, monkeypatch):
+    """Tune saves trial statuses every ~10 s, so a sweep killed just after a run finished restores
+    that trial as running. Its run is complete in its own files: the trial reports the run's final
+    result (metric, step, a pointer to its last checkpoint, done) without starting a training run,
+    and a run that is not complete (no ``finished`` event at its last checkpoint) still trains."""
+    import json
+    from types import SimpleNamespace
+
+    import ray.tune
+
+    from orchestrator.storage import RunDir
+    from orchestrator.tune import trainable
+    from orchestrator.tune.trainable import POINTER_FILE, SweepSpec, tune_trial
+
+    base = load_config(None, ["optim.steps=12", "run.evaluate=false"]).model_dump()
+    spec = SweepSpec(base=base, sweep_uri=str(tmp_path), sweep="s", metric="val_loss")
+    run = RunDir(str(tmp_path / "t1"))
+    for step in (9, 12):
+        d = tmp_path / "t1" / f"checkpoint_{step:08d}"
+        d.mkdir(parents=True)
+        (d / "train_state.json").write_text(json.dumps({"step": step}))
+    log = run.log("metrics.jsonl")
+    for step, val in ((3, 0.5), (6, 0.4), (9, 0.3), (12, 0.25)):
+        log.write({"step": step, "loss": val + 0.1, "val_loss": val, "time": float(step)})
+    log.close()
+    run.event({"event": "started", "time": 0.0})
+    run.event({"event": "finished", "step": 12, "time": 13.0})
+
+    reports = []
+
+    def report(metrics, checkpoint=None):
+        pointer = json.loads((Path(checkpoint.path) / POINTER_FILE).read_text())
+        reports.append((metrics, pointer))
+
+    class Started(Exception):
+        pass
+
+    def run_training(*a, **kw):
+        raise Started
+
+    monkeypatch.setattr(ray.tune, "get_context", lambda: SimpleNamespace(get_trial_id=lambda: "t1"))
+    monkeypatch.setattr(ray.tune, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(ray.tune, "report", report)
+    monkeypatch.setattr(trainable, "run_training", run_training)
+    monkeypatch.setattr(trainable, "_train", lambda cfg, *a: run_training())  # the training path (queue, thread)
+
+    tune_trial({"optim.lr": 1e-3}, spec)
+    (metrics, pointer), = reports
+    assert metrics["done"] is True and metrics["step"] == 12 and metrics["val_loss"] == 0.25 and metrics["run"] == "t1"
+    assert pointer == {"trial_id": "t1", "run": "t1", "checkpoint_uri": str(tmp_path / "t1" / "checkpoint_00000012"),
+                       "checkpoint_step": 12}
+    assert [e["event"] for e in run.events()] == ["started", "finished"]  # nothing started again
+
+    # Trained to the end, but its driver died before recording the end (the evaluation, the
+    # report): not complete, so it runs again (resumes at its last step and finishes).
+    events = tmp_path / "t1" / "events.jsonl"
+    events.write_text("".join(line + "\n" for line in events.read_text().splitlines() if '"finished"' not in line))
+    assert [e["event"] for e in run.events()] == ["started"]
+    with pytest.raises(Started):
+        tune_trial({"optim.lr": 1e-3}, spec)

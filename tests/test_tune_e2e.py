@@ -61,6 +61,7 @@ def _state(run: RunDir) -> dict:
     events = run.events() if run.exists("events.jsonl") else []
     steps = [r.step for r in list_checkpoints(run)]
     return {"checkpoint": max(steps, default=0), "started": sum(e["event"] == "started" for e in events),
+            "finished": [e["step"] for e in events if e["event"] == "finished"],
             "metrics": [r["step"] for r in run.metrics()] if run.exists("metrics.jsonl") else []}
 
 
@@ -130,14 +131,20 @@ def test_asha_sweep_killed_and_resumed_then_best_config_is_a_job(tmp_path, capsy
     finally:
         _kill(first)  # the driver and its local Ray, mid-sweep
     assert at_kill, "never saw a finished trial beside one mid-way:\n" + log1.read_text()[-6000:]
+    # What the restore starts from: the runs' files as the kill left them (a run may have moved on
+    # between the look above and the kill).
+    killed = {name: _state(run) for name, run in _runs(sweep).items()}
 
     out = _finish(_raydiff(["tune", "--config", str(job)], tmp_path, tmp_path / "second.log"), tmp_path / "second.log", 600)
     assert "resuming sweep" in out
     assert "not completed from the trials' metric logs" not in out  # the restored rungs got the runs' histories
     runs = _runs(sweep)
     after = {name: _state(run) for name, run in runs.items()}
-    for name, before in at_kill.items():
-        if name in finished:  # finished before the kill: kept, not run again
+    for name, before in killed.items():
+        # Finished before the kill, as Tune's saved state knows it or as the run's own files do (a
+        # run that finished after Tune's last save is restored as running, and reported from its
+        # files without training): kept, not run again.
+        if name in finished or before["finished"]:
             assert after[name] == before, (name, before, after[name])
         elif before["checkpoint"] > 0:  # mid-way: continued from its checkpoint, not from scratch
             resumed = [e for e in runs[name].events() if e["event"] == "resumed"]

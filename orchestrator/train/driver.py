@@ -56,7 +56,7 @@ class TrainOutcome:
     already_complete: bool = False
 
 
-def _complete_outcome(cfg: TrainConfig) -> TrainOutcome | None:
+def complete_outcome(cfg: TrainConfig) -> TrainOutcome | None:
     """The outcome of a run that is already complete (train/status.py), read without Ray."""
     st = read_status(cfg)
     if not st.complete and st.latest is not None and st.latest.step > cfg.optim.steps:
@@ -90,7 +90,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     check_tracking_packages(cfg.logging)  # MLflow / W&B enabled but not installed: say so before anything starts
     given = cfg = with_job_address(cfg)
     if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit
-        done = _complete_outcome(resolve_paths(cfg))
+        done = complete_outcome(resolve_paths(cfg))
         if done is not None:
             return done
     # Ray Train's TorchTrainer with torch (orchestrator/train/trainer.py, 1.3 s on 2 cores), needed

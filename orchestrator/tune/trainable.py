@@ -38,7 +38,8 @@ from orchestrator.config import validate_config
 from orchestrator.storage import RunDir, exists, join
 from orchestrator.train.checkpoint.layout import STATE_FILE
 from orchestrator.train.checkpoint.manager import Checkpointer
-from orchestrator.train.driver import run_training
+from orchestrator.data.source import resolve_paths
+from orchestrator.train.driver import TrainOutcome, complete_outcome, run_training
 from orchestrator.tune.cleanup import PlacementGroupTracker
 from orchestrator.tune.space import trial_tree
 
@@ -156,18 +157,8 @@ def _last_result_in_storage(trial: _Trial, s3: Any) -> dict[str, Any]:
     return {}
 
 
-def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
-    """The Tune function trainable (``tune.with_parameters(tune_trial, spec=...)``)."""
-    # This process is the trial's training driver: no Ray Data progress bars in the sweep's output.
-    DataContext.get_current().enable_progress_bars = False
-    trial_id = ray.tune.get_context().get_trial_id()
-    run, init_checkpoint = run_for(trial_id, read_pointer(ray.tune.get_checkpoint()))
-    tree = trial_tree(spec.base, params)
-    tree["run"].update({"storage": spec.sweep_uri, "name": run})
-    cfg = validate_config(tree)
-    if init_checkpoint is not None:
-        init_checkpoint = donor_checkpoint(init_checkpoint, cfg)
-    trial = _Trial(spec, trial_id, run, cfg.optim.steps)
+def _train(cfg: Any, trial: _Trial, spec: SweepSpec, init_checkpoint: str | None) -> TrainOutcome:
+    """The trial's training run, its reports forwarded to Tune as they come."""
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
     outcome: dict[str, Any] = {}
 
@@ -180,7 +171,7 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
 
     # Training runs in a helper thread so that this thread is free to report: ray.tune.report
     # blocks until Tune asks for the next result, and is where Tune ends a stopped trial.
-    thread = threading.Thread(target=fit, name=f"raydiff-trial-{trial_id}", daemon=True)
+    thread = threading.Thread(target=fit, name=f"raydiff-trial-{trial.trial_id}", daemon=True)
     thread.start()
     while True:
         try:
@@ -193,7 +184,28 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
-    out = outcome["run"]
+    return outcome["run"]
+
+
+def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
+    """The Tune function trainable (``tune.with_parameters(tune_trial, spec=...)``)."""
+    # This process is the trial's training driver: no Ray Data progress bars in the sweep's output.
+    DataContext.get_current().enable_progress_bars = False
+    trial_id = ray.tune.get_context().get_trial_id()
+    run, init_checkpoint = run_for(trial_id, read_pointer(ray.tune.get_checkpoint()))
+    tree = trial_tree(spec.base, params)
+    tree["run"].update({"storage": spec.sweep_uri, "name": run})
+    cfg = validate_config(tree)
+    trial = _Trial(spec, trial_id, run, cfg.optim.steps)
+    # A trial that Tune restores onto a run that finished before the sweep's driver died (Tune's
+    # saved trial statuses lag the runs' own files by up to its ~10 s save period) has nothing to
+    # train: its final result comes from the run's files, without a Ray Train run's start-up
+    # (15-20 s on 2 cores, issue 18) to resume at the last step and train nothing.
+    out = complete_outcome(resolve_paths(cfg))
+    if out is None:
+        if init_checkpoint is not None:
+            init_checkpoint = donor_checkpoint(init_checkpoint, cfg)
+        out = _train(cfg, trial, spec, init_checkpoint)
     final = dict(trial.last) or _last_result_in_storage(trial, cfg.storage.s3)
     final["step"] = out.final_step
     if out.checkpoint_path:
