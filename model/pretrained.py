@@ -328,8 +328,8 @@ def merge_lora(backbone: "nn.Module") -> "nn.Module":
 
 
 def diffusers_without_peft() -> bool:
-    """Keep diffusers from importing PEFT (and, through it, transformers' modeling code) in a
-    process that adds no adapters; call it before anything imports ``diffusers.models``.
+    """Keep diffusers from importing PEFT in a process that adds no adapters; call it before
+    anything imports ``diffusers.models``.
 
     diffusers imports PEFT whenever it is installed, for one feature raydiff never uses: its
     layerwise-casting hook (diffusers/hooks/layerwise_casting.py) disables PEFT's own input

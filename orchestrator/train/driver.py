@@ -89,7 +89,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     t_start = time.time()
     check_tracking_packages(cfg.logging)  # MLflow / W&B enabled but not installed: say so before anything starts
     given = cfg = with_job_address(cfg)
-    if not callbacks:  # a Tune trial always runs: its reporting bridge expects a fit
+    if not callbacks:  # a Tune trial has checked this itself (tune/trainable.py): its reporting bridge expects a fit
         done = complete_outcome(resolve_paths(cfg))
         if done is not None:
             return done
