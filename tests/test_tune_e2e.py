@@ -158,8 +158,8 @@ def test_asha_sweep_killed_and_resumed_then_best_config_is_a_job(tmp_path, capsy
     assert len(stopped) >= 1 and (stopped["step"] < STEPS).all()
     assert table["val_loss"].notna().all()
     # Every trial's start-up (its newest start that trained, to its first step) is read from its
-    # events.jsonl: also for a trial restored after its run had finished (it runs again, resumes at
-    # the last step and trains nothing).
+    # events.jsonl: also for a trial whose last invocation trained nothing (a run stopped after its
+    # last checkpoint but before recording its end runs again and resumes at the last step).
     assert (table["start_s"] > 0).all()
     with Image.open(sweep / "metric.png") as png:
         assert png.size[0] >= 600

@@ -61,8 +61,8 @@ def startup_line(events: Iterable[dict[str, Any]]) -> str | None:
 def time_to_first_step(events: Iterable[dict[str, Any]]) -> float | None:
     """Seconds from the start of the newest invocation that stepped to its first step (a Tune
     trial's start-up), or None when none has. Invocations that trained nothing are passed over:
-    one killed while starting, or one that found the run complete (a trial Tune restores after
-    its run finished, as a kill can leave it, runs again and resumes at the last step)."""
+    one killed while starting, or one that resumed at the last step (a run whose driver died after
+    its last checkpoint but before recording its end runs again to evaluate and finish)."""
     events = list(events)
     starts = [i for i, e in enumerate(events) if e.get("event") == "started"]
     for begin, end in zip(reversed(starts), [None, *reversed(starts)]):
