@@ -1,6 +1,7 @@
 """Autoscaling on Ray's fake multi-node provider: a head that hosts nothing (0 CPUs), worker
 nodes of 1 CPU that the real autoscaler adds and removes (local raylets), data and runs in a
-local S3. Jobs go through Ray Jobs like on a cloud cluster.
+local S3. Jobs go through Ray Jobs like on a cloud cluster (the code in place on every node, as
+in an image).
 
 - A run with local paths is refused once it has connected (its workers need other nodes).
 - A 2-worker run makes the autoscaler add nodes; one training node is killed after the first
@@ -13,6 +14,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from pathlib import Path
 
 import pytest
 
@@ -25,6 +27,7 @@ from orchestrator.train.checkpoint.layout import list_checkpoints
 pytestmark = pytest.mark.slow
 BUCKET = "raydiff-autoscaling"
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -53,10 +56,17 @@ def _client(head):
 def _submit(head, sid: str, overrides: list[str]) -> str:
     from orchestrator.cluster.submit import submit_job
 
+    # The checkout in place (`local://`), not an uploaded working_dir: every fake node is a raylet
+    # on this machine sharing one runtime-env directory, and Ray 2.60 unpacks a working_dir with
+    # overwrite=True on each node's first use of it (working_dir.py create): a node added later
+    # deletes and re-extracts the files that the other nodes' workers are importing from (CI saw
+    # "No module named 'orchestrator.data.formats'" in a decode task as the third node came up).
+    # On a real cluster every node has its own disk; the upload itself is tested on one node
+    # (tests/test_jobs_submit.py).
     return submit_job(
         _client(head),
         entrypoint="python -m orchestrator train --config jobs/local-smoke.yaml " + " ".join(overrides),
-        runtime_env={"working_dir": ".", "excludes": [".gpu/", "runs/"]},
+        runtime_env={"working_dir": f"local://{ROOT}"},
         submission_id=sid,
     )
 
