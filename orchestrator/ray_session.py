@@ -14,8 +14,13 @@ from orchestrator.logs import is_verbose
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
-def init_ray(address: str | None, num_cpus: int) -> bool:
+def init_ray(address: str | None, num_cpus: int, *, one_run: bool = False) -> bool:
     """Connect to ``address`` or start a local Ray with ``num_cpus`` logical CPUs.
+
+    ``one_run``: a local Ray started here ends with the one training run it is for (``raydiff
+    train``); that run asks no autoscaler for resources (train/scaling.py), so the autoscaling
+    coordinator is not started for it. A Tune sweep's local Ray runs many trials, whose trainers
+    use Ray's own scaling policy.
 
     Returns True when this call connected or started Ray (the caller shuts it down in
     ``finally``), False when Ray was already initialised by someone else.
@@ -34,7 +39,8 @@ def init_ray(address: str | None, num_cpus: int) -> bool:
     use_local_ray_settings()
     with _api_server_known() as dashboard_port:
         _start_local(ray, num_cpus, verbose, dashboard_port)
-    _start_autoscaling_coordinator()
+    if not one_run:
+        _start_autoscaling_coordinator()
     # Ray's LoggingConfig also sets this process's root logger to its level (ERROR): raydiff's own
     # warnings (the plan, skipped checkpoints) keep theirs.
     logging.getLogger("raydiff").setLevel(logging.INFO if verbose else logging.WARNING)

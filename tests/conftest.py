@@ -40,14 +40,20 @@ def ray_local():
 
     started_here = not ray.is_initialized()
     if started_here:
-        ray.init(
-            num_cpus=4,
-            include_dashboard=False,
-            log_to_driver=False,
-            configure_logging=False,
-            # Workers import the project from the repo root.
-            runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}},
-        )
+        # Workers import the project from the repo root: through the environment Ray's processes
+        # inherit at start, not a job runtime_env. With one, Ray matches worker processes by
+        # runtime env, so every task and actor of every test waits for a new process (a setup hop
+        # and Ray's import, 1-1.5 CPU-s each here) while the idle workers Ray prestarts sit
+        # unused; raydiff's own local Ray has none either (ray_session.py).
+        before = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([before] if before else [])])
+        try:
+            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+        finally:
+            if before is None:
+                os.environ.pop("PYTHONPATH", None)
+            else:
+                os.environ["PYTHONPATH"] = before
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

@@ -74,3 +74,30 @@ def test_raydiffs_trainer_starts_no_helper_actor_a_run_does_not_need(ray_local):
     assert with_data - plain == {"DatasetsCallback"}
     assert {"BackendSetupCallback", "PlacementGroupCleanerCallback"} <= plain
     assert plain - own_session == {"PlacementGroupCleanerCallback"}
+
+
+def test_a_run_that_owns_its_local_ray_asks_no_autoscaler_for_resources(monkeypatch):
+    """Ray Train's fixed scaling policy registers the run's resources with Ray Data's
+    AutoscalingCoordinator (a detached actor it creates, then waits for) before the workers
+    start; a Ray session that ends with the run has no autoscaler, so raydiff's trainer gives the
+    controller a policy that makes the same decisions and no requests (train/scaling.py)."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
+
+    from orchestrator.train.scaling import NoAutoscalerScalingPolicy
+    from orchestrator.train.trainer import Trainer
+
+    given = {}
+    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kw: given.update(kw))
+    sc = ScalingConfig(num_workers=3, resources_per_worker={"CPU": 2})
+    for ends_with_run in (False, True):
+        Trainer(lambda: None, scaling_config=sc, ray_session_ends_with_run=ends_with_run)._initialize_and_run_controller(
+            scaling_policy=FixedScalingPolicy(sc), other="kept")
+        assert given["other"] == "kept"
+        assert type(given["scaling_policy"]) is (NoAutoscalerScalingPolicy if ends_with_run else FixedScalingPolicy)
+    policy = given["scaling_policy"]
+    policy.after_controller_start(None)  # no Ray here: a request would need one
+    decision = policy.make_decision_for_non_running_worker_group()
+    assert isinstance(decision, ResizeDecision) and decision.num_workers == 3 and decision.resources_per_worker == {"CPU": 2}
+    assert policy._coordinator_client is None

@@ -123,7 +123,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         # starts, so that a config the hardware rejects (fp16 on CPU) fails before anything starts.
         count_gpus_on_cluster = cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None
         plan = None if count_gpus_on_cluster else make_plan(cfg)
-        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(cfg.scaling))
+        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(cfg.scaling), one_run=True)
         plan = plan or make_plan(cfg)
         check_cluster_paths(given, plan)
         # Every write by this driver and its workers is fenced by the lease (storage/fence.py).

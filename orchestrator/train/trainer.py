@@ -13,11 +13,16 @@ while the workers import torch on the same cores (issue 18):
   the Ray session goes on (a Tune sweep's driver, a notebook). Left out only when the Ray session
   ends with the run: a local Ray that ``raydiff train`` started itself shuts down with it, and
   everything it reserved with it.
+
+The same local Ray has no autoscaler to tell about the run's resources: there the controller
+gets a scaling policy that asks none (train/scaling.py).
 """
 
 from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
+
+from orchestrator.train.scaling import FixedScalingPolicy, NoAutoscalerScalingPolicy
 
 try:
     from ray.train.v2._internal.callbacks import DatasetsCallback
@@ -28,7 +33,7 @@ except ImportError:  # another Ray Train layout: keep its callbacks as they are
 
 class Trainer(TorchTrainer):
     """``TorchTrainer`` minus the datasets callback when no datasets are given, and minus the
-    placement-group cleaner when ``ray_session_ends_with_run``."""
+    placement-group cleaner and the autoscaler requests when ``ray_session_ends_with_run``."""
 
     def __init__(self, *args, ray_session_ends_with_run: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
@@ -42,3 +47,9 @@ class Trainer(TorchTrainer):
         if self._ray_session_ends_with_run and PlacementGroupCleanerCallback is not None:
             unneeded.append(PlacementGroupCleanerCallback)
         return [c for c in callbacks if not isinstance(c, tuple(unneeded))]
+
+    def _initialize_and_run_controller(self, **controller_init_kwargs):
+        policy = controller_init_kwargs.get("scaling_policy")
+        if self._ray_session_ends_with_run and NoAutoscalerScalingPolicy is not None and type(policy) is FixedScalingPolicy:
+            controller_init_kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(policy.scaling_config)
+        return super()._initialize_and_run_controller(**controller_init_kwargs)
