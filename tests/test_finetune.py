@@ -236,7 +236,9 @@ def test_model_unet_and_dit_sections_set_diffusers_arguments(tmp_path):
 def test_a_training_worker_without_adapters_never_imports_peft():
     """diffusers imports PEFT whenever it is installed; a Ray Train worker of a run without LoRA
     keeps it out (1.6 of its 2.5 CPU-s of network-code imports), builds and runs its network, and
-    a LoRA run's worker imports it as before. Fresh processes: pytest's has everything loaded."""
+    a LoRA run's worker imports it as before. A class-conditional network from scratch also keeps
+    out diffusers' transformers integration (transformers' modeling code); a text model's worker
+    keeps it. Fresh processes: pytest's has everything loaded."""
     from fresh_python import run_fresh_python
 
     code = """
@@ -245,16 +247,20 @@ from orchestrator.config import load_config
 from orchestrator.train.launch import import_training_loop
 cfg = load_config(None, []).model_dump()
 cfg['model']['lora']['rank'] = {rank}  # a LoRA run's config (needs model.pretrained, not read here)
+cfg['model']['name'] = {name!r}
 import_training_loop(cfg)
-if {rank}:
-    print('peft' in sys.modules)
+from diffusers.utils import import_utils
+integrated = import_utils.is_transformers_available()
+if {rank} or {name!r} != 'unet-tiny':
+    print('peft' in sys.modules, integrated)
     raise SystemExit
 from model.conditioning import class_conditioning
 from model.registry import build_model
 import torch
 net = build_model('unet-tiny', in_channels=3, image_size=16, num_classes=10)
 net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), class_conditioning(torch.tensor([0, 1]), 10)).sum().backward()
-print('peft' in sys.modules)
+print('peft' in sys.modules, integrated, 'transformers.modeling_utils' in sys.modules)
 """
-    assert run_fresh_python(code.format(rank=0)) == "False"
-    assert run_fresh_python(code.format(rank=4)) == "True"
+    assert run_fresh_python(code.format(rank=0, name="unet-tiny")) == "False False False"
+    assert run_fresh_python(code.format(rank=4, name="unet-tiny")) == "True True"
+    assert run_fresh_python(code.format(rank=0, name="unet-text-tiny")) == "False True"

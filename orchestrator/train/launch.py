@@ -57,11 +57,21 @@ def train_worker(args: dict[str, Any]) -> None:
 def import_training_loop(config: dict[str, Any]):
     """The loop's imports, in the worker process only; returns its entry point. A Ray Train worker
     serves one run: one without LoRA adapters never needs PEFT, which diffusers would otherwise
-    import (model/pretrained.py ``diffusers_without_peft``: 0.4-0.6 CPU-s of every rank's start)."""
-    if not config["model"]["lora"]["rank"]:
+    import (model/pretrained.py ``diffusers_without_peft``: 0.4-0.6 CPU-s of every rank's start),
+    and a registry network trained from scratch on class labels (or none) needs no text encoder,
+    nor diffusers' transformers integration (``diffusers_without_transformers``, 0.3-0.4 CPU-s)."""
+    model = config["model"]
+    if not model["lora"]["rank"]:
         from model.pretrained import diffusers_without_peft
 
         diffusers_without_peft()
+        from model.choices import is_text_model
+
+        # A pretrained network may be text-conditioned (its pipeline says): it keeps everything.
+        if model["pretrained"] is None and model["text_encoder"] is None and not is_text_model(model["name"]):
+            from model.pretrained import diffusers_without_transformers
+
+            diffusers_without_transformers()
     from orchestrator.train.worker import run_worker
 
     return run_worker
