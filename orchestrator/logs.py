@@ -103,13 +103,16 @@ def filter_warnings() -> None:
 def quiet_loggers() -> None:
     for name, level in QUIET_LOGGERS:
         logging.getLogger(name).setLevel(level)
+    # Ray Train's worker context logs every "Reporting training result ...: TrainingReport(...)"
+    # at INFO on a logger named after its file, outside the "ray.train" tree. The name is the
+    # file's path, found beside Ray's package: importing the module would import Ray Train and
+    # Ray Data (1.2 CPU-s) into processes that use neither (the background decoder).
     try:
-        # Ray Train's worker context logs every "Reporting training result ...: TrainingReport(...)"
-        # at INFO on a logger named after its file, outside the "ray.train" tree.
-        from ray.train.v2._internal.execution import context as train_context
+        import ray
     except ImportError:
         return
-    logging.getLogger(train_context.__file__).setLevel(logging.WARNING)
+    context_file = os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")
+    logging.getLogger(context_file).setLevel(logging.WARNING)
 
 
 def worker_env(verbose: bool) -> dict[str, str]:

@@ -110,6 +110,22 @@ def test_configure_quiet_and_verbose(monkeypatch):
         logs.configure_worker(False)
 
 
+def test_quiet_loggers_silence_ray_trains_per_report_logger_without_importing_ray_train():
+    """Ray Train's worker context logs each report at INFO on a logger named after its file; the
+    quiet set-up finds that name without importing Ray Train (a fresh process: pytest's has it)."""
+    from fresh_python import run_fresh_python
+
+    out = run_fresh_python("""
+import logging, sys
+from orchestrator import logs
+logs.quiet_loggers()
+print('ray.train' in sys.modules, 'ray.data' in sys.modules)
+from ray.train.v2._internal.execution import context
+print(logging.getLogger(context.__file__).isEnabledFor(logging.INFO), logging.getLogger(context.__file__).level)
+""")
+    assert out.splitlines() == ["False False", f"False {logging.WARNING}"]
+
+
 def test_library_prints_are_held_back_unless_verbose(capsys, caplog):
     with caplog.at_level(logging.DEBUG, logger="raydiff.libraries"):
         with logs.library_prints(False):
