@@ -45,15 +45,9 @@ def ray_local():
         # runtime env, so every task and actor of every test waits for a new process (a setup hop
         # and Ray's import, 1-1.5 CPU-s each here) while the idle workers Ray prestarts sit
         # unused; raydiff's own local Ray has none either (ray_session.py).
-        before = os.environ.get("PYTHONPATH")
-        os.environ["PYTHONPATH"] = os.pathsep.join([str(ROOT), *([before] if before else [])])
-        try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
             ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
-        finally:
-            if before is None:
-                os.environ.pop("PYTHONPATH", None)
-            else:
-                os.environ["PYTHONPATH"] = before
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

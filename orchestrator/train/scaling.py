@@ -2,10 +2,11 @@
 
 Ray Train 2.60's ``FixedScalingPolicy`` registers the run's resources with Ray Data's
 ``AutoscalingCoordinator`` when its controller starts and every 20 s after, so that an autoscaler
-adds nodes for them. The first registration creates that detached actor (a process of its own,
-1.3 CPU-s on this project's 2-core machine) and the controller waits for its reply (up to 5 s)
-before it starts the worker group (issue 18). A local Ray that ``raydiff train`` starts for one
-run has no autoscaler to tell; there the trainer (train/trainer.py) uses this policy instead.
+adds nodes for them. That detached actor is a process of its own (1.1-1.3 CPU-s on this
+project's 2-core machine), and the controller waits for its reply (up to 5 s) before it starts the
+worker group, so raydiff starts it with a local Ray (ray_session.py). A local Ray that ``raydiff
+train`` starts for one run has no autoscaler to tell: there the trainer (train/trainer.py) uses
+this policy, and the actor is not started at all (issue 18).
 
 A module of its own: the controller unpickles the policy, and this import is all it needs (not
 ``ray.train.torch``, which would import torch into the controller).

@@ -50,6 +50,7 @@ class Trainer(TorchTrainer):
 
     def _initialize_and_run_controller(self, **controller_init_kwargs):
         policy = controller_init_kwargs.get("scaling_policy")
-        if self._ray_session_ends_with_run and NoAutoscalerScalingPolicy is not None and type(policy) is FixedScalingPolicy:
+        # (type None when Ray Train has another layout: Ray's own policy is kept)
+        if self._ray_session_ends_with_run and type(policy) is FixedScalingPolicy:
             controller_init_kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(policy.scaling_config)
         return super()._initialize_and_run_controller(**controller_init_kwargs)
