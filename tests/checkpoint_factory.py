@@ -1,6 +1,7 @@
 """Checkpoints written without Ray or DeepSpeed, in the layout of orchestrator/train/checkpoint/layout.py,
 for the sample / export / eval tests: ema.pt, config.yaml, model.json, train_state.json, and
-optionally ``ds/mp_rank_00_model_states.pt`` the way DeepSpeed writes it without ZeRO partitioning."""
+optionally ``ds/mp_rank_00_model_states.pt`` the way DeepSpeed writes it without ZeRO partitioning;
+and ``adam_steps``, which reads what a real run's DeepSpeed saved (the resume tests)."""
 
 from __future__ import annotations
 
@@ -48,3 +49,17 @@ def write_checkpoint_dir(run_dir: Path, cfg: TrainConfig, ema_model: torch.nn.Mo
         torch.save({"module": raw_model.state_dict()}, d / DS_TAG / "mp_rank_00_model_states.pt")
     (d / STATE_FILE).write_text(json.dumps(TrainState(step=step).as_dict()))
     return d
+
+
+def adam_steps(checkpoint_dir: Path) -> list[int]:
+    """Adam's step counter of every parameter group in every ZeRO optimizer shard of a checkpoint
+    (``ds/*_optim_states.pt``, one per rank), as DeepSpeed saved it."""
+    steps = []
+    shards = sorted((checkpoint_dir / "ds").glob("*_optim_states.pt"))
+    assert shards, checkpoint_dir
+    for shard in shards:
+        state = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
+        groups = state["state"].values() if isinstance(state, dict) else state
+        steps += [int(g["step"]) for g in groups]
+    assert steps, checkpoint_dir
+    return steps

@@ -135,7 +135,7 @@ def test_image_folder_two_workers_cached_resumed_on_one(ray_local, tmp_path, mon
     # optimizer shards, the last one 1, and Adam's step counter in every shard and parameter
     # group counts every step of the run (an optimizer restarted fresh on the resume would count
     # only the steps since). keep=5 keeps the 2-worker checkpoints for this.
-    from test_worker_kill import _adam_steps
+    from checkpoint_factory import adam_steps
 
     resumed_at = [e for e in run.events() if e["event"] == "resumed"][0]["step"]
     last = list_checkpoints(run)[-1]
@@ -143,8 +143,8 @@ def test_image_folder_two_workers_cached_resumed_on_one(ray_local, tmp_path, mon
     assert last.step == 10 and json.loads(run.read_text(f"{last.name}/model.json"))["world_size"] == 1
     assert len(list((before / "ds").glob("*_optim_states.pt"))) == 2
     assert len(list((after / "ds").glob("*_optim_states.pt"))) == 1
-    assert set(_adam_steps(before)) == {resumed_at}
-    assert set(_adam_steps(after)) == {10}
+    assert set(adam_steps(before)) == {resumed_at}
+    assert set(adam_steps(after)) == {10}
 
 
 def test_webdataset_on_s3_one_worker_streamed(ray_local, s3_server, tmp_path, monkeypatch):

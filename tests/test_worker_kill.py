@@ -26,6 +26,7 @@ import psutil
 import pytest
 import torch
 
+from checkpoint_factory import adam_steps
 from orchestrator.storage import RunDir, join
 from orchestrator.train.checkpoint.layout import EMA_FILE, MODEL_FILE, STATE_FILE, checkpoint_dir_name, \
     checkpoint_step
@@ -59,20 +60,6 @@ def _manifest(run_dir: Path, step: int, rank: int) -> dict | None:
         return json.loads(path.read_text())
     except (FileNotFoundError, json.JSONDecodeError):
         return None  # not there yet, or being written
-
-
-def _adam_steps(checkpoint_dir: Path) -> list[int]:
-    """Adam's step counter of every parameter group in every ZeRO optimizer shard of a checkpoint
-    (``ds/*_optim_states.pt``, one per rank), as DeepSpeed saved it."""
-    steps = []
-    shards = sorted((checkpoint_dir / "ds").glob("*_optim_states.pt"))
-    assert shards, checkpoint_dir
-    for shard in shards:
-        state = torch.load(shard, map_location="cpu", weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]
-        groups = state["state"].values() if isinstance(state, dict) else state
-        steps += [int(g["step"]) for g in groups]
-    assert steps, checkpoint_dir
-    return steps
 
 
 def _fake_checkpoint(run_dir: Path, step: int, *, world: int, ranks_persisted: int) -> None:
@@ -153,4 +140,4 @@ def test_killed_worker_is_replaced_and_the_run_finishes(tmp_path):
     # every shard and parameter group counts every step of the run; an optimizer restarted fresh
     # would count only the steps since the resume (STEPS - resumed_step). The elastic resume of a
     # 2-worker run on 1 worker is test_exact_resume's image-folder case.
-    assert set(_adam_steps(run_dir / checkpoint_dir_name(STEPS))) == {STEPS}, resumed_step
+    assert set(adam_steps(run_dir / checkpoint_dir_name(STEPS))) == {STEPS}, resumed_step
