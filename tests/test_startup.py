@@ -101,3 +101,51 @@ def test_a_run_that_owns_its_local_ray_asks_no_autoscaler_for_resources(monkeypa
     decision = policy.make_decision_for_non_running_worker_group()
     assert isinstance(decision, ResizeDecision) and decision.num_workers == 3 and decision.resources_per_worker == {"CPU": 2}
     assert policy._coordinator_client is None
+
+
+_UNPICKLE_IN_A_FRESH_PROCESS = """
+import sys
+import ray.cloudpickle
+ray.cloudpickle.loads(sys.stdin.buffer.read())
+print("torch" in sys.modules)
+"""
+
+
+def test_the_controller_unpickles_its_arguments_without_importing_torch(ray_local, tmp_path, monkeypatch):
+    """Ray Train's controller (a new process per run) unpickles what the trainer hands it before it
+    asks for a worker; with Ray's ``TorchConfig`` in it that imports torch (about a second of CPU on
+    the path to the first step). raydiff's trainer sets the process group up through its own
+    backend config (train/backend.py): the same arguments, unpickled in a fresh process the way the
+    controller does, import no torch; with ``TorchConfig`` the same check sees torch."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    import ray.cloudpickle
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from orchestrator.train.backend import ProcessGroupConfig
+    from orchestrator.train.launch import train_worker
+    from orchestrator.train.trainer import Trainer
+
+    given = {}
+    # Captures the controller's arguments instead of starting it; fit() reads the result's error.
+    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller",
+                        lambda self, **kw: given.update(kw) or SimpleNamespace(error=None))
+
+    def controller_imports_torch(**kw) -> bool:
+        given.clear()
+        Trainer(train_worker, train_loop_config={"config": {}}, scaling_config=ScalingConfig(num_workers=2),
+                run_config=RunConfig(name="c", storage_path=str(tmp_path)), **kw).fit()
+        given.pop("train_fn_ref")  # an object ref the controller hands on to the workers unread
+        out = subprocess.run([sys.executable, "-c", _UNPICKLE_IN_A_FRESH_PROCESS], input=ray.cloudpickle.dumps(given),
+                             capture_output=True, check=True)
+        return out.stdout.decode().split()[-1] == "True"
+
+    assert not controller_imports_torch()
+    assert controller_imports_torch(torch_config=TorchConfig())
+    # NCCL where the workers have GPUs, gloo otherwise (as TorchTrainer chooses).
+    for use_gpu, backend in ((False, "gloo"), (True, "nccl")):
+        trainer = Trainer(train_worker, scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu))
+        assert trainer.backend_config == ProcessGroupConfig(backend=backend)

@@ -15,13 +15,16 @@ while the workers import torch on the same cores (issue 18):
   everything it reserved with it.
 
 The same local Ray has no autoscaler to tell about the run's resources: there the controller
-gets a scaling policy that asks none (train/scaling.py).
+gets a scaling policy that asks none (train/scaling.py). And the controller sets up the workers'
+process group through ``ProcessGroupConfig`` (train/backend.py), not ``TorchConfig``, so that it
+never imports torch itself.
 """
 
 from __future__ import annotations
 
 from ray.train.torch import TorchTrainer
 
+from orchestrator.train.backend import ProcessGroupConfig
 from orchestrator.train.scaling import FixedScalingPolicy, NoAutoscalerScalingPolicy
 
 try:
@@ -32,10 +35,14 @@ except ImportError:  # another Ray Train layout: keep its callbacks as they are
 
 
 class Trainer(TorchTrainer):
-    """``TorchTrainer`` minus the datasets callback when no datasets are given, and minus the
-    placement-group cleaner and the autoscaler requests when ``ray_session_ends_with_run``."""
+    """``TorchTrainer`` whose process group is set up by ``ProcessGroupConfig`` unless another
+    ``torch_config`` is given, minus the datasets callback when no datasets are given, and minus
+    the placement-group cleaner and the autoscaler requests when ``ray_session_ends_with_run``."""
 
     def __init__(self, *args, ray_session_ends_with_run: bool = False, **kwargs):
+        if kwargs.get("torch_config") is None:
+            scaling = kwargs.get("scaling_config")
+            kwargs["torch_config"] = ProcessGroupConfig(backend="nccl" if scaling is not None and scaling.use_gpu else "gloo")
         super().__init__(*args, **kwargs)
         self._ray_session_ends_with_run = ray_session_ends_with_run
 
