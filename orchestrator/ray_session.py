@@ -60,7 +60,44 @@ LOCAL_RAY_TRAIN_ENV = {
     # run only at its next poll: 2.8 s from the last checkpoint to fit() returning, 0.8 s at
     # 0.5 s (issue 18); a poll is one small call per worker.
     "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+    # Ray Train's own value for its controller (it passes it in a runtime env otherwise), here so
+    # that the controller needs none (train/trainer.py).
+    "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
 }
+
+# The environment the processes of a local Ray started by ``start_local_ray`` inherited, with that
+# session's GCS address (a later ``ray.init`` elsewhere is another session).
+_local_ray: tuple[str, dict[str, str]] | None = None
+
+
+def start_local_ray(**init_kwargs) -> None:
+    """``ray.init`` of a local Ray, remembering the environment its processes start with: each of
+    them inherits this process's environment at this moment (``local_ray_env``)."""
+    global _local_ray
+    import ray
+
+    env = dict(os.environ)
+    ray.init(**init_kwargs)
+    _local_ray = (ray.get_runtime_context().gcs_address, env)
+
+
+def local_ray_env() -> dict[str, str] | None:
+    """The environment every process of the current Ray session started with, when this process
+    started that session with ``start_local_ray``; None otherwise (a cluster, or a Ray started
+    elsewhere: what its processes inherited is not known here)."""
+    import ray
+
+    if _local_ray is None or not ray.is_initialized():
+        return None
+    address, env = _local_ray
+    return env if ray.get_runtime_context().gcs_address == address else None
+
+
+def inherited(env_vars: dict[str, str]) -> bool:
+    """Whether every process of the current Ray session already has ``env_vars``, so that a runtime
+    env setting them would only cost each actor a process of its own (see ``_start_local``)."""
+    env = local_ray_env()
+    return env is not None and all(env.get(k) == v for k, v in env_vars.items())
 
 
 def use_local_ray_settings() -> None:
@@ -112,7 +149,7 @@ def _start_autoscaling_coordinator() -> None:
 
 
 def _start_local(ray, num_cpus: int, verbose: bool, dashboard_port: int) -> None:
-    ray.init(
+    start_local_ray(
         dashboard_port=dashboard_port,
         num_cpus=num_cpus,
         include_dashboard=False,

@@ -33,7 +33,7 @@ def ray_local():
     os.environ.setdefault("AWS_ACCESS_KEY_ID", DUMMY_ACCESS_KEY)
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET_KEY)
     os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
-    from orchestrator.ray_session import use_local_ray_settings
+    from orchestrator.ray_session import start_local_ray, use_local_ray_settings
 
     use_local_ray_settings()  # what raydiff's own local Ray uses
     import ray
@@ -47,7 +47,7 @@ def ray_local():
         # unused; raydiff's own local Ray has none either (ray_session.py).
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
-            ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

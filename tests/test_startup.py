@@ -82,14 +82,13 @@ def test_a_run_that_owns_its_local_ray_asks_no_autoscaler_for_resources(monkeypa
     start; a Ray session that ends with the run has no autoscaler, so raydiff's trainer gives the
     controller a policy that makes the same decisions and no requests (train/scaling.py)."""
     from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.execution.scaling_policy import FixedScalingPolicy, ResizeDecision
 
     from orchestrator.train.scaling import NoAutoscalerScalingPolicy
     from orchestrator.train.trainer import Trainer
 
     given = {}
-    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kw: given.update(kw))
+    monkeypatch.setattr(Trainer, "_run_controller", lambda self, kw: given.update(kw))
     sc = ScalingConfig(num_workers=3, resources_per_worker={"CPU": 2})
     for ends_with_run in (False, True):
         Trainer(lambda: None, scaling_config=sc, ray_session_ends_with_run=ends_with_run)._initialize_and_run_controller(
@@ -123,7 +122,7 @@ def test_the_controller_unpickles_its_arguments_without_importing_torch(ray_loca
 
     import ray.cloudpickle
     from ray.train import RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchConfig
 
     from orchestrator.train.backend import ProcessGroupConfig
     from orchestrator.train.launch import train_worker
@@ -131,8 +130,7 @@ def test_the_controller_unpickles_its_arguments_without_importing_torch(ray_loca
 
     given = {}
     # Captures the controller's arguments instead of starting it; fit() reads the result's error.
-    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller",
-                        lambda self, **kw: given.update(kw) or SimpleNamespace(error=None))
+    monkeypatch.setattr(Trainer, "_run_controller", lambda self, kw: given.update(kw) or SimpleNamespace(error=None))
 
     def controller_imports_torch(**kw) -> bool:
         given.clear()
@@ -149,3 +147,28 @@ def test_the_controller_unpickles_its_arguments_without_importing_torch(ray_loca
     for use_gpu, backend in ((False, "gloo"), (True, "nccl")):
         trainer = Trainer(train_worker, scaling_config=ScalingConfig(num_workers=1, use_gpu=use_gpu))
         assert trainer.backend_config == ProcessGroupConfig(backend=backend)
+
+
+def test_the_controller_gets_no_runtime_env_when_the_sessions_processes_have_its_settings(ray_local, monkeypatch):
+    """Ray Train passes its settings to its controller in a runtime env, which costs the controller
+    and its helper actors a set-up process each. The tests' Ray starts as raydiff's local Ray does
+    (``use_local_ray_settings``, then ``start_local_ray``): its processes have every one of them, so
+    the trainer starts the controller without one; a setting changed after Ray started, or a Ray
+    this process did not start, gets Ray's own way."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    import orchestrator.ray_session as session
+    from orchestrator.train.trainer import Trainer, controller_env
+
+    env = controller_env()
+    assert env["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] == "0" and session.inherited(env)
+    rays_way = []
+    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kw: rays_way.append(kw) or "ray's")
+    trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")  # after the session started
+    assert not session.inherited(controller_env())
+    assert trainer._run_controller({"kw": 1}) == "ray's" and rays_way == [{"kw": 1}]
+    monkeypatch.undo()
+    monkeypatch.setattr(session, "_local_ray", ("another-session:6379", session._local_ray[1]))
+    assert session.local_ray_env() is None and not session.inherited({})
