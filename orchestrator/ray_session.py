@@ -93,6 +93,30 @@ def local_ray_env() -> dict[str, str] | None:
     return env if ray.get_runtime_context().gcs_address == address else None
 
 
+def ray_train_settings() -> dict[str, str] | None:
+    """The Ray Train settings (the variables it passes from a driver to its controller and
+    workers) that the processes of this process's local Ray inherited: a Tune sweep's driver hands
+    them to its trials (``adopt_session_settings``). None when this process started no local Ray."""
+    env = local_ray_env()
+    if env is None:
+        return None
+    try:
+        from ray.train.v2._internal.constants import ENV_VARS_TO_PROPAGATE
+    except ImportError:  # another Ray Train layout: the trials keep Ray's runtime env
+        return None
+    return {k: env[k] for k in ENV_VARS_TO_PROPAGATE if k in env}
+
+
+def adopt_session_settings(settings: dict[str, str] | None) -> None:
+    """In a process of the session whose driver started it (a Tune trial): the Ray Train settings
+    every process of the session inherited, as ``ray_train_settings`` read them there."""
+    global _local_ray
+    import ray
+
+    if settings is not None and ray.is_initialized():
+        _local_ray = (ray.get_runtime_context().gcs_address, dict(settings))
+
+
 def inherited(env_vars: dict[str, str]) -> bool:
     """Whether every process of the current Ray session already has ``env_vars``, so that a runtime
     env setting them would only cost each actor a process of its own (see ``_start_local``)."""

@@ -172,3 +172,19 @@ def test_the_controller_gets_no_runtime_env_when_the_sessions_processes_have_its
     monkeypatch.undo()
     monkeypatch.setattr(session, "_local_ray", ("another-session:6379", session._local_ray[1]))
     assert session.local_ray_env() is None and not session.inherited({})
+
+
+def test_a_tune_trial_adopts_the_ray_train_settings_of_its_sweeps_local_ray(ray_local, monkeypatch):
+    """A trial's training driver is a Tune actor, not the process that started the sweep's Ray: the
+    sweep hands it the Ray Train settings that Ray's processes inherited (tune/runner.py), only
+    those (no other variable of the driver's environment travels)."""
+    import orchestrator.ray_session as session
+    from orchestrator.train.trainer import controller_env
+
+    settings = session.ray_train_settings()
+    assert settings["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert "AWS_SECRET_ACCESS_KEY" not in settings and set(settings) <= set(session.local_ray_env())
+    monkeypatch.setattr(session, "_local_ray", None)  # a trial's process: it started no Ray
+    assert session.ray_train_settings() is None and not session.inherited(controller_env())
+    session.adopt_session_settings(settings)
+    assert session.inherited(controller_env())

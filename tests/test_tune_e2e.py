@@ -121,10 +121,13 @@ def test_asha_sweep_killed_and_resumed_then_best_config_is_a_job(tmp_path, capsy
         while time.monotonic() < deadline and first.poll() is None:
             if sweep.exists():
                 states = {name: _state(run) for name, run in _runs(sweep).items()}
-                # Finished as far as Tune's saved state knows (a final checkpoint alone is not).
+                # Finished as far as Tune's saved state knows (a final checkpoint alone is not),
+                # or as the run's own files do (its "finished" event): Tune saves its state every
+                # few seconds, long enough for the next trials to train past the rung at step 9.
                 done = [t for t, st in _tune_status(sweep).items() if st == "TERMINATED"]
+                ended = [n for n, s in states.items() if s["finished"]]
                 midway = [n for n, s in states.items() if 0 < s["checkpoint"] <= 6]
-                if done and midway:
+                if (done or ended) and midway:
                     at_kill, finished = states, set(done)
                     break
             time.sleep(0.3)

@@ -39,6 +39,7 @@ from orchestrator.storage import RunDir, exists, join
 from orchestrator.train.checkpoint.layout import STATE_FILE
 from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.data.source import resolve_paths
+from orchestrator.ray_session import adopt_session_settings
 from orchestrator.train.driver import TrainOutcome, complete_outcome, run_training
 from orchestrator.tune.cleanup import PlacementGroupTracker
 from orchestrator.tune.space import trial_tree
@@ -54,6 +55,9 @@ class SweepSpec:
     sweep_uri: str
     sweep: str
     metric: str
+    # The Ray Train settings the processes of the sweep's local Ray inherited (ray_session.py),
+    # None on a cluster: the trials' controllers need no runtime env to get them.
+    ray_train_settings: dict[str, str] | None = None
 
 
 class ReportBridge(UserCallback):
@@ -191,6 +195,7 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     """The Tune function trainable (``tune.with_parameters(tune_trial, spec=...)``)."""
     # This process is the trial's training driver: no Ray Data progress bars in the sweep's output.
     DataContext.get_current().enable_progress_bars = False
+    adopt_session_settings(spec.ray_train_settings)
     trial_id = ray.tune.get_context().get_trial_id()
     run, init_checkpoint = run_for(trial_id, read_pointer(ray.tune.get_checkpoint()))
     tree = trial_tree(spec.base, params)
