@@ -76,7 +76,7 @@ def cpu_has_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def _local_gpus() -> bool:
+def local_gpus() -> bool:
     """Whether torch can use a GPU here. Asked of the GPU drivers first, through Ray's own
     accelerator managers (NVML, AMD SMI: milliseconds), so that a machine without GPUs decides
     without importing torch (1.2 s on the path to every run's first step on 2 cores, issue 18);
@@ -99,7 +99,7 @@ def _cluster_has_gpus(ray_address: str | None) -> bool | None:
     """GPU presence without starting anything: locally from the GPU drivers (and torch where they
     report GPUs); on a cluster only once connected."""
     if ray_address is None:
-        return _local_gpus()
+        return local_gpus()
     try:
         import ray
 

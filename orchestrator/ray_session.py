@@ -14,8 +14,9 @@ from orchestrator.logs import is_verbose
 API_SERVER_ENV = "RAY_API_SERVER_ADDRESS"
 
 
-def init_ray(address: str | None, num_cpus: int, *, one_run: bool = False) -> bool:
-    """Connect to ``address`` or start a local Ray with ``num_cpus`` logical CPUs.
+def init_ray(address: str | None, num_cpus: int, *, one_run: bool = False, env: dict[str, str] | None = None) -> bool:
+    """Connect to ``address`` or start a local Ray with ``num_cpus`` logical CPUs, whose processes
+    get ``env`` (the training workers' variables: they then need no runtime env, train/session_env.py).
 
     ``one_run``: a local Ray started here ends with the one training run it is for (``raydiff
     train``); that run asks no autoscaler for resources (train/scaling.py), so the autoscaling
@@ -38,7 +39,7 @@ def init_ray(address: str | None, num_cpus: int, *, one_run: bool = False) -> bo
     verbose = is_verbose()
     use_local_ray_settings()
     with _api_server_known() as dashboard_port:
-        _start_local(ray, num_cpus, verbose, dashboard_port)
+        _start_local(ray, num_cpus, verbose, dashboard_port, env)
     if not one_run:
         _start_autoscaling_coordinator()
     # Ray's LoggingConfig also sets this process's root logger to its level (ERROR): raydiff's own
@@ -70,15 +71,25 @@ LOCAL_RAY_TRAIN_ENV = {
 _local_ray: tuple[str, dict[str, str]] | None = None
 
 
-def start_local_ray(**init_kwargs) -> None:
+def start_local_ray(env: dict[str, str] | None = None, **init_kwargs) -> None:
     """``ray.init`` of a local Ray, remembering the environment its processes start with: each of
-    them inherits this process's environment at this moment (``local_ray_env``)."""
+    them inherits this process's environment at this moment, with ``env`` added (variables for
+    Ray's processes only: this process's own are restored afterwards) (``local_ray_env``)."""
     global _local_ray
     import ray
 
-    env = dict(os.environ)
-    ray.init(**init_kwargs)
-    _local_ray = (ray.get_runtime_context().gcs_address, env)
+    saved = {k: os.environ.get(k) for k in env or {}}
+    os.environ.update(env or {})
+    try:
+        inherited_env = dict(os.environ)
+        ray.init(**init_kwargs)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    _local_ray = (ray.get_runtime_context().gcs_address, inherited_env)
 
 
 def local_ray_env() -> dict[str, str] | None:
@@ -172,8 +183,9 @@ def _start_autoscaling_coordinator() -> None:
     get_or_create_autoscaling_coordinator()
 
 
-def _start_local(ray, num_cpus: int, verbose: bool, dashboard_port: int) -> None:
+def _start_local(ray, num_cpus: int, verbose: bool, dashboard_port: int, env: dict[str, str] | None) -> None:
     start_local_ray(
+        env,
         dashboard_port=dashboard_port,
         num_cpus=num_cpus,
         include_dashboard=False,

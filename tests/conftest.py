@@ -33,7 +33,9 @@ def ray_local():
     os.environ.setdefault("AWS_ACCESS_KEY_ID", DUMMY_ACCESS_KEY)
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET_KEY)
     os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
+    from orchestrator.plan import local_gpus
     from orchestrator.ray_session import start_local_ray, use_local_ray_settings
+    from orchestrator.train.launch import worker_env_vars
 
     use_local_ray_settings()  # what raydiff's own local Ray uses
     import ray
@@ -47,7 +49,10 @@ def ray_local():
         # unused; raydiff's own local Ray has none either (ray_session.py).
         with pytest.MonkeyPatch.context() as mp:
             mp.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
-            start_local_ray(num_cpus=4, include_dashboard=False, log_to_driver=False, configure_logging=False)
+            # With the training workers' variables, as raydiff's own local Ray (ray_session.init_ray),
+            # so that Ray Train's controller and workers need no runtime env (train/session_env.py).
+            start_local_ray(worker_env_vars(local_gpus(), verbose=False), num_cpus=4, include_dashboard=False,
+                            log_to_driver=False, configure_logging=False)
         from ray.data import DataContext
 
         DataContext.get_current().enable_progress_bars = False

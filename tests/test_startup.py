@@ -159,7 +159,8 @@ def test_the_controller_gets_no_runtime_env_when_the_sessions_processes_have_its
     from ray.train.torch import TorchTrainer
 
     import orchestrator.ray_session as session
-    from orchestrator.train.trainer import Trainer, controller_env
+    from orchestrator.train.session_env import controller_env
+    from orchestrator.train.trainer import Trainer
 
     env = controller_env()
     assert env["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] == "0" and session.inherited(env)
@@ -179,7 +180,7 @@ def test_a_tune_trial_adopts_the_ray_train_settings_of_its_sweeps_local_ray(ray_
     sweep hands it the Ray Train settings that Ray's processes inherited (tune/runner.py), only
     those (no other variable of the driver's environment travels)."""
     import orchestrator.ray_session as session
-    from orchestrator.train.trainer import controller_env
+    from orchestrator.train.session_env import controller_env
 
     settings = session.ray_train_settings()
     assert settings["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
@@ -188,3 +189,23 @@ def test_a_tune_trial_adopts_the_ray_train_settings_of_its_sweeps_local_ray(ray_
     assert session.ray_train_settings() is None and not session.inherited(controller_env())
     session.adopt_session_settings(settings)
     assert session.inherited(controller_env())
+
+
+def test_the_workers_get_no_runtime_env_when_the_controller_has_every_variable_it_would_set(ray_local, monkeypatch):
+    """The controller started without a runtime env has the session's environment; its worker
+    group (train/session_env.py) gives the workers a runtime env only for a variable the session
+    lacks or has otherwise, or for anything besides variables. The tests' Ray starts with the
+    training workers' variables (DeepSpeed's accelerator, the quiet log levels), as raydiff's."""
+    import orchestrator.ray_session as session
+    from orchestrator.plan import local_gpus
+    from orchestrator.train.launch import worker_env_vars
+    from orchestrator.train.session_env import SessionEnvWorkerGroup
+
+    assert session.inherited(worker_env_vars(local_gpus(), verbose=False))
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    runtime_env = SessionEnvWorkerGroup._get_worker_runtime_env
+    assert runtime_env({"env_vars": {"DS_ACCELERATOR": "cpu"}}) is None
+    other = runtime_env({"env_vars": {"DS_ACCELERATOR": "cuda"}})
+    assert other["env_vars"]["DS_ACCELERATOR"] == "cuda" and other["env_vars"]["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert runtime_env({"env_vars": {"DS_ACCELERATOR": "cpu"}, "pip": ["x"]})["pip"] == ["x"]

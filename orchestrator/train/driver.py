@@ -15,7 +15,7 @@ from orchestrator.data.background import decode_in_background
 from orchestrator.data.pipeline import load_validation_images
 from orchestrator.data.reader import make_train_reader
 from orchestrator.data.source import resolve_data_config, resolve_paths
-from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level, worker_env
+from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level
 from orchestrator.plan import local_logical_cpus, make_plan, network_code_to_import
 from orchestrator.ray_session import init_ray
 from orchestrator.report import report_after_training
@@ -84,7 +84,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     from ray.train import LoggingConfig as TrainLoggingConfig
 
     from orchestrator.train.checkpoint.events import CheckpointEvents
-    from orchestrator.train.launch import WorkerArgs, train_worker
+    from orchestrator.train.launch import WorkerArgs, train_worker, worker_env_vars
 
     t_start = time.time()
     check_tracking_packages(cfg.logging)  # MLflow / W&B enabled but not installed: say so before anything starts
@@ -123,7 +123,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         # starts, so that a config the hardware rejects (fp16 on CPU) fails before anything starts.
         count_gpus_on_cluster = cfg.scaling.device == "auto" and cfg.scaling.ray_address is not None
         plan = None if count_gpus_on_cluster else make_plan(cfg)
-        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(cfg.scaling), one_run=True)
+        started = init_ray(cfg.scaling.ray_address, local_logical_cpus(cfg.scaling), one_run=True,
+                           env=None if plan is None else worker_env_vars(plan.device == "gpu", is_verbose()))
         plan = plan or make_plan(cfg)
         check_cluster_paths(given, plan)
         # Every write by this driver and its workers is fenced by the lease (storage/fence.py).
@@ -193,10 +194,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
                 failure_config=FailureConfig(max_failures=cfg.run.max_failures),
                 # Pruned by CheckpointEvents (fenced, and also when a run fails), not by Ray Train.
                 checkpoint_config=CheckpointConfig(num_to_keep=None),
-                # Name DeepSpeed's accelerator instead of letting every worker auto-detect it
-                # (and warn about it).
-                worker_runtime_env={"env_vars": {"DS_ACCELERATOR": "cuda" if plan.device == "gpu" else "cpu",
-                                                 **worker_env(is_verbose())}},
+                worker_runtime_env={"env_vars": worker_env_vars(plan.device == "gpu", is_verbose())},
                 # The "checkpoint" events, recorded once every rank's part is committed.
                 callbacks=[*callbacks, CheckpointEvents(rundir, cfg.checkpoint.keep)],
                 logging_config=TrainLoggingConfig(log_level=ray_train_log_level(is_verbose())),

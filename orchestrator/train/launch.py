@@ -46,6 +46,15 @@ class WorkerArgs:
     lease_holder: str | None = None
 
 
+def worker_env_vars(gpu: bool, verbose: bool) -> dict[str, str]:
+    """The training workers' environment variables: Ray Train's ``worker_runtime_env``, and a local
+    Ray's environment from its start, so that they need no runtime env (train/session_env.py)."""
+    from orchestrator.logs import worker_env
+
+    # DeepSpeed's accelerator named instead of every worker auto-detecting it (and warning about it).
+    return {"DS_ACCELERATOR": "cuda" if gpu else "cpu", **worker_env(verbose)}
+
+
 def train_worker(args: dict[str, Any]) -> None:
     """Ray Train entry point (``TorchTrainer(train_loop_per_worker=train_worker, ...)``)."""
     t_entry = time.time()  # the worker group is up: Ray Train runs this on every rank

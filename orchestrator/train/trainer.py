@@ -18,7 +18,8 @@ The same local Ray has no autoscaler to tell about the run's resources: there th
 gets a scaling policy that asks none (train/scaling.py). And the controller sets up the workers'
 process group through ``ProcessGroupConfig`` (train/backend.py), not ``TorchConfig``, so that it
 never imports torch itself; and when the Ray session's processes already have the settings Ray
-Train passes its controller, the controller gets no runtime env to pass them in.
+Train passes its controller and workers, neither gets a runtime env to pass them in
+(train/session_env.py).
 """
 
 from __future__ import annotations
@@ -29,8 +30,8 @@ import ray
 from ray.train.torch import TorchTrainer
 
 from orchestrator.ray_session import inherited
-
 from orchestrator.train.backend import ProcessGroupConfig
+from orchestrator.train.session_env import SessionEnvController, controller_env
 from orchestrator.train.scaling import FixedScalingPolicy, NoAutoscalerScalingPolicy
 
 try:
@@ -38,24 +39,6 @@ try:
     from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 except ImportError:  # another Ray Train layout: keep its callbacks as they are
     DatasetsCallback = PlacementGroupCleanerCallback = None
-try:
-    from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
-    from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
-                                                  get_env_vars_to_propagate)
-    from ray.train.v2._internal.execution.controller import TrainController
-except ImportError:  # another Ray Train layout: its controller keeps its runtime env
-    TrainController = None
-
-
-def controller_env() -> dict[str, str] | None:
-    """The environment variables Ray Train 2.60 gives its controller (and, through it, the
-    workers) in a runtime env (``DataParallelTrainer._initialize_and_run_controller``)."""
-    if TrainController is None:
-        return None
-    env = get_env_vars_to_propagate()
-    env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
-    return env
-
 
 class Trainer(TorchTrainer):
     """``TorchTrainer`` whose process group is set up by ``ProcessGroupConfig`` unless another
@@ -88,16 +71,14 @@ class Trainer(TorchTrainer):
     def _run_controller(self, controller_init_kwargs):
         """Ray Train 2.60's ``_initialize_and_run_controller``, minus the runtime env when every
         process of the Ray session already has the variables it would set (a local Ray started
-        with them, ray_session.py). Ray starts an actor with a runtime env through a set-up
-        process of its own (0.4 CPU-s) and never on one of its idle prestarted workers, and the
-        controller's helper actors (its synchronization actor and placement-group cleaner) inherit
-        its runtime env: workers phase 4.7 -> 4.2 s in-process on this 2-core machine, 1.3 CPU-s
-        less per run (issue 18)."""
+        with them, ray_session.py), with a worker group that does the same for the workers
+        (train/session_env.py). In-process on this 2-core machine: workers phase 4.7 -> 4.2 s
+        and 1.3 CPU-s less per run for the controller and its helper actors (issue 18)."""
         env = controller_env()
         if env is None or not inherited(env):
             return super()._initialize_and_run_controller(**controller_init_kwargs)
         node = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
-        controller = ray.remote(num_cpus=0, label_selector=node)(TrainController).remote(**controller_init_kwargs)
+        controller = ray.remote(num_cpus=0, label_selector=node)(SessionEnvController).remote(**controller_init_kwargs)
         # Outside the main thread (a Tune trial) a SIGINT handler cannot be registered.
         if threading.current_thread() is threading.main_thread():
             self._register_sigint_handler(controller)
