@@ -40,6 +40,7 @@ try:
 except ImportError:  # another Ray Train layout: keep its callbacks as they are
     DatasetsCallback = PlacementGroupCleanerCallback = None
 
+
 class Trainer(TorchTrainer):
     """``TorchTrainer`` whose process group is set up by ``ProcessGroupConfig`` unless another
     ``torch_config`` is given, minus the datasets callback when no datasets are given, and minus
