@@ -130,7 +130,7 @@ def adopt_session_settings(settings: dict[str, str] | None) -> None:
 
 def inherited(env_vars: dict[str, str]) -> bool:
     """Whether every process of the current Ray session already has ``env_vars``, so that a runtime
-    env setting them would only cost each actor a process of its own (see ``_start_local``)."""
+    env setting them would only cost each actor a process of its own (train/session_env.py)."""
     env = local_ray_env()
     return env is not None and all(env.get(k) == v for k, v in env_vars.items())
 

@@ -30,10 +30,10 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class ProcessGroupConfig(BackendConfig):
-    """``TorchConfig``'s fields, for a gloo or NCCL process group over the run's workers."""
+    """``TorchConfig``'s fields, for a gloo or NCCL process group over the run's workers
+    (rendezvous through ``MASTER_ADDR``/``MASTER_PORT``: TorchConfig's default ``env`` method)."""
 
     backend: Literal["gloo", "nccl"] = "gloo"
-    init_method: Literal["env"] = "env"
     timeout_s: int = 1800
 
     @property
@@ -50,7 +50,7 @@ class ProcessGroupConfig(BackendConfig):
         return TrainingFramework.TORCH if TrainingFramework is not None else None
 
     def to_dict(self) -> dict:
-        return {"backend": self.backend, "init_method": self.init_method, "timeout_s": self.timeout_s}
+        return {"backend": self.backend, "init_method": "env", "timeout_s": self.timeout_s}
 
 
 class DeviceContext:
