@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+from dataclasses import dataclass
 from typing import Iterator
 
 from orchestrator.logs import is_verbose
@@ -66,9 +67,19 @@ LOCAL_RAY_TRAIN_ENV = {
     "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
 }
 
-# The environment the processes of a local Ray started by ``start_local_ray`` inherited, with that
-# session's GCS address (a later ``ray.init`` elsewhere is another session).
-_local_ray: tuple[str, dict[str, str]] | None = None
+
+@dataclass(frozen=True)
+class _LocalRay:
+    """What is known of a local Ray started by ``start_local_ray`` (or adopted from the sweep
+    driver that started it): its session's GCS address (a later ``ray.init`` elsewhere is another
+    session), the environment its processes inherited, and whether it serves Ray's state API."""
+
+    address: str
+    env: dict[str, str]
+    state_api: bool
+
+
+_local_ray: _LocalRay | None = None
 
 
 def start_local_ray(env: dict[str, str] | None = None, **init_kwargs) -> None:
@@ -89,19 +100,34 @@ def start_local_ray(env: dict[str, str] | None = None, **init_kwargs) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-    _local_ray = (ray.get_runtime_context().gcs_address, inherited_env)
+    # Ray's state API is served by its dashboard (include_dashboard=None: started when installed).
+    _local_ray = _LocalRay(ray.get_runtime_context().gcs_address, inherited_env,
+                           state_api=init_kwargs.get("include_dashboard") is not False)
+
+
+def _current_local_ray() -> _LocalRay | None:
+    import ray
+
+    if _local_ray is None or not ray.is_initialized():
+        return None
+    return _local_ray if ray.get_runtime_context().gcs_address == _local_ray.address else None
 
 
 def local_ray_env() -> dict[str, str] | None:
     """The environment every process of the current Ray session started with, when this process
     started that session with ``start_local_ray``; None otherwise (a cluster, or a Ray started
     elsewhere: what its processes inherited is not known here)."""
-    import ray
+    local = _current_local_ray()
+    return None if local is None else local.env
 
-    if _local_ray is None or not ray.is_initialized():
-        return None
-    address, env = _local_ray
-    return env if ray.get_runtime_context().gcs_address == address else None
+
+def state_api_served() -> bool:
+    """Whether the current Ray session serves Ray's state API (its dashboard runs). False for a
+    local Ray started without a dashboard (raydiff's own, ``init_ray``; the tests'), also in a
+    Tune trial of a sweep that started one (``adopt_session_settings``); True otherwise (a
+    cluster, a Ray started elsewhere: assumed)."""
+    local = _current_local_ray()
+    return local is None or local.state_api
 
 
 def ray_train_settings() -> dict[str, str] | None:
@@ -118,14 +144,15 @@ def ray_train_settings() -> dict[str, str] | None:
     return {k: env[k] for k in ENV_VARS_TO_PROPAGATE if k in env}
 
 
-def adopt_session_settings(settings: dict[str, str] | None) -> None:
+def adopt_session_settings(settings: dict[str, str] | None, *, state_api: bool = True) -> None:
     """In a process of the session whose driver started it (a Tune trial): the Ray Train settings
-    every process of the session inherited, as ``ray_train_settings`` read them there."""
+    every process of the session inherited, as ``ray_train_settings`` read them there, and
+    whether the session serves the state API (``state_api_served`` there)."""
     global _local_ray
     import ray
 
     if settings is not None and ray.is_initialized():
-        _local_ray = (ray.get_runtime_context().gcs_address, dict(settings))
+        _local_ray = _LocalRay(ray.get_runtime_context().gcs_address, dict(settings), state_api=state_api)
 
 
 def inherited(env_vars: dict[str, str]) -> bool:

@@ -54,19 +54,28 @@ def test_a_start_that_never_trained_has_no_time_to_first_step():
     assert startup_breakdown([]) == [] and startup_line([]) is None
 
 
-def test_raydiffs_trainer_starts_no_helper_actor_a_run_does_not_need(ray_local):
+def test_raydiffs_trainer_starts_no_helper_actor_a_run_does_not_need(ray_local, monkeypatch):
     """Ray Train adds its datasets callback (an actor process per worker group) even to a trainer
     given no datasets, and its placement-group cleaner (an actor process per run) even when the
-    Ray session ends with the run; raydiff's trainer (train/trainer.py) leaves them out then only."""
+    Ray session ends with the run or serves no state API for it to ask; raydiff's trainer
+    (train/trainer.py) leaves them out then only."""
+    import dataclasses
+
     import ray.data
     from ray.train import ScalingConfig
 
+    import orchestrator.ray_session as session
     from orchestrator.train.trainer import Trainer
 
     def names(**kw):
         trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1), **kw)
         return {type(c).__name__ for c in trainer._create_default_callbacks()}
 
+    # The tests' Ray starts as raydiff's local Ray does: without a dashboard, so no state API.
+    assert not session.state_api_served()
+    no_state_api = names()
+    monkeypatch.setattr(session, "_local_ray", dataclasses.replace(session._local_ray, state_api=True))
+    assert session.state_api_served()
     plain, with_data = names(), names(datasets={"train": ray.data.range(4)})
     own_session = names(ray_session_ends_with_run=True)
     assert "DatasetsCallback" not in plain and "DatasetsCallback" in with_data
@@ -74,6 +83,9 @@ def test_raydiffs_trainer_starts_no_helper_actor_a_run_does_not_need(ray_local):
     assert with_data - plain == {"DatasetsCallback"}
     assert {"BackendSetupCallback", "PlacementGroupCleanerCallback"} <= plain
     assert plain - own_session == {"PlacementGroupCleanerCallback"}
+    assert no_state_api == own_session
+    monkeypatch.setattr(session, "_local_ray", None)  # a Ray this process did not start: assumed to serve it
+    assert session.state_api_served() and "PlacementGroupCleanerCallback" in names()
 
 
 def test_a_run_that_owns_its_local_ray_asks_no_autoscaler_for_resources(monkeypatch):
@@ -155,6 +167,8 @@ def test_the_controller_gets_no_runtime_env_when_the_sessions_processes_have_its
     (``use_local_ray_settings``, then ``start_local_ray``): its processes have every one of them, so
     the trainer starts the controller without one; a setting changed after Ray started, or a Ray
     this process did not start, gets Ray's own way."""
+    import dataclasses
+
     from ray.train import ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -171,14 +185,15 @@ def test_the_controller_gets_no_runtime_env_when_the_sessions_processes_have_its
     assert not session.inherited(controller_env())
     assert trainer._run_controller({"kw": 1}) == "ray's" and rays_way == [{"kw": 1}]
     monkeypatch.undo()
-    monkeypatch.setattr(session, "_local_ray", ("another-session:6379", session._local_ray[1]))
-    assert session.local_ray_env() is None and not session.inherited({})
+    monkeypatch.setattr(session, "_local_ray", dataclasses.replace(session._local_ray, address="another-session:6379"))
+    assert session.local_ray_env() is None and not session.inherited({}) and session.state_api_served()
 
 
 def test_a_tune_trial_adopts_the_ray_train_settings_of_its_sweeps_local_ray(ray_local, monkeypatch):
     """A trial's training driver is a Tune actor, not the process that started the sweep's Ray: the
     sweep hands it the Ray Train settings that Ray's processes inherited (tune/runner.py), only
-    those (no other variable of the driver's environment travels)."""
+    those (no other variable of the driver's environment travels), and whether that Ray serves
+    the state API (its trials' trainers then start no placement-group cleaner)."""
     import orchestrator.ray_session as session
     from orchestrator.train.session_env import controller_env
 
@@ -187,8 +202,9 @@ def test_a_tune_trial_adopts_the_ray_train_settings_of_its_sweeps_local_ray(ray_
     assert "AWS_SECRET_ACCESS_KEY" not in settings and set(settings) <= set(session.local_ray_env())
     monkeypatch.setattr(session, "_local_ray", None)  # a trial's process: it started no Ray
     assert session.ray_train_settings() is None and not session.inherited(controller_env())
-    session.adopt_session_settings(settings)
-    assert session.inherited(controller_env())
+    assert session.state_api_served()  # nothing known of this session: assumed
+    session.adopt_session_settings(settings, state_api=False)
+    assert session.inherited(controller_env()) and not session.state_api_served()
 
 
 def test_the_workers_get_no_runtime_env_when_the_controller_has_every_variable_it_would_set(ray_local, monkeypatch):

@@ -10,9 +10,12 @@ while the workers import torch on the same cores (issue 18):
   never through Ray Train's ``datasets=``;
 - the ``PlacementGroupCleaner`` (1.8 CPU-s before the first step, then a state-API query every
   second for the whole run), which removes the run's placement group if the controller dies while
-  the Ray session goes on (a Tune sweep's driver, a notebook). Left out only when the Ray session
-  ends with the run: a local Ray that ``raydiff train`` started itself shuts down with it, and
-  everything it reserved with it.
+  the Ray session goes on (a Tune sweep's driver, a notebook). Left out when the Ray session ends
+  with the run (a local Ray that ``raydiff train`` started itself shuts down with it, and
+  everything it reserved with it) and when the session serves no state API for it to ask (a local
+  Ray started without a dashboard: raydiff's own, and so every Tune trial of a local sweep, whose
+  groups tune/cleanup.py frees instead; the tests' shared Ray): there it could only warn every
+  second, or, with another Ray's dashboard on this machine, ask that one.
 
 The same local Ray has no autoscaler to tell about the run's resources: there the controller
 gets a scaling policy that asks none (train/scaling.py). And the controller sets up the workers'
@@ -29,7 +32,7 @@ import threading
 import ray
 from ray.train.torch import TorchTrainer
 
-from orchestrator.ray_session import inherited
+from orchestrator.ray_session import inherited, state_api_served
 from orchestrator.train.backend import ProcessGroupConfig
 from orchestrator.train.session_env import SessionEnvController, controller_env
 from orchestrator.train.scaling import FixedScalingPolicy, NoAutoscalerScalingPolicy
@@ -43,8 +46,9 @@ except ImportError:  # another Ray Train layout: keep its callbacks as they are
 
 class Trainer(TorchTrainer):
     """``TorchTrainer`` whose process group is set up by ``ProcessGroupConfig`` unless another
-    ``torch_config`` is given, minus the datasets callback when no datasets are given, and minus
-    the placement-group cleaner and the autoscaler requests when ``ray_session_ends_with_run``."""
+    ``torch_config`` is given, minus the datasets callback when no datasets are given, minus the
+    placement-group cleaner when ``ray_session_ends_with_run`` or the session serves no state API,
+    and minus the autoscaler requests when ``ray_session_ends_with_run``."""
 
     def __init__(self, *args, ray_session_ends_with_run: bool = False, **kwargs):
         if kwargs.get("torch_config") is None:
@@ -58,7 +62,7 @@ class Trainer(TorchTrainer):
         unneeded = []
         if not self.datasets and DatasetsCallback is not None:
             unneeded.append(DatasetsCallback)
-        if self._ray_session_ends_with_run and PlacementGroupCleanerCallback is not None:
+        if (self._ray_session_ends_with_run or not state_api_served()) and PlacementGroupCleanerCallback is not None:
             unneeded.append(PlacementGroupCleanerCallback)
         return [c for c in callbacks if not isinstance(c, tuple(unneeded))]
 

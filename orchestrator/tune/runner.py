@@ -25,7 +25,7 @@ from orchestrator.data.source import resolve_data_config
 from orchestrator.storage import RunDir, check_writable, join, ray_storage
 from orchestrator.tune import results as R
 from orchestrator.tune import space as S
-from orchestrator.ray_session import init_ray, ray_train_settings
+from orchestrator.ray_session import init_ray, ray_train_settings, state_api_served
 from orchestrator.tune.config import TuneJob
 
 log = logging.getLogger("raydiff.tune")
@@ -133,7 +133,8 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
         # Held here for the whole sweep: a named actor still dies with its last handle.
         registry = get_registry(train_cfg.run.name, create=True)
         spec = SweepSpec(base=config_to_dict(train_cfg, reveal_secrets=True), sweep_uri=sweep_uri,
-                         sweep=train_cfg.run.name, metric=t.metric, ray_train_settings=ray_train_settings())
+                         sweep=train_cfg.run.name, metric=t.metric, ray_train_settings=ray_train_settings(),
+                         state_api=state_api_served())
         resources = {"CPU": t.resources.cpu, **({"GPU": t.resources.gpu} if t.resources.gpu else {})}
         trainable = tune.with_resources(tune.with_parameters(tune_trial, spec=spec), resources)
         storage_path, fs = ray_storage(sweep_uri, train_cfg.storage.s3)

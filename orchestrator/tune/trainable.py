@@ -58,6 +58,8 @@ class SweepSpec:
     # The Ray Train settings the processes of the sweep's local Ray inherited (ray_session.py),
     # None on a cluster: the trials' controllers need no runtime env to get them.
     ray_train_settings: dict[str, str] | None = None
+    # Whether that Ray serves the state API (ray_session.state_api_served: a local one does not).
+    state_api: bool = True
 
 
 class ReportBridge(UserCallback):
@@ -195,7 +197,7 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     """The Tune function trainable (``tune.with_parameters(tune_trial, spec=...)``)."""
     # This process is the trial's training driver: no Ray Data progress bars in the sweep's output.
     DataContext.get_current().enable_progress_bars = False
-    adopt_session_settings(spec.ray_train_settings)
+    adopt_session_settings(spec.ray_train_settings, state_api=spec.state_api)
     trial_id = ray.tune.get_context().get_trial_id()
     run, init_checkpoint = run_for(trial_id, read_pointer(ray.tune.get_checkpoint()))
     tree = trial_tree(spec.base, params)
