@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from orchestrator.cluster.local_head import LocalHead
 from orchestrator.data.demo import write_demo_dataset
@@ -44,7 +45,9 @@ def cluster(s3_server, tmp_path_factory):
         env={"RAY_AUTH_MODE": "disabled", "RAYDIFF_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))},
     ).start()
     yield head
-    head.stop()
+    # Torn down, not drained: after a second the head's processes get SIGTERM, then SIGKILL (a
+    # drain took 11-12 s of the suite per head; tests/test_jobs_submit.py tests the drain).
+    head.stop(grace_s=1)
 
 
 def _client(head):
@@ -87,18 +90,25 @@ def _training_nodes(head) -> set[str]:
 
 
 def _kill_node(head, node_id: str) -> None:
-    """SIGKILL the node's raylet (a fake node is a raylet on this machine): its workers die with it."""
+    """SIGKILL the node (a fake node is a raylet on this machine): the raylet and every process it
+    started, at once, as a machine that goes away takes them. (The raylet alone is not a lost
+    node: its worker processes notice only later, and one trained on for 12 more seconds.)"""
     import psutil
 
     raylets = []
     for p in head.processes():
         try:
             if p.name() == "raylet" and f"--node_id={node_id}" in p.cmdline():
-                raylets.append(p.pid)
+                raylets.append(p)
         except psutil.Error:
             continue  # exited meanwhile
     assert len(raylets) == 1, f"no raylet process for node {node_id}"
-    os.kill(raylets[0], signal.SIGKILL)
+    node = [raylets[0], *raylets[0].children(recursive=True)]
+    for p in node:
+        try:
+            p.send_signal(signal.SIGKILL)
+        except psutil.NoSuchProcess:
+            pass  # exited meanwhile
 
 
 def test_local_paths_refused_on_a_cluster_the_head_cannot_host(cluster, tmp_path):
@@ -168,7 +178,11 @@ def test_autoscaler_adds_nodes_replaces_a_lost_one_and_removes_idle_ones(cluster
     steps = [m["step"] for m in rundir.metrics()]
     assert steps[-1] == 40 and set(steps) == set(range(1, 41))
 
-    # Idle nodes go away (idle_timeout 20 s): back to the head alone.
+    # Idle nodes go away: back to the head alone. The 20 s that kept the decoding nodes for the
+    # trainer is not needed now; the autoscaler reads its config again at every update.
+    config = yaml.safe_load(cluster.autoscaling_config.read_text())
+    config["idle_timeout_minutes"] = 2 / 60
+    cluster.autoscaling_config.write_text(yaml.safe_dump(config))
     deadline = time.time() + 120
     while time.time() < deadline:
         alive = [i for i, n in _nodes(cluster).items() if n["state"] == "ALIVE"]

@@ -56,7 +56,9 @@ def head(tmp_path_factory):
     try:
         yield h
     finally:
-        h.stop()
+        # Torn down, not drained: after a second the head's processes get SIGTERM, then SIGKILL (a
+        # drain took 11-12 s of the suite per head; tests/test_jobs_submit.py tests the drain).
+        h.stop(grace_s=1)
 
 
 def _wait(what: str, predicate: Callable[[], object], timeout_s: float, log: Path) -> object:

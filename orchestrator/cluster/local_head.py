@@ -150,10 +150,15 @@ class LocalHead:
         if self.worker_types is not None:
             cfg = fake_cluster_config(self.node_ip, self.gcs_port, self.worker_types,
                                       idle_timeout_s=self.idle_timeout_s)
-            path = Path(self.temp_dir) / "autoscaler.yaml"
-            path.write_text(yaml.safe_dump(cfg))
-            cmd.append(f"--autoscaling-config={path}")
+            self.autoscaling_config.write_text(yaml.safe_dump(cfg))
+            cmd.append(f"--autoscaling-config={self.autoscaling_config}")
         return cmd
+
+    @property
+    def autoscaling_config(self) -> Path:
+        """The autoscaler's config (with ``worker_types``). Ray's autoscaler reads it again at every
+        update: an edit (a new idle timeout, more workers) changes the running cluster."""
+        return Path(self.temp_dir) / "autoscaler.yaml"
 
     def environment(self) -> dict[str, str]:
         # Not another cluster's address: this head and its jobs must not join one.
