@@ -6,6 +6,7 @@ import contextlib
 import logging
 import os
 import socket
+import threading
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -80,6 +81,16 @@ class _LocalRay:
 
 
 _local_ray: _LocalRay | None = None
+
+
+def shutdown_in_background() -> threading.Thread:
+    """``ray.shutdown()`` in a thread (join it): the caller's work that needs no Ray goes on
+    meanwhile. A local Ray's shutdown is mostly waiting for its processes to end."""
+    import ray
+
+    thread = threading.Thread(target=ray.shutdown, name="raydiff-ray-shutdown", daemon=True)
+    thread.start()
+    return thread
 
 
 def start_local_ray(env: dict[str, str] | None = None, **init_kwargs) -> None:

@@ -134,9 +134,11 @@ def test_asha_sweep_killed_and_resumed_then_best_config_is_a_job(tmp_path, capsy
     finally:
         _kill(first)  # the driver and its local Ray, mid-sweep
     assert at_kill, "never saw a finished trial beside one mid-way:\n" + log1.read_text()[-6000:]
-    # What the restore starts from: the runs' files as the kill left them (a run may have moved on
-    # between the look above and the kill).
+    # What the restore starts from: the runs' files and Tune's last saved state as the kill left
+    # them (between the look above and the kill a run may have moved on, and ASHA may have stopped
+    # a trial at its rung: terminated in Tune's state, it is not run again).
     killed = {name: _state(run) for name, run in _runs(sweep).items()}
+    finished |= {t for t, st in _tune_status(sweep, settled_s=0).items() if st == "TERMINATED"}
 
     out = _finish(_raydiff(["tune", "--config", str(job)], tmp_path, tmp_path / "second.log"), tmp_path / "second.log", 600)
     assert "resuming sweep" in out

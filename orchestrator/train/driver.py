@@ -17,7 +17,7 @@ from orchestrator.data.reader import make_train_reader
 from orchestrator.data.source import resolve_data_config, resolve_paths
 from orchestrator.logs import is_verbose, progress_mode, ray_train_log_level
 from orchestrator.plan import local_logical_cpus, make_plan, network_code_to_import
-from orchestrator.ray_session import init_ray
+from orchestrator.ray_session import init_ray, shutdown_in_background
 from orchestrator.report import report_after_training
 from orchestrator.train.checkpoint.manager import Checkpointer
 from orchestrator.train.checkpoint.persist import clear_staging
@@ -118,6 +118,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False
     decode = None
+    shutdown = None
     try:
         # A cluster's GPUs can be counted only once connected; any other plan is made before Ray
         # starts, so that a config the hardware rejects (fp16 on CPU) fails before anything starts.
@@ -242,6 +243,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         # Cumulative over every read of the data: exact when the decoded set is cached (read
         # once), a multiple of the per-pass counts when it is streamed every epoch.
         bad = bad_sample_counts(counter)
+        if started:
+            # Nothing below needs Ray: the local Ray started here stops (a second of waiting for
+            # its processes) while the report is drawn.
+            shutdown = shutdown_in_background()
         if bad:
             rundir.write_text("bad_samples.json", json.dumps(bad, indent=2))
         # Read by train/status.py: a rerun of this run at these optim.steps starts nothing.
@@ -250,6 +255,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             report_after_training(rundir.uri, cfg.storage.s3)  # {run}/report.png: curves and newest samples
         return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result, bad)
     finally:
-        if started:
+        if shutdown is not None:
+            shutdown.join()
+        elif started:
             ray.shutdown()
         lease.release()

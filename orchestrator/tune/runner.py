@@ -134,7 +134,7 @@ def run_sweep(job: TuneJob) -> SweepOutcome:
         registry = get_registry(train_cfg.run.name, create=True)
         spec = SweepSpec(base=config_to_dict(train_cfg, reveal_secrets=True), sweep_uri=sweep_uri,
                          sweep=train_cfg.run.name, metric=t.metric, ray_train_settings=ray_train_settings(),
-                         state_api=state_api_served())
+                         state_api=state_api_served(), replay_resume_point=t.scheduler == "asha")
         resources = {"CPU": t.resources.cpu, **({"GPU": t.resources.gpu} if t.resources.gpu else {})}
         trainable = tune.with_resources(tune.with_parameters(tune_trial, spec=spec), resources)
         storage_path, fs = ray_storage(sweep_uri, train_cfg.storage.s3)

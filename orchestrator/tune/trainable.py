@@ -60,6 +60,9 @@ class SweepSpec:
     ray_train_settings: dict[str, str] | None = None
     # Whether that Ray serves the state API (ray_session.state_api_served: a local one does not).
     state_api: bool = True
+    # ASHA judges trials at rungs: a resumed trial first shows it its result at the resume point
+    # (``replay_resume_point``).
+    replay_resume_point: bool = False
 
 
 class ReportBridge(UserCallback):
@@ -163,6 +166,26 @@ def _last_result_in_storage(trial: _Trial, s3: Any) -> dict[str, Any]:
     return {}
 
 
+def replay_resume_point(trial: _Trial, s3: Any) -> None:
+    """For a trial restored onto its own run (the sweep's driver died): report to Tune the run's
+    result at the checkpoint it resumes from, before it trains again.
+
+    A trial that passed an ASHA rung just before the kill, and that Tune had not judged there yet
+    (its result was still on the way, or Tune's saved state predates it), would otherwise resume
+    past the rung and never be judged at it: its next result is past the milestone, and its last
+    one is its final one, which Tune does not show the scheduler (seen: a weak trial ran to the end
+    instead of stopping at the rung). A result Tune had already seen is judged again as ASHA
+    judges a repeated rung: not recorded twice."""
+    rundir = RunDir(trial.run_uri, s3)
+    latest = Checkpointer(rundir).newest_good(warn=lambda _: None).ref
+    if latest is None:
+        return
+    at = [r for r in rundir.metrics() if r.get(trial.spec.metric) is not None and r["step"] <= latest.step]
+    if at:
+        trial.checkpoint = (join(trial.run_uri, latest.name), latest.step)
+        trial.report(_result_fields(at[-1]))  # ASHA may stop the trial here
+
+
 def _train(cfg: Any, trial: _Trial, spec: SweepSpec, init_checkpoint: str | None) -> TrainOutcome:
     """The trial's training run, its reports forwarded to Tune as they come."""
     queue = Queue(maxsize=1, actor_options={"num_cpus": 0})
@@ -212,6 +235,8 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     if out is None:
         if init_checkpoint is not None:
             init_checkpoint = donor_checkpoint(init_checkpoint, cfg)
+        elif run == trial_id and spec.replay_resume_point and ray.tune.get_checkpoint() is not None:
+            replay_resume_point(trial, cfg.storage.s3)
         out = _train(cfg, trial, spec, init_checkpoint)
     final = dict(trial.last) or _last_result_in_storage(trial, cfg.storage.s3)
     final["step"] = out.final_step
