@@ -222,7 +222,8 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     DataContext.get_current().enable_progress_bars = False
     adopt_session_settings(spec.ray_train_settings, state_api=spec.state_api)
     trial_id = ray.tune.get_context().get_trial_id()
-    run, init_checkpoint = run_for(trial_id, read_pointer(ray.tune.get_checkpoint()))
+    pointer = read_pointer(ray.tune.get_checkpoint())
+    run, init_checkpoint = run_for(trial_id, pointer)
     tree = trial_tree(spec.base, params)
     tree["run"].update({"storage": spec.sweep_uri, "name": run})
     cfg = validate_config(tree)
@@ -235,7 +236,7 @@ def tune_trial(params: dict[str, Any], spec: SweepSpec) -> None:
     if out is None:
         if init_checkpoint is not None:
             init_checkpoint = donor_checkpoint(init_checkpoint, cfg)
-        elif run == trial_id and spec.replay_resume_point and ray.tune.get_checkpoint() is not None:
+        elif pointer is not None and spec.replay_resume_point:  # restored onto its own run
             replay_resume_point(trial, cfg.storage.s3)
         out = _train(cfg, trial, spec, init_checkpoint)
     final = dict(trial.last) or _last_result_in_storage(trial, cfg.storage.s3)
