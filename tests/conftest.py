@@ -112,6 +112,20 @@ def s3_server():
 
 
 @pytest.fixture()
+def one_thread():
+    """torch on one intra-op thread for the test, restored after. Tests of thousands of small CPU
+    ops ran 3-4x slower with two threads on the shared 2-core machine (OpenMP threads waiting on
+    each other; test_fid.py's eval), while bigger batches are faster on torch's choice (bench
+    quality: 26 s on 2 threads, 40 s on one), so the setting must not outlive the test."""
+    import torch
+
+    saved = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(saved)
+
+
+@pytest.fixture()
 def s3_faults(s3_server):
     """A fault-injecting proxy in front of the session's moto server (fresh per test)."""
     proxy = FaultProxy(s3_server.moto.port).start()

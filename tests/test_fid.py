@@ -173,16 +173,6 @@ def _train_in_process(cfg, images, labels, steps: int):
     return model.eval()
 
 
-@pytest.fixture()
-def one_thread():
-    """Thousands of small CPU ops: with two intra-op threads on the shared 2-core test machine
-    this test ran 3-4x slower (OpenMP threads waiting on each other) than with one."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 def test_eval_ranks_a_trained_checkpoint_far_above_an_untrained_one(tmp_path, capsys, one_thread):
     from orchestrator.data.demo import DEMO_CLASS_NAMES, write_demo_dataset
     from orchestrator.eval.reference import load_reference

@@ -15,17 +15,6 @@ from orchestrator.eval.classifier import train_classifier
 from orchestrator.eval.shape_judge import ShapeJudge, shape_view
 
 
-@pytest.fixture()
-def one_thread():
-    """The judge's many small CPU ops run faster on one intra-op thread on 2 shared cores; restored
-    after, so that the tests after it (bench quality: 26 s on torch's 2 threads, 40 s on one)
-    keep torch's choice."""
-    saved = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(saved)
-
-
 @pytest.fixture(scope="module")
 def shapes():
     # 120 per class (the demo's judge trains on 300): with 40 the judge's own held-out 10%
