@@ -33,13 +33,14 @@ def init_ray(address: str | None, num_cpus: int, *, one_run: bool = False, env: 
     if ray.is_initialized():
         return False
     if address is not None:
+        use_ray_train_settings(RAY_TRAIN_ENV)  # Ray Train hands them to its controller in a runtime env
         ray.init(address=address, log_to_driver=True)
         return True
     # Without the dashboard (CPU and memory a laptop run does not need) Ray Train's placement-group
     # cleaner cannot reach the state API and warns every few seconds; worker logs below ERROR
     # are therefore dropped unless --verbose. raydiff's own progress comes from rank 0 directly.
     verbose = is_verbose()
-    use_local_ray_settings()
+    use_ray_train_settings(LOCAL_RAY_TRAIN_ENV)
     with _api_server_known() as dashboard_port:
         _start_local(ray, num_cpus, verbose, dashboard_port, env)
     if not one_run:
@@ -53,16 +54,22 @@ def init_ray(address: str | None, num_cpus: int, *, one_run: bool = False, env: 
     return True
 
 
-# Ray Train settings for a Ray on this machine, read from the environment by the driver (which
-# passes them to Ray Train's controller) and inherited by the local Ray's processes.
+# Ray Train settings of every run, read from the environment by the driver, which passes them to
+# Ray Train's controller (values the user set win).
+RAY_TRAIN_ENV = {
+    # The controller polls the workers every 2 s by default and notices a finished (or failed)
+    # run, or checkpoints that arrived while it waited (train/report_drain.py), only at its next
+    # poll: 2.8 s from the last checkpoint to fit() returning, 0.8 s at 0.5 s (issue 18); a poll
+    # is one small call per worker.
+    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
+}
+
+# Those for a Ray on this machine, also inherited by the local Ray's processes.
 LOCAL_RAY_TRAIN_ENV = {
+    **RAY_TRAIN_ENV,
     # Preemption (spot capacity taken back) does not happen to a Ray started on this machine;
     # Ray Train's watcher for it only logs a core_worker error about its constructor arguments.
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-    # The controller polls the workers every 2 s by default and notices a finished (or failed)
-    # run only at its next poll: 2.8 s from the last checkpoint to fit() returning, 0.8 s at
-    # 0.5 s (issue 18); a poll is one small call per worker.
-    "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5",
     # Ray Train's own value for its controller (it passes it in a runtime env otherwise), here so
     # that the controller needs none (train/trainer.py).
     "RAY_WARN_BLOCKING_GET_INSIDE_ASYNC": "0",
@@ -173,9 +180,10 @@ def inherited(env_vars: dict[str, str]) -> bool:
     return env is not None and all(env.get(k) == v for k, v in env_vars.items())
 
 
-def use_local_ray_settings() -> None:
-    """Apply ``LOCAL_RAY_TRAIN_ENV`` (values the user set win). Before a local Ray starts."""
-    for k, v in LOCAL_RAY_TRAIN_ENV.items():
+def use_ray_train_settings(settings: dict[str, str]) -> None:
+    """Apply ``settings`` (``RAY_TRAIN_ENV``, or ``LOCAL_RAY_TRAIN_ENV`` before a local Ray
+    starts) to this process's environment; values the user set win."""
+    for k, v in settings.items():
         os.environ.setdefault(k, v)
 
 

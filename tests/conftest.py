@@ -34,10 +34,10 @@ def ray_local():
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET_KEY)
     os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
     from orchestrator.plan import local_gpus
-    from orchestrator.ray_session import start_local_ray, use_local_ray_settings
+    from orchestrator.ray_session import LOCAL_RAY_TRAIN_ENV, start_local_ray, use_ray_train_settings
     from orchestrator.train.launch import worker_env_vars
 
-    use_local_ray_settings()  # what raydiff's own local Ray uses
+    use_ray_train_settings(LOCAL_RAY_TRAIN_ENV)  # what raydiff's own local Ray uses
     import ray
 
     started_here = not ray.is_initialized()

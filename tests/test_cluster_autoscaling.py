@@ -42,7 +42,10 @@ def cluster(s3_server, tmp_path_factory):
         worker_types={"cpu": {"resources": {"CPU": 1}, "max_workers": 3}},
         # Long enough that the nodes that decoded the data survive until the trainer asks for them.
         idle_timeout_s=20,
-        env={"RAY_AUTH_MODE": "disabled", "RAYDIFF_CACHE_DIR": str(tmp_path_factory.mktemp("cache"))},
+        # A node that stops answering is dead after 3 missed checks a second apart (Ray's default:
+        # 5 every 3 s); the lost node below is detected in about 3 s instead of 15.
+        env={"RAY_AUTH_MODE": "disabled", "RAYDIFF_CACHE_DIR": str(tmp_path_factory.mktemp("cache")),
+             "RAY_health_check_period_ms": "1000", "RAY_health_check_failure_threshold": "3"},
     ).start()
     yield head
     # Torn down, not drained: after a second the head's processes get SIGTERM, then SIGKILL (a

@@ -164,26 +164,26 @@ def test_the_controller_unpickles_its_arguments_without_importing_torch(ray_loca
 def test_the_controller_gets_no_runtime_env_when_the_sessions_processes_have_its_settings(ray_local, monkeypatch):
     """Ray Train passes its settings to its controller in a runtime env, which costs the controller
     and its helper actors a set-up process each. The tests' Ray starts as raydiff's local Ray does
-    (``use_local_ray_settings``, then ``start_local_ray``): its processes have every one of them, so
-    the trainer starts the controller without one; a setting changed after Ray started, or a Ray
-    this process did not start, gets Ray's own way."""
+    (``use_ray_train_settings(LOCAL_RAY_TRAIN_ENV)``, then ``start_local_ray``): its processes have
+    every one of them, so the trainer starts the controller without one; a setting changed after
+    Ray started, or a Ray this process did not start, gets Ray's own way."""
     import dataclasses
 
-    from ray.train import ScalingConfig
-    from ray.train.torch import TorchTrainer
-
     import orchestrator.ray_session as session
-    from orchestrator.train.session_env import controller_env
-    from orchestrator.train.trainer import Trainer
+    from orchestrator.train.report_drain import ReportDrainingController
+    from orchestrator.train.session_env import SessionEnvController, controller_env
+    from orchestrator.train.trainer import controller_actor
 
     env = controller_env()
     assert env["RAY_WARN_BLOCKING_GET_INSIDE_ASYNC"] == "0" and session.inherited(env)
-    rays_way = []
-    monkeypatch.setattr(TorchTrainer, "_initialize_and_run_controller", lambda self, **kw: rays_way.append(kw) or "ray's")
-    trainer = Trainer(lambda: None, scaling_config=ScalingConfig(num_workers=1))
+    cls, options = controller_actor(env)
+    assert cls is SessionEnvController and "runtime_env" not in options and options["num_cpus"] == 0
     monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "7")  # after the session started
-    assert not session.inherited(controller_env())
-    assert trainer._run_controller({"kw": 1}) == "ray's" and rays_way == [{"kw": 1}]
+    env = controller_env()
+    assert not session.inherited(env)
+    cls, options = controller_actor(env)  # Ray's own way: the settings in a runtime env
+    assert cls is ReportDrainingController and options["runtime_env"] == {"env_vars": env}
+    assert env["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "7" and options["label_selector"]
     monkeypatch.undo()
     monkeypatch.setattr(session, "_local_ray", dataclasses.replace(session._local_ray, address="another-session:6379"))
     assert session.local_ray_env() is None and not session.inherited({}) and session.state_api_served()

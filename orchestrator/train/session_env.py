@@ -21,23 +21,24 @@ try:
     from ray._common.constants import RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR
     from ray.train.v2._internal.constants import (DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE,
                                                   get_env_vars_to_propagate)
-    from ray.train.v2._internal.execution.controller import TrainController
     from ray.train.v2._internal.execution.worker_group import WorkerGroup
+
+    from orchestrator.train.report_drain import ReportDrainingController
 except ImportError:  # another Ray Train layout: its controller and workers keep their runtime envs
-    TrainController = WorkerGroup = None
+    ReportDrainingController = WorkerGroup = None
 
 
 def controller_env() -> dict[str, str] | None:
     """The environment variables Ray Train 2.60 gives its controller (and, through it, the
     workers) in a runtime env (``DataParallelTrainer._initialize_and_run_controller``)."""
-    if TrainController is None:
+    if ReportDrainingController is None:
         return None
     env = get_env_vars_to_propagate()
     env.setdefault(RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_ENV_VAR, DEFAULT_RAY_WARN_BLOCKING_GET_INSIDE_ASYNC_VALUE)
     return env
 
 
-if TrainController is not None:
+if ReportDrainingController is not None:
     class SessionEnvWorkerGroup(WorkerGroup):
         """Ray Train's worker group, minus the workers' runtime env when it would only set
         variables this process (the controller) already has with the same values: the workers
@@ -50,9 +51,10 @@ if TrainController is not None:
                 return None
             return env
 
-    class SessionEnvController(TrainController):
-        """Ray Train's controller, started without a runtime env (train/trainer.py), whose worker
-        group gives its workers none where none is needed."""
+    class SessionEnvController(ReportDrainingController):
+        """Ray Train's controller (draining reports: train/report_drain.py), started without a
+        runtime env (train/trainer.py), whose worker group gives its workers none where none is
+        needed."""
 
         worker_group_cls = SessionEnvWorkerGroup
 else:

@@ -22,7 +22,8 @@ gets a scaling policy that asks none (train/scaling.py). And the controller sets
 process group through ``ProcessGroupConfig`` (train/backend.py), not ``TorchConfig``, so that it
 never imports torch itself; and when the Ray session's processes already have the settings Ray
 Train passes its controller and workers, neither gets a runtime env to pass them in
-(train/session_env.py).
+(train/session_env.py). Its controller registers the workers' reports (checkpoints) as fast as
+they come, not one per poll interval (train/report_drain.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ from ray.train.torch import TorchTrainer
 
 from orchestrator.ray_session import inherited, state_api_served
 from orchestrator.train.backend import ProcessGroupConfig
+from orchestrator.train.report_drain import ReportDrainingController
 from orchestrator.train.session_env import SessionEnvController, controller_env
 from orchestrator.train.scaling import FixedScalingPolicy, NoAutoscalerScalingPolicy
 
@@ -74,18 +76,30 @@ class Trainer(TorchTrainer):
         return self._run_controller(controller_init_kwargs)
 
     def _run_controller(self, controller_init_kwargs):
-        """Ray Train 2.60's ``_initialize_and_run_controller``, minus the runtime env when every
-        process of the Ray session already has the variables it would set (a local Ray started
-        with them, ray_session.py), with a worker group that does the same for the workers
+        """Ray Train 2.60's ``_initialize_and_run_controller`` with a controller that registers the
+        workers' reports as fast as they come (train/report_drain.py), minus the runtime env when
+        every process of the Ray session already has the variables it would set (a local Ray
+        started with them, ray_session.py), with a worker group that does the same for the workers
         (train/session_env.py). In-process on this 2-core machine: workers phase 4.7 -> 4.2 s
         and 1.3 CPU-s less per run for the controller and its helper actors (issue 18)."""
         env = controller_env()
-        if env is None or not inherited(env):
+        if env is None:
             return super()._initialize_and_run_controller(**controller_init_kwargs)
-        node = {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}
-        controller = ray.remote(num_cpus=0, label_selector=node)(SessionEnvController).remote(**controller_init_kwargs)
+        actor_cls, options = controller_actor(env)
+        controller = ray.remote(**options)(actor_cls).remote(**controller_init_kwargs)
         # Outside the main thread (a Tune trial) a SIGINT handler cannot be registered.
         if threading.current_thread() is threading.main_thread():
             self._register_sigint_handler(controller)
         ray.get(controller.run.remote())
         return ray.get(controller.get_result.remote())
+
+
+def controller_actor(env: dict[str, str]) -> tuple[type, dict]:
+    """Ray Train's controller class and actor options for a run whose controller needs the
+    variables ``env``: on the driver's node like Ray's own, without a runtime env when every
+    process of the session already has ``env`` (and a worker group that does the same), Ray's own
+    way (the variables in a runtime env) otherwise; both drain reports (train/report_drain.py)."""
+    options: dict = {"num_cpus": 0, "label_selector": {ray._raylet.RAY_NODE_ID_KEY: ray.get_runtime_context().get_node_id()}}
+    if inherited(env):
+        return SessionEnvController, options
+    return ReportDrainingController, {**options, "runtime_env": {"env_vars": env}}
