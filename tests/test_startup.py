@@ -189,6 +189,31 @@ def test_the_controller_gets_no_runtime_env_when_the_sessions_processes_have_its
     assert session.local_ray_env() is None and not session.inherited({}) and session.state_api_served()
 
 
+def test_a_driver_on_a_cluster_hands_its_controller_the_poll_interval_unless_the_user_set_one(monkeypatch):
+    """On a cluster Ray Train passes the driver's ``RAY_TRAIN_*`` variables to its controller in a
+    runtime env: connecting sets raydiff's poll interval there (a run's end and the checkpoints
+    queued behind a poll are seen within 0.5 s, not 2 s: train/report_drain.py), and keeps the
+    user's own value."""
+    import os
+
+    import ray
+
+    import orchestrator.ray_session as session
+
+    connected = []
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kw: connected.append(kw))
+    monkeypatch.delenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", raising=False)
+    assert session.init_ray("ray://head:10001", 2) is True
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == session.RAY_TRAIN_ENV["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "0.5"
+    assert connected == [{"address": "ray://head:10001", "log_to_driver": True}]
+    monkeypatch.setenv("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "3")
+    session.init_ray("ray://head:10001", 2)
+    assert os.environ["RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"] == "3" and len(connected) == 2
+    # The preemption watcher stays on there (spot nodes are taken back on clouds).
+    assert "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER" not in session.RAY_TRAIN_ENV
+
+
 def test_a_tune_trial_adopts_the_ray_train_settings_of_its_sweeps_local_ray(ray_local, monkeypatch):
     """A trial's training driver is a Tune actor, not the process that started the sweep's Ray: the
     sweep hands it the Ray Train settings that Ray's processes inherited (tune/runner.py), only

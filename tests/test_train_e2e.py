@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import time
 
 import pytest
 from PIL import Image
@@ -39,6 +40,26 @@ def builtin_cache(tmp_path_factory, monkeypatch):
 
 def _metrics(rundir: RunDir) -> list[dict]:
     return rundir.metrics()
+
+
+def _live_actors() -> dict[str, str]:
+    """Actor id -> class name of every actor of the Ray session that is not dead, from the GCS's
+    actor table (the session serves no state API)."""
+    from ray._private.state import state
+
+    return {i: a["ActorClassName"] for i, a in state.actor_table(None).items() if a["State"] != "DEAD"}
+
+
+def _actors_left(before: dict[str, str], allowed: set[str], timeout_s: float = 30) -> set[str]:
+    """Classes of the actors started since ``before`` that are still alive, other than ``allowed``,
+    once those ended (an actor ended with ``ray.kill`` or by its handle's release is gone within a
+    moment, not at once), or at the deadline."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        left = {cls for i, cls in _live_actors().items() if i not in before} - allowed
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)
 
 
 def test_two_workers_zero2_checkpoint_grid_then_resume(ray_local, builtin_cache, tmp_path):
@@ -140,7 +161,11 @@ def test_training_skips_and_reports_bad_files(ray_local, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cfg = load_config(None, ["run.storage=runs", "run.name=bad", "data.source=data", "optim.steps=3", "scaling.num_workers=1",
                              "checkpoint.every_steps=3", "sampling.every_steps=3", "run.evaluate=false", *TINY])
+    before = _live_actors()
     out = run_training(cfg)
+    # Nothing of the run stays in a Ray session that outlives it (the suite's, a sweep's, a
+    # notebook's): not its bad-sample counter, not Ray Train's controller (each an idle process).
+    assert not _actors_left(before, {"_AutoscalingCoordinatorActor"})  # Ray Data's, one per session
     assert out.final_step == 3
     bad = out.bad_samples
     assert bad.get("empty_file") == 1 and bad.get("not_an_image") == 1

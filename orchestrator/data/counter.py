@@ -49,6 +49,19 @@ def counter(name: str, create: bool):
     return h
 
 
+def release_counter(name: str) -> None:
+    """End the counter ``name`` (its owner calls it once the counts are read): a named actor lives
+    as long as its owner's Ray connection, and a Ray session that outlives the run (a Tune sweep's
+    trials, a notebook, the test suite's shared Ray) would otherwise keep an idle process per run,
+    each about 0.8% of a core on the 2-core machine (issue 18)."""
+    import ray
+
+    h = counter(name, create=False) if ray.is_initialized() else None
+    _COUNTERS.pop(name, None)
+    if h is not None:
+        ray.kill(h)
+
+
 def bad_sample_counts(counter_name: str) -> dict[str, int]:
     """Counts per kind recorded by pipelines built with ``counter_name`` ({} if none).
 

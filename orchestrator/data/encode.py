@@ -45,7 +45,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from orchestrator import storage
-from orchestrator.data.counter import bad_sample_counts, counter, report
+from orchestrator.data.counter import bad_sample_counts, release_counter, report
 from orchestrator.data.formats.latents import LATENTS_MANIFEST, LATENTS_VERSION, ROW_GROUP_ROWS
 from orchestrator.data.info import DataError
 from orchestrator.data.labels import NO_LABEL
@@ -298,9 +298,7 @@ def encode(src: str, dest: str, *, vae: str | None = None, text_encoder: str | N
         skipped = bad_sample_counts(counter_name)
     finally:
         ctx.enable_progress_bars = bars
-        h = counter(counter_name, create=False) if ray.is_initialized() else None
-        if h is not None:
-            ray.kill(h)
+        release_counter(counter_name)
         if started:
             ray.shutdown()
     num = sum(s["num_samples"] for s in writer.shards)

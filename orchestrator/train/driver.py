@@ -10,7 +10,8 @@ from typing import Any
 from orchestrator.cluster.rules import check_cluster_paths, with_job_address
 from orchestrator.background_import import import_in_background
 from orchestrator.config import ConfigError, TrainConfig, config_to_dict, config_to_yaml
-from orchestrator.data import bad_sample_counts, inspect_dataset
+from orchestrator.data import inspect_dataset
+from orchestrator.data.counter import bad_sample_counts, release_counter
 from orchestrator.data.background import decode_in_background
 from orchestrator.data.pipeline import load_validation_images
 from orchestrator.data.reader import make_train_reader
@@ -117,8 +118,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
     # One writer per run, decided before Ray starts (orchestrator/storage/lease.py).
     lease = acquire_lease(RunDir.for_config(cfg), force=force)
     started = False
-    decode = None
-    shutdown = None
+    decode = counter = shutdown = None
     try:
         # A cluster's GPUs can be counted only once connected; any other plan is made before Ray
         # starts, so that a config the hardware rejects (fp16 on CPU) fails before anything starts.
@@ -255,6 +255,8 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
             report_after_training(rundir.uri, cfg.storage.s3)  # {run}/report.png: curves and newest samples
         return TrainOutcome(rundir.uri, final_step, ckpt_path, eval_result, bad)
     finally:
+        if counter is not None and not started:
+            release_counter(counter)  # a Ray session that outlives the run keeps no idle counter
         if shutdown is not None:
             shutdown.join()
         elif started:
