@@ -9,7 +9,7 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import pytest
 
@@ -123,6 +123,26 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(saved)
+
+
+@pytest.fixture()
+def counter_name() -> Iterator[Callable[[str], str]]:
+    """Fresh bad-sample counter names (``counter_name("bad")``), whose counters end with the test:
+    a counter is an actor, and one left in the session's shared Ray is an idle process (about 0.8%
+    of a core) for the rest of the suite."""
+    import uuid
+
+    from orchestrator.data.counter import release_counter
+
+    names: list[str] = []
+
+    def new(prefix: str) -> str:
+        names.append(f"{prefix}-{uuid.uuid4().hex}")
+        return names[-1]
+
+    yield new
+    for name in names:
+        release_counter(name)
 
 
 @pytest.fixture()

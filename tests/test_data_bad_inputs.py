@@ -100,7 +100,7 @@ def test_grayscale_target_from_rgb_and_16bit():
     assert np.array_equal(arr[:, :, 0], GRAY)  # scaled from 16 to 8 bit, not clipped at 255
 
 
-def test_pipeline_drops_and_counts(ray_local, tmp_path):
+def test_pipeline_drops_and_counts(ray_local, tmp_path, counter_name):
     root = tmp_path / "ds"
     (root / "a").mkdir(parents=True)
     (root / "b").mkdir()
@@ -117,7 +117,7 @@ def test_pipeline_drops_and_counts(ray_local, tmp_path):
     cfg = DataConfig(source=str(root), resolution=16, decode_batch_size=5)
     info = inspect_dataset(cfg)
     assert info.num_samples == len(good) + len(BAD) + len(modes)
-    name = f"bad-{uuid.uuid4().hex}"
+    name = counter_name("bad")
     images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
     assert len(images) == len(good) + len(modes)
     assert np.isfinite(images).all() and images.shape[1:] == (3, 16, 16)
@@ -134,7 +134,7 @@ def test_pipeline_drops_and_counts(ray_local, tmp_path):
     assert bad_sample_counts(f"never-created-{uuid.uuid4().hex}") == {}
 
 
-def test_missing_and_out_of_range_labels(ray_local, tmp_path):
+def test_missing_and_out_of_range_labels(ray_local, tmp_path, counter_name):
     root = tmp_path / "flat"
     root.mkdir()
     for i in range(5):
@@ -144,7 +144,7 @@ def test_missing_and_out_of_range_labels(ray_local, tmp_path):
     cfg = DataConfig(source=str(root), labels_file="labels.csv", resolution=16)
     info = inspect_dataset(cfg)
     assert info.class_names == ("0", "1")
-    name = f"lab-{uuid.uuid4().hex}"
+    name = counter_name("lab")
     images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
     assert sorted(labels.tolist()) == [0, 1, 1]
     assert bad_sample_counts(name) == {"missing_label": 1, "label_out_of_range": 1}

@@ -72,7 +72,7 @@ def test_three_formats_roundtrip(ray_local, s3_server, tmp_path):
     assert _rows(pcfg) == expected
 
 
-def test_webdataset_without_manifest_json_labels(ray_local, tmp_path):
+def test_webdataset_without_manifest_json_labels(ray_local, tmp_path, counter_name):
     root = tmp_path / "shards"
     root.mkdir()
     imgs = [rand_image(200 + i, 16) for i in range(5)]
@@ -97,7 +97,7 @@ def test_webdataset_without_manifest_json_labels(ray_local, tmp_path):
     cfg = DataConfig(source=str(root), resolution=16)
     info = inspect_dataset(cfg)
     assert (info.format, info.num_samples, info.class_names) == ("webdataset", 5, ("cat", "dog"))
-    name = f"wds-{uuid.uuid4().hex}"
+    name = counter_name("wds")
     images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
     assert sorted(labels.tolist()) == [0, 1]
     assert bad_sample_counts(name) == {"missing_label": 1, "invalid_label": 1, "empty_file": 1}
@@ -230,7 +230,7 @@ def test_parquet_missing_image_column(tmp_path):
         inspect_dataset(DataConfig(source=str(tmp_path)))
 
 
-def test_manifest_classes_and_out_of_range_cls(ray_local, tmp_path):
+def test_manifest_classes_and_out_of_range_cls(ray_local, tmp_path, counter_name):
     root = tmp_path / "m"
     root.mkdir()
     samples = [(f"{i:03d}", "png", png_bytes(rand_image(300 + i, 16)), lab) for i, lab in enumerate([0, 1, 5, None])]
@@ -239,7 +239,7 @@ def test_manifest_classes_and_out_of_range_cls(ray_local, tmp_path):
     cfg = DataConfig(source=str(root), resolution=16)
     info = inspect_dataset(cfg)
     assert (info.format, info.num_samples, info.class_names) == ("webdataset", 4, ("x", "y"))
-    name = f"m-{uuid.uuid4().hex}"
+    name = counter_name("m")
     _images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
     assert sorted(labels.tolist()) == [0, 1]
     assert bad_sample_counts(name) == {"label_out_of_range": 1, "missing_label": 1}

@@ -25,12 +25,12 @@ def _match_rows(images: np.ndarray, labels: np.ndarray, written: dict, class_nam
     assert not unmatched
 
 
-def test_imagefolder_local_roundtrip(ray_local, tmp_path):
+def test_imagefolder_local_roundtrip(ray_local, tmp_path, counter_name):
     written = write_imagefolder(tmp_path / "ds", {"cat": 3, "dog": 4})
     cfg = DataConfig(source=str(tmp_path / "ds"), resolution=16, decode_batch_size=4)
     info = inspect_dataset(cfg)
     assert (info.format, info.num_samples, info.class_names, info.num_classes) == ("imagefolder", 7, ("cat", "dog"), 2)
-    ds = build_train_dataset(cfg, info, counter_name=f"t-{uuid.uuid4().hex}")
+    ds = build_train_dataset(cfg, info, counter_name=counter_name("t"))
     images, labels = collect(ds)
     assert images.dtype == np.float32 and images.shape == (7, 3, 16, 16)
     assert labels.dtype == np.int64
@@ -73,7 +73,7 @@ def test_resize_crop_grayscale_and_unconditional(ray_local, tmp_path):
     assert images[0, :, :, :3].max() < -0.9 and images[0, :, :, 5:].min() > 0.9
 
 
-def test_labels_file_csv_and_json(ray_local, tmp_path):
+def test_labels_file_csv_and_json(ray_local, tmp_path, counter_name):
     root = tmp_path / "ds"
     root.mkdir()
     from test_data_helpers import png_bytes, rand_image
@@ -84,7 +84,7 @@ def test_labels_file_csv_and_json(ray_local, tmp_path):
     cfg = DataConfig(source=str(root), labels_file="labels.csv", resolution=16)
     info = inspect_dataset(cfg)
     assert info.class_names == ("ant", "zebra") and info.num_samples == 4
-    name = f"t-{uuid.uuid4().hex}"
+    name = counter_name("t")
     images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
     assert sorted(labels.tolist()) == [0, 1, 1]
     assert bad_sample_counts(name) == {"missing_label": 1}
@@ -125,7 +125,7 @@ def test_no_images(tmp_path):
         inspect_dataset(DataConfig(source=str(tmp_path)))
 
 
-def test_s3_transient_read_errors_are_retried_and_counted(ray_local, s3_server, s3_faults, tmp_path):
+def test_s3_transient_read_errors_are_retried_and_counted(ray_local, s3_server, s3_faults, tmp_path, counter_name):
     written = write_imagefolder(tmp_path / "ds", {"a": 3, "b": 3})
     bucket = s3_server.create_bucket(f"flaky-{uuid.uuid4().hex[:8]}")
     upload_dir(s3_server.client(), bucket, "d", tmp_path / "ds")
@@ -135,7 +135,7 @@ def test_s3_transient_read_errors_are_retried_and_counted(ray_local, s3_server, 
     # The next 3 requests for objects in the bucket fail with 503 SlowDown (throttling).
     s3_faults.plan.fail_path_prefix = f"/{bucket}/d/"
     s3_faults.plan.fail_next = 3
-    name = f"flaky-{uuid.uuid4().hex}"
+    name = counter_name("flaky")
     images, labels = collect(build_train_dataset(cfg, info, counter_name=name))
     assert s3_faults.plan.faults_sent == 3
     _match_rows(images, labels, written, ["a", "b"])  # nothing lost
@@ -169,7 +169,7 @@ def test_single_file_source_and_hidden_files(tmp_path):
         inspect_dataset(DataConfig(source=str(root / "_underscore_class" / "a.png")))
 
 
-def test_small_local_set_decoded_here_matches_ray_data(ray_local, tmp_path):
+def test_small_local_set_decoded_here_matches_ray_data(ray_local, tmp_path, counter_name):
     """The driver-side decode of small local sets (pipeline.decode_here, used for the training
     cache instead of a Ray Data job) gives Ray Data's rows: same ids, pixels, labels and bad-sample
     counts."""
@@ -181,7 +181,7 @@ def test_small_local_set_decoded_here_matches_ray_data(ray_local, tmp_path):
     info = inspect_dataset(cfg)
     assert decodes_here(cfg, info)
     assert not decodes_here(cfg.model_copy(update={"source": "s3://bucket/ds"}), info)  # object storage: Ray Data reads in parallel
-    names = [f"t-{uuid.uuid4().hex}" for _ in range(2)]
+    names = [counter_name("t") for _ in range(2)]
     here = list(decode_here(cfg, info, counter_name=names[0]))
     assert len(here) > 1  # the format's blocks, not one array
     ref = build_train_dataset(cfg, info, counter_name=names[1]).take_all()

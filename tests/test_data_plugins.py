@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import sys
 import typing
-import uuid
 from typing import Any, Iterator
 
 import numpy as np
@@ -66,7 +65,7 @@ class NpyFolder(DataFormat):
             yield rel, read_one(fs, f"{root}/{rel}"), label
 
 
-def test_a_registered_format_trains_without_changing_the_pipeline(ray_local, tmp_path):
+def test_a_registered_format_trains_without_changing_the_pipeline(ray_local, tmp_path, counter_name):
     import ray.cloudpickle
 
     rng = np.random.default_rng(0)
@@ -88,7 +87,7 @@ def test_a_registered_format_trains_without_changing_the_pipeline(ray_local, tmp
     try:
         info = inspect_dataset(cfg)
         assert (info.format, info.num_samples, info.class_names) == ("npyfolder", 7, ("cat", "dog"))
-        name = f"npy-{uuid.uuid4().hex}"
+        name = counter_name("npy")
         batch = build_train_dataset(cfg, info, counter_name=name).take_batch(10, batch_format="numpy")
         assert batch["image"].shape == (6, 3, 8, 8) and batch["image"].dtype == np.float32
         expected = {(int(cls == "dog"), to_model_range(a[None])[0].tobytes()) for rel, a in written.items() for cls in [rel.split("/")[0]]}

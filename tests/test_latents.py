@@ -160,7 +160,7 @@ def test_encode_local_manifest_and_latents_equal_the_vae(encoded, vae_dir, image
     _assert_same_set(lat, lab, expected, labels, atol=1e-5)
 
 
-def test_latents_are_detected_and_train_batches_are_the_latents(encoded, ray_local):
+def test_latents_are_detected_and_train_batches_are_the_latents(encoded, ray_local, counter_name):
     dest, m = encoded
     info = inspect_dataset(DataConfig(source=dest, resolution=8))  # format: auto
     assert (info.format, info.num_samples, info.class_names) == ("latents", 30, tuple(m["classes"]))
@@ -170,7 +170,7 @@ def test_latents_are_detected_and_train_batches_are_the_latents(encoded, ray_loc
         build_train_dataset(DataConfig(source=dest, format="latents", channels=4, resolution=16), info)
 
     cfg = DataConfig(source=dest, format="latents", channels=4, resolution=8)
-    name = f"lat-{uuid.uuid4().hex}"
+    name = counter_name("lat")
     rows = build_train_dataset(cfg, inspect_dataset(cfg), counter_name=name).take_batch(100, batch_format="numpy")
     assert rows["image"].shape == (30, *LATENT) and rows["image"].dtype == np.float32
     lat, lab = _stored(dest, m)
