@@ -4,9 +4,9 @@ local S3. Jobs go through Ray Jobs like on a cloud cluster (the code in place on
 in an image).
 
 - A run with local paths is refused once it has connected (its workers need other nodes).
-- A 2-worker run makes the autoscaler add nodes; one training node is killed after the first
-  checkpoint; the run restarts its workers on a replacement node, resumes from the checkpoint and
-  finishes; afterwards the idle nodes are removed.
+- A 2-worker run makes the autoscaler add nodes; one training node (and any node left idle) is
+  killed after the first checkpoint; the run restarts its workers on a replacement node, resumes
+  from the checkpoint and finishes; afterwards the idle nodes are removed.
 """
 
 from __future__ import annotations
@@ -160,8 +160,12 @@ def test_autoscaler_adds_nodes_replaces_a_lost_one_and_removes_idle_ones(cluster
             if training:
                 killed = sorted(training)[0]
                 before_kill = set(seen)
-                _kill_node(cluster, killed)
-                timeline.append((round(time.time() - t0), "killed", killed[-2:]))
+                # A node the decode tasks made the autoscaler add and training left idle goes too:
+                # the workers could otherwise restart there, and no node would need replacing.
+                spare = {i for i, n in nodes.items() if n["state"] == "ALIVE" and not n["head"]} - training
+                for node_id in [killed, *sorted(spare)]:
+                    _kill_node(cluster, node_id)
+                timeline.append((round(time.time() - t0), "killed", killed[-2:], "and spare", sorted(i[-2:] for i in spare)))
         time.sleep(1)
     logs = c.get_job_logs(sid)
     print("timeline (s, job, alive nodes):", timeline)
