@@ -243,9 +243,10 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         # Cumulative over every read of the data: exact when the decoded set is cached (read
         # once), a multiple of the per-pass counts when it is streamed every epoch.
         bad = bad_sample_counts(counter)
-        if started:
+        if started and cfg.scaling.ray_address is None:
             # Nothing below needs Ray: the local Ray started here stops (a second of waiting for
-            # its processes) while the report is drawn.
+            # its processes) while the report is drawn. A cluster connection is closed in
+            # ``finally``, as before (its disconnect is quick; nothing to overlap).
             shutdown = shutdown_in_background()
         if bad:
             rundir.write_text("bad_samples.json", json.dumps(bad, indent=2))
