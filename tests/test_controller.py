@@ -175,7 +175,11 @@ def test_controller_resubmits_a_killed_driver_survives_its_own_kill_and_does_not
                 os.kill(p.pid, signal.SIGKILL)
                 p.wait(30)
     text = log.read_text()
-    assert adopted and f"submitted {NAME}-3" not in text  # adopted, never submitted twice
+    # Adopted, never submitted twice. A third submission means attempt 2 failed: its driver's
+    # output says why (the head's logs go with it at teardown).
+    if f"submitted {NAME}-3" in text:
+        raise AssertionError(f"{text}\nattempt 2's driver:\n{client.get_job_logs(f'{NAME}-2')[-6000:]}")
+    assert adopted
 
     state = State(db)
     main, bad_data, bad_cfg = state.get(NAME), state.get("ft-baddata"), state.get("badcfg")
