@@ -343,17 +343,37 @@ def diffusers_without_peft() -> bool:
 
 
 def diffusers_without_transformers() -> bool:
-    """Keep diffusers' optional transformers integration out of a process that runs no text
-    encoder and no adapters; call it before anything imports ``diffusers.models``.
+    """Keep transformers and accelerate out of a process that runs no text encoder, no adapters
+    and no pretrained network; call it before anything imports ``diffusers.models``.
 
     With transformers installed, diffusers' LoRA loaders import ``transformers.PreTrainedModel``
     (its modeling code) and ``diffusers.models.lora`` CLIP's text models, only to load adapters
-    into text encoders. Measured on the 2-core VM (2026-12-07, a fresh process importing the
-    training loop and DeepSpeed, 3 pairs): 4.5-5.1 CPU-s against 4.8-5.5. raydiff's text models
-    load their encoders through transformers itself (model/text_encoder.py), which this leaves
-    importable. Returns whether the integration was kept out.
+    into text encoders; its quantizers import transformers' package for a quantization config
+    class (a bare ``try: import``); and with accelerate installed, its offloading hooks import
+    accelerate (and through it transformers' base package again). A network built from the
+    registry and trained from scratch needs none of them: raydiff's text models load their
+    encoders through transformers (model/text_encoder.py), pretrained networks load through
+    accelerate's low-memory path, and neither happens in such a process. Measured on the 2-core
+    VM (2026-12-07, a fresh process importing the training loop and DeepSpeed, 3 pairs): the
+    integration flag alone 4.5-5.1 CPU-s against 4.8-5.5; the package and accelerate too (after
+    Ray Train and torch, as in a worker) 2.1-2.4 CPU-s against 2.7-3.1. Returns whether
+    diffusers' integration was kept out; transformers' package is then unimportable in this
+    process (``sys.modules["transformers"] = None``: importing it raises ``ImportError``, which
+    every optional import of it expects), unless it was already imported.
     """
-    return _diffusers_sees_no("transformers", before=("diffusers.loaders", "diffusers.models.lora"))
+    import sys
+
+    kept_out = _diffusers_sees_no("transformers", before=("diffusers.loaders", "diffusers.models.lora"))
+    if kept_out:
+        _diffusers_sees_no("accelerate", before=_READS_ACCELERATE)
+        sys.modules.setdefault("transformers", None)  # type: ignore[arg-type]
+    return kept_out
+
+
+# diffusers modules that read whether accelerate is installed when they are imported (and
+# accelerate itself): once one is loaded, the answer is left as it is.
+_READS_ACCELERATE = ("accelerate", "diffusers.hooks.group_offloading", "diffusers.models.modeling_utils",
+                     "diffusers.models.model_loading_utils", "diffusers.loaders.lora_base", "diffusers.training_utils")
 
 
 def _diffusers_sees_no(library: str, *, before: tuple[str, ...]) -> bool:

@@ -237,8 +237,8 @@ def test_a_training_worker_without_adapters_never_imports_peft():
     """diffusers imports PEFT whenever it is installed; a Ray Train worker of a run without LoRA
     keeps it out (1.6 of its 2.5 CPU-s of network-code imports), builds and runs its network, and
     a LoRA run's worker imports it as before. A class-conditional network from scratch also keeps
-    out diffusers' transformers integration (transformers' modeling code); a text model's worker
-    keeps it. Fresh processes: pytest's has everything loaded."""
+    out diffusers' transformers integration (transformers' modeling code), transformers' package and
+    accelerate; a text model's worker keeps them. Fresh processes: pytest's has everything loaded."""
     from fresh_python import run_fresh_python
 
     code = """
@@ -260,7 +260,16 @@ import torch
 net = build_model('unet-tiny', in_channels=3, image_size=16, num_classes=10)
 net(torch.randn(2, 3, 16, 16), torch.tensor([1, 2]), class_conditioning(torch.tensor([0, 1]), 10)).sum().backward()
 print('peft' in sys.modules, integrated, 'transformers.modeling_utils' in sys.modules)
+print('accelerate' in sys.modules, sys.modules.get('transformers', 'never imported'))
+import os
+os.environ['DS_ACCELERATOR'] = 'cpu'  # as a worker's environment has it (train/launch.py worker_env_vars)
+import deepspeed  # the engine's library, imported where the engine is built: fine without them
+try:
+    import transformers
+except ImportError:
+    print('transformers unimportable')
 """
-    assert run_fresh_python(code.format(rank=0, name="unet-tiny")) == "False False False"
+    assert run_fresh_python(code.format(rank=0, name="unet-tiny")).splitlines() == [
+        "False False False", "False None", "transformers unimportable"]
     assert run_fresh_python(code.format(rank=4, name="unet-tiny")) == "True True"
     assert run_fresh_python(code.format(rank=0, name="unet-text-tiny")) == "False True"

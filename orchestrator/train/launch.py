@@ -68,7 +68,7 @@ def import_training_loop(config: dict[str, Any]):
     serves one run: one without LoRA adapters never needs PEFT, which diffusers would otherwise
     import (model/pretrained.py ``diffusers_without_peft``: 0.4-0.6 CPU-s of every rank's start),
     and a registry network trained from scratch on class labels (or none) needs no text encoder,
-    nor diffusers' transformers integration (``diffusers_without_transformers``, 0.3-0.4 CPU-s)."""
+    nor transformers and accelerate (``diffusers_without_transformers``, 0.8-1.0 CPU-s in all)."""
     model = config["model"]
     if not model["lora"]["rank"]:
         from model.pretrained import diffusers_without_peft
