@@ -161,6 +161,26 @@ def test_the_controller_unpickles_its_arguments_without_importing_torch(ray_loca
         assert trainer.backend_config == ProcessGroupConfig(backend=backend)
 
 
+def test_the_driver_builds_its_trainer_without_importing_torch():
+    """``TorchTrainer``'s module imports torch: 1.2-1.4 CPU-s of every driver's and every Tune
+    trial's start-up here, in a process that never touches a tensor. raydiff's trainer is Ray
+    Train's ``DataParallelTrainer`` with raydiff's process-group backend. A fresh process (pytest's
+    has torch loaded); importing ``TorchTrainer``'s module there shows what the check would see."""
+    from fresh_python import run_fresh_python
+
+    code = """
+import sys
+from ray.train import ScalingConfig
+from orchestrator.train.launch import train_worker
+from orchestrator.train.trainer import Trainer
+Trainer(train_worker, scaling_config=ScalingConfig(num_workers=2))
+print('torch' in sys.modules)
+import ray.train.torch
+print('torch' in sys.modules)
+"""
+    assert run_fresh_python(code).split() == ["False", "True"]
+
+
 def test_the_controller_gets_no_runtime_env_when_the_sessions_processes_have_its_settings(ray_local, monkeypatch):
     """Ray Train passes its settings to its controller in a runtime env, which costs the controller
     and its helper actors a set-up process each. The tests' Ray starts as raydiff's local Ray does

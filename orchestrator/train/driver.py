@@ -94,11 +94,12 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         done = complete_outcome(resolve_paths(cfg))
         if done is not None:
             return done
-    # Ray Train's TorchTrainer with torch (orchestrator/train/trainer.py, 1.3 s on 2 cores), needed
-    # once the data is ready, and the network code for the plan's parameter count import while the
-    # plan is made and Ray starts, mostly waiting on other processes (issue 18). One thread, started
-    # after the Ray Train imports above, so that no two threads import the same packages at once,
-    # and only for a run that trains (a finished one returns above without them).
+    # Ray Train's trainer (orchestrator/train/trainer.py: Ray Train's modules, no torch; 1.6 s on 2
+    # cores), needed once the data is ready, and the network code for the plan's parameter count
+    # (when not cached) import while the plan is made and Ray starts, mostly waiting on other
+    # processes (issue 18). One thread, started after the Ray Train imports above, so that no two
+    # threads import the same packages at once, and only for a run that trains (a finished one
+    # returns above without them).
     import_in_background("orchestrator.train.trainer", *network_code_to_import(cfg), name="raydiff-import")
     cfg = resolve_data_config(cfg)
     # Fail on unreachable storage or data before anything expensive starts.

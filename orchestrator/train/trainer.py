@@ -1,4 +1,10 @@
-"""Ray Train's ``TorchTrainer`` as raydiff runs it: without the helper actors a run does not need.
+"""Ray Train's ``TorchTrainer`` as raydiff runs it: without torch in the driver and without the
+helper actors a run does not need.
+
+It is Ray Train's ``DataParallelTrainer`` with raydiff's process-group backend (train/backend.py),
+which is all ``TorchTrainer`` adds for raydiff's workers; ``TorchTrainer``'s module
+(``ray.train.torch``) imports torch, 1.2-1.4 CPU-s of every driver's and every Tune trial's
+start-up on this project's 2-core machine (issue 18) for a process that never touches a tensor.
 
 Ray Train 2.60 adds its default callbacks to every trainer (``DataParallelTrainer.
 _create_default_callbacks``); two of them start an actor per run, each a new process (it inherits
@@ -32,7 +38,7 @@ import signal
 import threading
 
 import ray
-from ray.train.torch import TorchTrainer
+from ray.train.v2.api.data_parallel_trainer import DataParallelTrainer
 
 from orchestrator.ray_session import inherited, state_api_served
 from orchestrator.train.backend import ProcessGroupConfig
@@ -47,17 +53,18 @@ except ImportError:  # another Ray Train layout: keep its callbacks as they are
     DatasetsCallback = PlacementGroupCleanerCallback = None
 
 
-class Trainer(TorchTrainer):
-    """``TorchTrainer`` whose process group is set up by ``ProcessGroupConfig`` unless another
+class Trainer(DataParallelTrainer):
+    """``TorchTrainer`` for raydiff's workers: its process group set up by ``ProcessGroupConfig``
+    (gloo, NCCL where the workers have GPUs, as ``TorchTrainer`` chooses) unless another
     ``torch_config`` is given, minus the datasets callback when no datasets are given, minus the
     placement-group cleaner when ``ray_session_ends_with_run`` or the session serves no state API,
     and minus the autoscaler requests when ``ray_session_ends_with_run``."""
 
-    def __init__(self, *args, ray_session_ends_with_run: bool = False, **kwargs):
-        if kwargs.get("torch_config") is None:
+    def __init__(self, train_loop_per_worker, *, torch_config=None, ray_session_ends_with_run: bool = False, **kwargs):
+        if torch_config is None:
             scaling = kwargs.get("scaling_config")
-            kwargs["torch_config"] = ProcessGroupConfig(backend="nccl" if scaling is not None and scaling.use_gpu else "gloo")
-        super().__init__(*args, **kwargs)
+            torch_config = ProcessGroupConfig(backend="nccl" if scaling is not None and scaling.use_gpu else "gloo")
+        super().__init__(train_loop_per_worker, backend_config=torch_config, **kwargs)
         self._ray_session_ends_with_run = ray_session_ends_with_run
 
     def _create_default_callbacks(self):
