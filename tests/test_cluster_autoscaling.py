@@ -15,6 +15,7 @@ import os
 import signal
 import time
 from pathlib import Path
+from typing import Callable
 
 import pytest
 import yaml
@@ -92,10 +93,15 @@ def _training_nodes(head) -> set[str]:
     return {a.node_id for a in actors}
 
 
-def _set_max_workers(head, n: int) -> None:
+def _edit_autoscaling_config(head, edit: Callable[[dict], None]) -> None:
+    """Change the running cluster: the autoscaler reads its config again at every update."""
     config = yaml.safe_load(head.autoscaling_config.read_text())
-    config["max_workers"] = config["available_node_types"]["cpu"]["max_workers"] = n
+    edit(config)
     head.autoscaling_config.write_text(yaml.safe_dump(config))
+
+
+def _set_max_workers(config: dict, n: int) -> None:
+    config["max_workers"] = config["available_node_types"]["cpu"]["max_workers"] = n
 
 
 def _autoscaler_log(head, n: int = 60) -> str:
@@ -186,8 +192,8 @@ def test_autoscaler_adds_nodes_replaces_a_lost_one_and_removes_idle_ones(cluster
                 killed = sorted(training)[0]
                 before_kill = set(seen) | workers
                 # Room for the replacement: the dead node counts toward max_workers until the
-                # autoscaler drops it. The autoscaler reads its config at every update.
-                _set_max_workers(cluster, len(workers) + 1)
+                # autoscaler drops it.
+                _edit_autoscaling_config(cluster, lambda c: _set_max_workers(c, len(workers) + 1))
                 _kill_node(cluster, killed)
                 timeline.append((round(time.time() - t0), "killed", killed[-2:]))
         time.sleep(1)
@@ -210,10 +216,8 @@ def test_autoscaler_adds_nodes_replaces_a_lost_one_and_removes_idle_ones(cluster
     assert steps[-1] == 40 and set(steps) == set(range(1, 41))
 
     # Idle nodes go away: back to the head alone. The 20 s that kept the decoding nodes for the
-    # trainer is not needed now; the autoscaler reads its config again at every update.
-    config = yaml.safe_load(cluster.autoscaling_config.read_text())
-    config["idle_timeout_minutes"] = 2 / 60
-    cluster.autoscaling_config.write_text(yaml.safe_dump(config))
+    # trainer is not needed now.
+    _edit_autoscaling_config(cluster, lambda c: c.update(idle_timeout_minutes=2 / 60))
     deadline = time.time() + 120
     while time.time() < deadline:
         alive = [i for i, n in _nodes(cluster).items() if n["state"] == "ALIVE"]
