@@ -233,12 +233,13 @@ def test_model_unet_and_dit_sections_set_diffusers_arguments(tmp_path):
         build_denoiser(bad.model, bad.data, None)
 
 
-def test_a_training_worker_without_adapters_never_imports_peft():
+def test_a_training_worker_imports_only_what_its_run_uses():
     """diffusers imports PEFT whenever it is installed; a Ray Train worker of a run without LoRA
     keeps it out (1.6 of its 2.5 CPU-s of network-code imports), builds and runs its network, and
     a LoRA run's worker imports it as before. A class-conditional network from scratch also keeps
     out diffusers' transformers integration (transformers' modeling code), transformers' package and
-    accelerate; a text model's worker keeps them. Fresh processes: pytest's has everything loaded."""
+    accelerate; a text model's worker keeps them. Its ZeRO engine leaves TorchInductor out (1-1.5
+    CPU-s). Fresh processes: pytest's has everything loaded."""
     from fresh_python import run_fresh_python
 
     code = """
@@ -268,8 +269,25 @@ try:
     import transformers
 except ImportError:
     print('transformers unimportable')
+# The engine, ZeRO-2 (CPU's default) as a worker builds it, and a step: no TorchInductor (its
+# import is DeepSpeed's Muon kernels' torch.compile, deferred to their first call:
+# train/engine.py), which a Muon step would still compile.
+from orchestrator.bench.step import init_single_process_group, make_batches
+from orchestrator.plan import make_plan
+from orchestrator.train.step import TrainStep
+init_single_process_group(torch.device('cpu'))
+cfg = load_config(None, ['model.name=unet-tiny', 'data.resolution=16', 'optim.batch_size=2', 'precision.dtype=bf16',
+                         'precision.zero_stage=2', 'scaling.device=cpu', 'scaling.num_workers=1'])
+ts = TrainStep(cfg, make_plan(cfg), 10, device=torch.device('cpu'))
+ts.step(make_batches(cfg.data, 2, 10, torch.device('cpu'))[0], 0)
+print(ts.engine.zero_optimization_stage(), 'torch._inductor.compile_fx' in sys.modules)
+from deepspeed.runtime.zero.muon import original_muon
+kernel, compiled = original_muon.zeropower_via_newtonschulz5, []
+torch.compile = lambda fn: compiled.append(fn) or fn  # records what the first call compiles
+g = torch.randn(8, 4)
+print(compiled == [], torch.equal(kernel(g, 2), kernel.__wrapped__(g, 2)), compiled == [kernel.__wrapped__])
 """
     assert run_fresh_python(code.format(rank=0, name="unet-tiny")).splitlines() == [
-        "False False False", "False None", "transformers unimportable"]
+        "False False False", "False None", "transformers unimportable", "2 False", "True True True"]
     assert run_fresh_python(code.format(rank=4, name="unet-tiny")) == "True True"
     assert run_fresh_python(code.format(rank=0, name="unet-text-tiny")) == "False True"

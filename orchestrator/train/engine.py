@@ -6,7 +6,9 @@ Ray Train has already initialised torch.distributed (gloo on CPU, nccl on GPU) w
 
 from __future__ import annotations
 
+import functools
 import logging
+import sys
 from typing import Any
 
 import torch
@@ -70,6 +72,7 @@ def build_engine(optim: OptimConfig, precision: PrecisionConfig, plan: Plan, mod
     import deepspeed
 
     skip_inference_comm_build()
+    compile_muon_kernels_at_first_use()
     o = optim
     # A torch optimizer instead of a DeepSpeed config optimizer: DeepSpeed would otherwise JIT-build
     # FusedAdam (needs a compiler and, on the GPU image, TORCH_CUDA_ARCH_LIST); torch's fused AdamW
@@ -115,6 +118,51 @@ def skip_inference_comm_build() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+_MUON_KERNELS = "deepspeed.runtime.zero.muon.original_muon"
+
+
+def compile_muon_kernels_at_first_use() -> None:
+    """Import DeepSpeed's Muon optimizer with its kernels wrapped by ``torch.compile`` when first
+    called, not when imported.
+
+    DeepSpeed's ZeRO code imports ``deepspeed.runtime.zero.muon`` whatever the optimizer (the
+    optimizer check of ``deepspeed.initialize``, ZeRO-1/2's gradient averaging), and that module
+    decorates its Newton-Schulz kernels with ``torch.compile`` at import, which imports
+    TorchInductor (``torch._inductor.compile_fx``, sympy): 1.5-1.9 CPU-s of every ZeRO worker's
+    engine phase on this project's 2-core machine (issue 18), the default on CPU (ZeRO-2), for
+    kernels that only the Muon optimizer runs and raydiff's AdamW never does. The kernels stay
+    compiled ones, wrapped at their first call (a Muon run pays the same, later).
+    """
+    if _MUON_KERNELS in sys.modules:
+        return
+    from deepspeed.runtime import compiler
+
+    # original_muon decorates with ``compiler.compile()`` (DeepSpeed's "torch.compile where it
+    # exists"), read when the module is executed: swapped for the module's import only.
+    eager = compiler.compile
+    compiler.compile = lambda: CompiledAtFirstCall
+    try:
+        import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+    except ImportError:  # another DeepSpeed layout: nothing to defer
+        pass
+    finally:
+        compiler.compile = eager
+
+
+class CompiledAtFirstCall:
+    """``torch.compile(fn)``, called for the first time when the function is."""
+
+    def __init__(self, fn) -> None:
+        functools.update_wrapper(self, fn)
+        self._fn = fn
+        self._compiled = None
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            self._compiled = torch.compile(self._fn)
+        return self._compiled(*args, **kwargs)
 
 
 def loss_scale_of(engine) -> float:
