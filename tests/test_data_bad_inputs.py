@@ -134,6 +134,37 @@ def test_pipeline_drops_and_counts(ray_local, tmp_path, counter_name):
     assert bad_sample_counts(f"never-created-{uuid.uuid4().hex}") == {}
 
 
+def test_a_counter_starts_with_the_first_count_outlives_its_task_and_ends_with_its_release(ray_local, counter_name):
+    """No bad sample, no counter process; the task that counts first creates it, detached (it
+    outlives that task's worker process), and a count after its owner ended it starts a new one,
+    also in a process that kept the old handle (a decode worker reused by the next run)."""
+    import ray
+
+    from orchestrator.data import counter as counter_mod
+
+    name = counter_name("lazy")
+    assert counter_mod.counter(name, create=False) is None  # nothing counted: no actor
+
+    @ray.remote(num_cpus=0)
+    def count_in_a_task(counts):
+        counter_mod.report(counts, name)
+
+    @ray.remote(num_cpus=0, max_calls=1)  # its worker process exits after the call
+    def count_and_exit(counts):
+        counter_mod.report(counts, name)
+
+    ray.get(count_and_exit.remote({"corrupt": 1}))
+    ray.get(count_in_a_task.remote({"corrupt": 2}))
+    assert bad_sample_counts(name) == {"corrupt": 3}
+    counter_mod.report({"corrupt": 1}, name)  # this process now holds a handle too
+    old = counter_mod._COUNTERS[name]
+    ray.kill(old)  # ended by its owner elsewhere (release_counter in another process)
+    with pytest.raises(ray.exceptions.RayActorError):
+        ray.get(old.get.remote())
+    counter_mod.report({"empty_file": 1}, name)  # the stale handle: a new counter
+    assert bad_sample_counts(name) == {"empty_file": 1}
+
+
 def test_missing_and_out_of_range_labels(ray_local, tmp_path, counter_name):
     root = tmp_path / "flat"
     root.mkdir()

@@ -129,9 +129,15 @@ def test_zero_stage_trains_checkpoints_and_resumes(ray_local, builtin_cache, tmp
                                   f"optim.steps={steps}", "checkpoint.every_steps=2", "sampling.every_steps=2",
                                   "run.evaluate=false", *TINY])
 
+    from ray._private.state import state
+
+    before = set(state.actor_table(None))
     out = run_training(cfg_for(2))
     rundir = RunDir.for_config(cfg_for(2))
     assert out.final_step == 2
+    # Data without a bad sample: no bad-sample counter was started (data/counter.py), alive or ended.
+    started = {a["ActorClassName"] for i, a in state.actor_table(None).items() if i not in before}
+    assert "RayTrainWorker" in started and "BadSampleCounter" not in started
     (ref,) = list_checkpoints(rundir)
     files = rundir.listdir(f"{ref.name}/ds")
     # Stage 0 keeps optimizer state inside the model-states file; stages 1-3 shard it per rank.

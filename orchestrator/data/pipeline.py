@@ -29,7 +29,6 @@ import pyarrow as pa
 
 from orchestrator import storage
 from orchestrator.data.captions import CaptionSpec
-from orchestrator.data.counter import counter
 from orchestrator.data.formats import FORMATS, DataFormat, DecodeContext, get_format
 from orchestrator.data.formats.base import Listing, Sample, is_hidden
 from orchestrator.data.info import DataError, DatasetInfo
@@ -217,8 +216,6 @@ def _train_blocks(cfg: "DataConfig", info: DatasetInfo, counter_name: str | None
                   ) -> tuple[DataFormat, DecodeContext, list["pa.Table"]]:
     """The training units shuffled with ``data.seed`` and grouped into decode blocks."""
     fmt, ctx, table = training_units(cfg, info, counter_name=counter_name)
-    if counter_name is not None:
-        counter(counter_name, create=True)  # owned by the caller (driver), not by a data task
     order = np.random.default_rng(cfg.seed).permutation(table.num_rows)
     per_block = max(1, fmt.units_per_block(cfg, len(order)))
     # Each block is built with take() from its own shuffled rows, so no block references the

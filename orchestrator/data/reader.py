@@ -35,7 +35,6 @@ import numpy as np
 import pyarrow as pa
 
 from orchestrator.data.captions import text_array
-from orchestrator.data.counter import counter
 from orchestrator.data.formats import get_format
 from orchestrator.data.info import DataError, DatasetInfo
 from orchestrator.data.pipeline import build_train_dataset, decode_dataset, training_units
@@ -221,8 +220,6 @@ def make_train_reader(cfg: "DataConfig", info: DatasetInfo, *, counter_name: str
     """The reader every rank uses; with ``cache`` every training sample is decoded here once
     into the object store (read by the ranks in their exact order every epoch)."""
     fmt, ctx, units = training_units(cfg, info, counter_name=counter_name)
-    if counter_name is not None:
-        counter(counter_name, create=True)  # owned by the caller (driver), not by a data task
     order = SampleOrder(units.column("samples").to_numpy().astype(np.int64), cfg.seed, cfg.local_shuffle_buffer)
     if order.total == 0:
         raise DataError(f"data.source={cfg.source!r}: the training units hold no samples. Fix: check "

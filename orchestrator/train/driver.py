@@ -142,6 +142,7 @@ def run_training(cfg: TrainConfig, *, callbacks: tuple[Any, ...] = (), init_chec
         clear_staging(rundir.uri)  # what killed runs left half-staged
 
         counter = f"raydiff-bad-samples-{cfg.run.name}"
+        release_counter(counter)  # one a killed invocation of this run left: counts start afresh
         decoded_bytes = info.num_samples * cfg.data.channels * cfg.data.resolution**2 * 4
         # Each rank reads its exact slice of every epoch (data/reader.py); a decoded set small
         # enough for the object store is decoded once and later epochs skip read + decode. On this
