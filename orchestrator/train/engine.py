@@ -141,14 +141,14 @@ def compile_muon_kernels_at_first_use() -> None:
 
     # original_muon decorates with ``compiler.compile()`` (DeepSpeed's "torch.compile where it
     # exists"), read when the module is executed: swapped for the module's import only.
-    eager = compiler.compile
+    deepspeed_compile = compiler.compile
     compiler.compile = lambda: CompiledAtFirstCall
     try:
         import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
     except ImportError:  # another DeepSpeed layout: nothing to defer
         pass
     finally:
-        compiler.compile = eager
+        compiler.compile = deepspeed_compile
 
 
 class CompiledAtFirstCall:
