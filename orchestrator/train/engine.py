@@ -155,13 +155,12 @@ class CompiledAtFirstCall:
     """``torch.compile(fn)``, called for the first time when the function is."""
 
     def __init__(self, fn) -> None:
-        functools.update_wrapper(self, fn)
-        self._fn = fn
+        functools.update_wrapper(self, fn)  # sets __wrapped__ = fn
         self._compiled = None
 
     def __call__(self, *args, **kwargs):
         if self._compiled is None:
-            self._compiled = torch.compile(self._fn)
+            self._compiled = torch.compile(self.__wrapped__)
         return self._compiled(*args, **kwargs)
 
 
