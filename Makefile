@@ -14,10 +14,23 @@ STAMP := $(VENV)/.raydiff-installed
 
 .PHONY: demo test install clean
 
+# The rest is installed with uv where it can be (70 s -> 20 s on 2 cores, bytecode compiled either
+# way: parallel downloads and unpacking), pinned to the torch just installed; uv reads no pip.conf,
+# so where it cannot install (a private index, no uv in the registry) pip does, with its config.
+# `make install INSTALLER=pip` skips uv.
+INSTALLER ?= uv
+TORCH_PIN := $(VENV)/torch-pin.txt
+
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -c "import importlib.metadata as m; print('torch==' + m.version('torch'))" > $(TORCH_PIN)
+	if [ "$(INSTALLER)" = uv ] && $(PY) -m pip install -q uv \
+	    && $(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode --constraint $(TORCH_PIN) -e ".[dev]"; then :; \
+	else \
+	    [ "$(INSTALLER)" != uv ] || echo "uv could not install; installing with pip"; \
+	    $(PY) -m pip install -q --constraint $(TORCH_PIN) -e ".[dev]"; \
+	fi
 	touch $(STAMP)
 
 install: $(STAMP)
