@@ -1,6 +1,12 @@
 """The ``raydiff-ray`` variant of ``raydiff bench step``: the same ``TrainStep`` inside a
 one-worker Ray Train run whose batches come from Ray Data (``iter_torch_batches``), as in
-``raydiff train``; the worker times its own steps and returns the rate through a file."""
+``raydiff train``; the worker times its own steps and returns the rate through a file.
+
+Ray pickles ``_random_rows`` and ``bench_worker`` by reference: every process that runs them
+imports this module first, so it imports only numpy and Ray at the top. The data tasks need
+nothing else, and the worker imports the network's libraries as a training worker does
+(train/launch.py), without the ones its run never uses (they cost each of the three processes
+about 8 CPU-s on 2 cores when this module imported them)."""
 
 from __future__ import annotations
 
@@ -9,20 +15,15 @@ import logging
 import os
 import tempfile
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray
-import ray.train
-import torch
-from ray.data import DataContext
-from ray.train import RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
 
-from orchestrator.bench.timing import Result, sync
-from orchestrator.config import TrainConfig, config_to_dict, validate_config
-from orchestrator.plan import Plan
-from orchestrator.train.step import TrainStep
+if TYPE_CHECKING:
+    from orchestrator.bench.timing import Result
+    from orchestrator.config import TrainConfig
+    from orchestrator.plan import Plan
 
 
 def _random_rows(batch: dict[str, np.ndarray], channels: int, resolution: int, num_classes: int) -> dict[str, np.ndarray]:
@@ -33,6 +34,17 @@ def _random_rows(batch: dict[str, np.ndarray], channels: int, resolution: int, n
 
 
 def bench_worker(config: dict[str, Any]) -> None:
+    from orchestrator.train.launch import keep_unused_libraries_out
+
+    keep_unused_libraries_out(config["cfg"])
+    import ray.train
+    import torch
+
+    from orchestrator.bench.timing import sync
+    from orchestrator.config import validate_config
+    from orchestrator.plan import Plan
+    from orchestrator.train.step import TrainStep
+
     cfg, plan = validate_config(config["cfg"]), Plan(**config["plan"])
     if config["channels"] != cfg.data.channels:  # latents: 4 channels, outside the RGB config's choices
         cfg = cfg.model_copy(update={"data": cfg.data.model_copy(update={"channels": config["channels"]})})
@@ -64,7 +76,14 @@ def bench_worker(config: dict[str, Any]) -> None:
     ray.train.report({"done": 1})
 
 
-def raydiff_in_ray_train(cfg: TrainConfig, plan: Plan, *, num_classes: int, warmup: int, steps: int):
+def raydiff_in_ray_train(cfg: TrainConfig, plan: Plan, *, num_classes: int, warmup: int, steps: int) -> Result:
+    from ray.data import DataContext
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from orchestrator.bench.timing import Result
+    from orchestrator.config import config_to_dict
+
     started = not ray.is_initialized()
     if started:
         ray.init(include_dashboard=False, log_to_driver=False, logging_level="ERROR")

@@ -64,11 +64,19 @@ def train_worker(args: dict[str, Any]) -> None:
 
 
 def import_training_loop(config: dict[str, Any]):
-    """The loop's imports, in the worker process only; returns its entry point. A Ray Train worker
-    serves one run: one without LoRA adapters never needs PEFT, which diffusers would otherwise
-    import (model/pretrained.py ``diffusers_without_peft``: 0.4-0.6 CPU-s of every rank's start),
-    and a registry network trained from scratch on class labels (or none) needs no text encoder,
-    nor transformers and accelerate (``diffusers_without_transformers``, 0.8-1.0 CPU-s in all)."""
+    """The loop's imports, in the worker process only; returns its entry point."""
+    keep_unused_libraries_out(config)
+    from orchestrator.train.worker import run_worker
+
+    return run_worker
+
+
+def keep_unused_libraries_out(config: dict[str, Any]) -> None:
+    """Before a worker process imports diffusers: a Ray Train worker serves one run, and one
+    without LoRA adapters never needs PEFT, which diffusers would otherwise import
+    (model/pretrained.py ``diffusers_without_peft``: 0.4-0.6 CPU-s of every rank's start), and a
+    registry network trained from scratch on class labels (or none) needs no text encoder, nor
+    transformers and accelerate (``diffusers_without_transformers``, 0.8-1.0 CPU-s in all)."""
     model = config["model"]
     if not model["lora"]["rank"]:
         from model.pretrained import diffusers_without_peft
@@ -81,6 +89,3 @@ def import_training_loop(config: dict[str, Any]):
             from model.pretrained import diffusers_without_transformers
 
             diffusers_without_transformers()
-    from orchestrator.train.worker import run_worker
-
-    return run_worker
