@@ -52,6 +52,11 @@ def _rank(rank: int, world: int, port: int, a: argparse.Namespace) -> None:
                       LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world), DS_ACCELERATOR="cpu")
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
+    from orchestrator.config import load_config
+    from orchestrator.train.launch import keep_unused_libraries_out
+
+    # As in a training worker: diffusers without PEFT and transformers, which these setups never use.
+    keep_unused_libraries_out(load_config(None, ["model.name=unet-tiny"]).model_dump())
     import logging
 
     for name in ("DeepSpeed", "deepspeed"):
