@@ -38,8 +38,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/raydiff train $(ARGS)
 
+# Two test processes (pytest-xdist): the end-to-end tests wait on process start-ups, polls and
+# kills for about a quarter of their time, which the other process's tests fill (BENCHMARKS.md,
+# "Test suite"). TEST_WORKERS=0 runs them all in one process.
+TEST_WORKERS ?= 2
+
 test: $(STAMP)
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
