@@ -40,11 +40,12 @@ demo: $(STAMP)
 
 # Two test processes (pytest-xdist): the end-to-end tests wait on process start-ups, polls and
 # kills for about a quarter of their time, which the other process's tests fill (BENCHMARKS.md,
-# "Test suite"). TEST_WORKERS=0 runs them all in one process.
+# "Test suite"). Whole files go to one process (a module's fixtures, a Ray head among them, start
+# once), the end-to-end files first (tests/conftest.py). TEST_WORKERS=0 runs all in one process.
 TEST_WORKERS ?= 2
 
 test: $(STAMP)
-	$(PY) -m pytest -n $(TEST_WORKERS) --dist worksteal $(PYTEST_ARGS)
+	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -21,10 +21,29 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from s3_server import DUMMY_ACCESS_KEY, DUMMY_SECRET_KEY, REGION, FaultProxy, MotoS3  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def ray_local():
+def pytest_collection_modifyitems(config, items):
+    """In a test process of `make test` (pytest-xdist, whole files handed out one at a time to
+    whichever process is free, `--dist loadfile --no-loadscope-reorder`): the files with
+    end-to-end tests first, the short ones after, so that the last minutes are short tests filling
+    both processes, not a Tune sweep file alone (in file order it comes last). Tests pass in any
+    order; a run in one process keeps the file order."""
+    if not hasattr(config, "workerinput"):  # not an xdist worker
+        return
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    # Stable: file order within each group.
+    items.sort(key=lambda item: 0 if item.path.name in LONGEST_FILES else 1 if item.path in slow_files else 2)
+
+
+# The longest file, started first: its two sweeps took 5.8 min of a 19-min `make test` (2 cores,
+# 2026-12-07), started last of the end-to-end files (file order) and ended last of them. Only the
+# order changes.
+LONGEST_FILES = ("test_tune_e2e.py",)
+
+
+def _start_ray_local() -> None:
     """A local Ray with 4 logical CPUs (over-committed on purpose: 2 cores, but Ray Data and
-    training workers both need CPU slots). Token auth is disabled: loopback-only tests."""
+    training workers both need CPU slots), started as raydiff's own. Token auth is disabled:
+    loopback-only tests."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers would otherwise try EC2 metadata for S3 region/credentials and stall.
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -38,27 +57,55 @@ def ray_local():
     from orchestrator.train.launch import worker_env_vars
 
     use_ray_train_settings(LOCAL_RAY_TRAIN_ENV)  # what raydiff's own local Ray uses
+    # Workers import the project from the repo root: through the environment Ray's processes
+    # inherit at start, not a job runtime_env. With one, Ray matches worker processes by
+    # runtime env, so every task and actor of every test waits for a new process (a setup hop
+    # and Ray's import, 1-1.5 CPU-s each here) while the idle workers Ray prestarts sit
+    # unused; raydiff's own local Ray has none either (ray_session.py).
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
+        # With the training workers' variables, as raydiff's own local Ray (ray_session.init_ray),
+        # so that Ray Train's controller and workers need no runtime env (train/session_env.py).
+        start_local_ray(worker_env_vars(local_gpus(), verbose=False), num_cpus=4, include_dashboard=False,
+                        log_to_driver=False, configure_logging=False)
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+
+
+def _ray_local_is_up() -> bool:
+    import ray
+
+    from orchestrator.ray_session import local_ray_env
+
+    return ray.is_initialized() and local_ray_env() is not None
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One local Ray per test process (``_start_ray_local``), shut down at the end if started here."""
     import ray
 
     started_here = not ray.is_initialized()
     if started_here:
-        # Workers import the project from the repo root: through the environment Ray's processes
-        # inherit at start, not a job runtime_env. With one, Ray matches worker processes by
-        # runtime env, so every task and actor of every test waits for a new process (a setup hop
-        # and Ray's import, 1-1.5 CPU-s each here) while the idle workers Ray prestarts sit
-        # unused; raydiff's own local Ray has none either (ray_session.py).
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
-            # With the training workers' variables, as raydiff's own local Ray (ray_session.init_ray),
-            # so that Ray Train's controller and workers need no runtime env (train/session_env.py).
-            start_local_ray(worker_env_vars(local_gpus(), verbose=False), num_cpus=4, include_dashboard=False,
-                            log_to_driver=False, configure_logging=False)
-        from ray.data import DataContext
-
-        DataContext.get_current().enable_progress_bars = False
+        _start_ray_local()
     yield ray
     if started_here:
         ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _ray_local_still_up(request):
+    """A test that asks for ``ray_local`` gets it even when an earlier test in the process (an
+    in-process CLI command that started and ended its own Ray) left none, or left one not started
+    as raydiff's own: which tests ran before in a process depends on the order (`make test` hands
+    files to two processes)."""
+    if "ray_local" in request.fixturenames and not _ray_local_is_up():
+        import ray
+
+        if ray.is_initialized():
+            ray.shutdown()
+        _start_ray_local()
 
 
 @dataclass
