@@ -52,10 +52,15 @@ def _start_ray_local() -> None:
     os.environ.setdefault("AWS_ACCESS_KEY_ID", DUMMY_ACCESS_KEY)
     os.environ.setdefault("AWS_SECRET_ACCESS_KEY", DUMMY_SECRET_KEY)
     os.environ.setdefault("AWS_DEFAULT_REGION", REGION)
+    from orchestrator.logs import configure
     from orchestrator.plan import local_gpus
     from orchestrator.ray_session import LOCAL_RAY_TRAIN_ENV, start_local_ray, use_ray_train_settings
     from orchestrator.train.launch import worker_env_vars
 
+    # The CLI's set-up, which the tests' in-process commands apply at their start: Ray's processes
+    # inherit the variables it sets (Ray Train's print patch off among them) whichever test starts
+    # this Ray first.
+    configure(verbose=False)
     use_ray_train_settings(LOCAL_RAY_TRAIN_ENV)  # what raydiff's own local Ray uses
     # Workers import the project from the repo root: through the environment Ray's processes
     # inherit at start, not a job runtime_env. With one, Ray matches worker processes by
@@ -73,14 +78,6 @@ def _start_ray_local() -> None:
     DataContext.get_current().enable_progress_bars = False
 
 
-def _ray_local_is_up() -> bool:
-    import ray
-
-    from orchestrator.ray_session import local_ray_env
-
-    return ray.is_initialized() and local_ray_env() is not None
-
-
 @pytest.fixture(scope="session")
 def ray_local():
     """One local Ray per test process (``_start_ray_local``), shut down at the end if started here."""
@@ -92,20 +89,6 @@ def ray_local():
     yield ray
     if started_here:
         ray.shutdown()
-
-
-@pytest.fixture(autouse=True)
-def _ray_local_still_up(request):
-    """A test that asks for ``ray_local`` gets it even when an earlier test in the process (an
-    in-process CLI command that started and ended its own Ray) left none, or left one not started
-    as raydiff's own: which tests ran before in a process depends on the order (`make test` hands
-    files to two processes)."""
-    if "ray_local" in request.fixturenames and not _ray_local_is_up():
-        import ray
-
-        if ray.is_initialized():
-            ray.shutdown()
-        _start_ray_local()
 
 
 @dataclass

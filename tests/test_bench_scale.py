@@ -53,3 +53,15 @@ def test_bench_scale_refuses_a_batch_the_workers_cannot_split(capsys):
     assert main(["bench", "scale", "--samples", "1000", "--units", "10", "--workers", "3", "--batch", "16",
                  "--parts", "0"]) == 2
     assert "not divisible" in capsys.readouterr().err
+
+
+def test_peak_rss_is_the_benchmarks_own_not_its_parents():
+    # Linux keeps a parent's resident memory at the fork in a child's ru_maxrss: a benchmark started
+    # from a big process (pytest after the end-to-end tests: 1.2 GB) read as over its 1 GB limit.
+    big = bytearray(768 * 2**20)
+    big[::4096] = b"\x01" * len(range(0, len(big), 4096))  # every page resident
+    code = "from orchestrator.bench.scale import peak_rss_mb; print(peak_rss_mb())"
+    child = float(subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True,
+                                 timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)}).stdout)
+    del big
+    assert 0 < child < 512
