@@ -14,8 +14,8 @@ STAMP := $(VENV)/.raydiff-installed
 
 .PHONY: demo test install clean
 
-# The rest is installed with uv where it can be (70 s -> 20 s on 2 cores, bytecode compiled either
-# way: parallel downloads and unpacking), pinned to the torch just installed; uv reads no pip.conf,
+# The rest is installed with uv where it can be (77 s with pip, 25-39 s with uv on 2 cores, bytecode
+# compiled either way: parallel downloads and unpacking), pinned to the torch just installed; uv reads no pip.conf,
 # so where it cannot install (a private index, no uv in the registry) pip does, with its config.
 # `make install INSTALLER=pip` skips uv.
 INSTALLER ?= uv
