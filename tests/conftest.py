@@ -40,10 +40,10 @@ def pytest_collection_modifyitems(config, items):
 LONGEST_FILES = ("test_tune_e2e.py",)
 
 
-def _start_ray_local() -> None:
+@pytest.fixture(scope="session")
+def ray_local():
     """A local Ray with 4 logical CPUs (over-committed on purpose: 2 cores, but Ray Data and
-    training workers both need CPU slots), started as raydiff's own. Token auth is disabled:
-    loopback-only tests."""
+    training workers both need CPU slots). Token auth is disabled: loopback-only tests."""
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     # Workers would otherwise try EC2 metadata for S3 region/credentials and stall.
     os.environ.setdefault("AWS_EC2_METADATA_DISABLED", "true")
@@ -62,30 +62,24 @@ def _start_ray_local() -> None:
     # this Ray first.
     configure(verbose=False)
     use_ray_train_settings(LOCAL_RAY_TRAIN_ENV)  # what raydiff's own local Ray uses
-    # Workers import the project from the repo root: through the environment Ray's processes
-    # inherit at start, not a job runtime_env. With one, Ray matches worker processes by
-    # runtime env, so every task and actor of every test waits for a new process (a setup hop
-    # and Ray's import, 1-1.5 CPU-s each here) while the idle workers Ray prestarts sit
-    # unused; raydiff's own local Ray has none either (ray_session.py).
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
-        # With the training workers' variables, as raydiff's own local Ray (ray_session.init_ray),
-        # so that Ray Train's controller and workers need no runtime env (train/session_env.py).
-        start_local_ray(worker_env_vars(local_gpus(), verbose=False), num_cpus=4, include_dashboard=False,
-                        log_to_driver=False, configure_logging=False)
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
-
-
-@pytest.fixture(scope="session")
-def ray_local():
-    """One local Ray per test process (``_start_ray_local``), shut down at the end if started here."""
     import ray
 
     started_here = not ray.is_initialized()
     if started_here:
-        _start_ray_local()
+        # Workers import the project from the repo root: through the environment Ray's processes
+        # inherit at start, not a job runtime_env. With one, Ray matches worker processes by
+        # runtime env, so every task and actor of every test waits for a new process (a setup hop
+        # and Ray's import, 1-1.5 CPU-s each here) while the idle workers Ray prestarts sit
+        # unused; raydiff's own local Ray has none either (ray_session.py).
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("PYTHONPATH", str(ROOT), prepend=os.pathsep)
+            # With the training workers' variables, as raydiff's own local Ray (ray_session.init_ray),
+            # so that Ray Train's controller and workers need no runtime env (train/session_env.py).
+            start_local_ray(worker_env_vars(local_gpus(), verbose=False), num_cpus=4, include_dashboard=False,
+                            log_to_driver=False, configure_logging=False)
+        from ray.data import DataContext
+
+        DataContext.get_current().enable_progress_bars = False
     yield ray
     if started_here:
         ray.shutdown()
